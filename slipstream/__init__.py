@@ -1,0 +1,3 @@
+"""Slipstream: train large language models fast on PyTorch."""
+
+__version__ = "0.1.0"

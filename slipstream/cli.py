@@ -1,0 +1,74 @@
+"""The `slipstream` command: parse arguments, build a config, call a pillar. A user mistake
+(ValueError) prints one line naming the problem and the fix, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _data_prepare_demo(args: argparse.Namespace) -> None:
+    from slipstream.data.demo_corpus import prepare_demo
+
+    prepare_demo(args.out_dir, args.spec_out, limit=args.limit)
+    print(f"wrote {args.out_dir}/manifest.json and {args.spec_out}")
+
+
+def _data_train_tokenizer(args: argparse.Namespace) -> None:
+    from slipstream.data.preview import mixture_texts
+    from slipstream.data.spec import MixtureSpec
+    from slipstream.data.tokenizers import train_bpe
+
+    spec = MixtureSpec.from_toml(args.spec, args.set)
+    tok = train_bpe(mixture_texts(spec, args.max_docs), args.out, args.vocab_size)
+    print(f'wrote {args.out} (vocab {tok.vocab_size:,}); use it with tokenizer = "{args.out}"')
+
+
+def _data_preview(args: argparse.Namespace) -> None:
+    from slipstream.data.preview import print_preview, run_preview
+    from slipstream.data.spec import MixtureSpec
+
+    if args.steps < 1:
+        raise ValueError(f"--steps: {args.steps} must be >= 1")
+    spec = MixtureSpec.from_toml(args.spec, args.set)
+    print_preview(spec, run_preview(spec, args.steps))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slipstream", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    data = sub.add_parser("data", help="the data plane").add_subparsers(dest="verb", required=True)
+
+    d = data.add_parser("prepare-demo", help="gather the demo corpus and write its mixture spec")
+    d.add_argument("out_dir", nargs="?", default="data/demo")
+    d.add_argument("--spec-out", default="recipes/data/demo.toml")
+    d.add_argument("--limit", type=int, default=None, help="at most this many docs per source")
+    d.set_defaults(func=_data_prepare_demo)
+
+    t = data.add_parser("train-tokenizer", help="train a byte-level BPE on a mixture")
+    t.add_argument("spec")
+    t.add_argument("--out", default="data/demo/tokenizer.json")
+    t.add_argument("--vocab-size", type=int, default=8192)
+    t.add_argument("--max-docs", type=int, default=20_000)
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    t.set_defaults(func=_data_train_tokenizer)
+
+    v = data.add_parser("preview", help="run the data plane and report mixture, packing, balance")
+    v.add_argument("spec")
+    v.add_argument("--steps", type=int, default=20)
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    v.set_defaults(func=_data_preview)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

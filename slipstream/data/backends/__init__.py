@@ -1,0 +1,1 @@
+"""Data-plane backends: where source loaders run. `local` is a pool inside the trainer."""

@@ -1,0 +1,79 @@
+"""Cost model and equal-size partitioning of rows across ranks (and micro-batches).
+
+Every part receives exactly `part_size` rows (tensor shapes are fixed per rank); the aim is to
+make the largest part's cost as small as possible, since the slowest rank sets the step time.
+Knows nothing of documents' content or of ranks beyond their count.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def row_cost(doc_lens: Sequence[int], linear_cost: float, attention_cost: float) -> float:
+    """a * tokens + b * sum(len^2): attention runs per document under document masking."""
+    lens = np.asarray(doc_lens, dtype=np.float64)
+    return float(linear_cost * lens.sum() + attention_cost * (lens * lens).sum())
+
+
+def imbalance(costs: np.ndarray, parts: list[list[int]]) -> float:
+    """max / mean of the parts' total cost (1.0 is perfect balance)."""
+    loads = np.array([costs[p].sum() for p in parts])
+    mean = loads.mean()
+    return float(loads.max() / mean) if mean > 0 else 1.0
+
+
+def partition(costs: np.ndarray, num_parts: int, part_size: int, method: str) -> list[list[int]]:
+    """Split indices 0..len(costs)-1 into `num_parts` parts of exactly `part_size` each."""
+    costs = np.asarray(costs, dtype=np.float64)
+    if len(costs) != num_parts * part_size:
+        raise ValueError(f"partition: {len(costs)} items != {num_parts} parts x {part_size}")
+    if method == "none":
+        return [list(range(p * part_size, (p + 1) * part_size)) for p in range(num_parts)]
+    if method == "greedy":
+        return _greedy(costs, num_parts, part_size)
+    if method == "kk":
+        return _karmarkar_karp(costs, num_parts, part_size)
+    raise ValueError(f"balance.method: unknown {method!r}; use none, greedy or kk")
+
+
+def _greedy(costs: np.ndarray, num_parts: int, part_size: int) -> list[list[int]]:
+    """Longest processing time first: each item, largest first, goes to the lightest part that
+    still has room."""
+    parts: list[list[int]] = [[] for _ in range(num_parts)]
+    heap = [(0.0, p) for p in range(num_parts)]  # (load, part); full parts leave the heap
+    order = np.argsort(-costs, kind="stable")
+    for i in order:
+        load, p = heapq.heappop(heap)
+        parts[p].append(int(i))
+        if len(parts[p]) < part_size:
+            heapq.heappush(heap, (load + costs[i], p))
+    return parts
+
+
+def _karmarkar_karp(costs: np.ndarray, num_parts: int, part_size: int) -> list[list[int]]:
+    """Largest differencing method, k-way with equal sizes.
+
+    Items (largest first) are cut into chunks of `num_parts`; each chunk is a partial solution
+    with one item per part. Repeatedly the two partial solutions with the largest spread are
+    merged, pairing the heaviest part of one with the lightest of the other, which cancels
+    their differences. Each part takes one item per chunk, so sizes stay equal.
+    """
+    order = np.argsort(-costs, kind="stable")
+    heap: list[tuple[float, int, list[tuple[float, list[int]]]]] = []
+    for c in range(part_size):
+        chunk = order[c * num_parts : (c + 1) * num_parts]
+        subsets = sorted(((float(costs[i]), [int(i)]) for i in chunk), key=lambda s: -s[0])
+        heapq.heappush(heap, (-(subsets[0][0] - subsets[-1][0]), c, subsets))
+    tie = part_size
+    while len(heap) > 1:
+        _, _, a = heapq.heappop(heap)
+        _, _, b = heapq.heappop(heap)
+        merged = [(a[j][0] + b[-1 - j][0], a[j][1] + b[-1 - j][1]) for j in range(num_parts)]
+        merged.sort(key=lambda s: -s[0])
+        heapq.heappush(heap, (-(merged[0][0] - merged[-1][0]), tie, merged))
+        tie += 1
+    return [sorted(items) for _, items in heap[0][2]]

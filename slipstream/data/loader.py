@@ -1,0 +1,164 @@
+"""MixtureLoader: the per-rank client. An iterator of steps; each step is this rank's list of
+micro-batches (dicts of tensors). A background thread plans and loads `prefetch_steps` ahead so
+the training thread does not wait while loaders keep up.
+
+`state_dict()` is the planner state right after the last step handed out (a few counters), so
+resuming yields exactly the steps an uninterrupted run would have, whatever was prefetched.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from slipstream.data.backends.local import LocalBackend
+from slipstream.data.balance import imbalance, partition
+from slipstream.data.constructor import build_micro_batch
+from slipstream.data.planner import Planner, StepPlan
+from slipstream.data.spec import MixtureSpec
+
+_STOP = object()
+
+
+@dataclass(slots=True)
+class StepStats:
+    """What one step held, for previews and metrics (whole step, all ranks)."""
+
+    step: int
+    docs_by_source: np.ndarray
+    tokens_by_source: np.ndarray
+    num_tokens: int
+    num_slots: int  # rows x seq_len
+    imbalance: float  # max/mean rank cost as assigned
+    imbalance_unbalanced: float  # max/mean rank cost with rows in order
+    wait_s: float = 0.0  # how long the consumer waited for this step
+
+
+@dataclass(slots=True)
+class StepBatch:
+    step: int
+    micro_batches: list[dict[str, torch.Tensor]]
+    stats: StepStats
+    stream: list[tuple[int, int]]  # (source, doc) in stream order: the whole step, all ranks
+    state_after: dict = field(repr=False, default_factory=dict)
+
+
+class MixtureLoader:
+    def __init__(self, spec: MixtureSpec, dp_rank: int = 0) -> None:
+        if not 0 <= dp_rank < spec.dp_world_size:
+            raise ValueError(f"dp_rank: {dp_rank} is outside [0, {spec.dp_world_size})")
+        self.spec = spec
+        self.dp_rank = dp_rank
+        self.backend = LocalBackend(spec)
+        self.tokenizer = self.backend.tokenizer
+        self.planner = Planner(spec, self.backend.num_docs, self.backend.fetch)
+        self._state = self.planner.state_dict()
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # -- iteration --------------------------------------------------------------------------
+    def __iter__(self) -> MixtureLoader:
+        return self
+
+    def __next__(self) -> StepBatch:
+        if self._thread is None:
+            self._start()
+        assert self._queue is not None
+        t0 = time.perf_counter()
+        item = self._queue.get()
+        wait_s = time.perf_counter() - t0
+        if isinstance(item, BaseException):
+            # The planner may have stopped mid-step: rewind it to the last step handed out, so
+            # a retry (or a checkpoint) neither loses nor repeats anything.
+            self._thread = None
+            self.planner.load_state_dict(self._state)
+            raise item
+        item.stats.wait_s = wait_s
+        self._state = item.state_after
+        return item
+
+    def _start(self) -> None:
+        self._stop.clear()
+        self._queue = queue.Queue(maxsize=self.spec.backend.prefetch_steps)
+        self._thread = threading.Thread(
+            target=self._produce, name="slipstream-planner", daemon=True
+        )
+        self._thread.start()
+
+    def _produce(self) -> None:
+        assert self._queue is not None
+        q = self._queue
+        try:
+            while not self._stop.is_set():
+                plan = self.planner.plan_step()
+                item = self._build(plan)
+                item.state_after = self.planner.state_dict()
+                while not self._stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # handed to the consumer, raised at its next step
+            q.put(e)
+
+    def _build(self, plan: StepPlan) -> StepBatch:
+        spec = self.spec
+        pad = self.tokenizer.eos_id
+        micro = [
+            build_micro_batch([plan.rows[i] for i in rows], plan.tokens, spec.seq_len, pad)
+            for rows in plan.assignment[self.dp_rank]
+        ]
+        return StepBatch(plan.step, micro, step_stats(spec, plan), plan.stream)
+
+    # -- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"version": 1, "planner": self._state}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != 1:
+            raise ValueError(f"loader state: version {state.get('version')} is not 1")
+        self._halt()
+        self.planner.load_state_dict(state["planner"])
+        self._state = self.planner.state_dict()
+
+    def _halt(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    def close(self) -> None:
+        self._halt()
+        self.backend.close()
+
+    def __enter__(self) -> MixtureLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def step_stats(spec: MixtureSpec, plan: StepPlan) -> StepStats:
+    n = len(spec.sources)
+    tokens = np.zeros(n, dtype=np.int64)
+    for row in plan.rows:
+        for p in row:
+            tokens[p.source] += p.length
+    rank_rows = [sum(m, []) for m in plan.assignment]
+    unbalanced = partition(plan.row_costs, spec.dp_world_size, spec.rows_per_rank, "none")
+    return StepStats(
+        step=plan.step,
+        docs_by_source=plan.docs_drawn,
+        tokens_by_source=tokens,
+        num_tokens=int(tokens.sum()),
+        num_slots=len(plan.rows) * spec.seq_len,
+        imbalance=imbalance(plan.row_costs, rank_rows),
+        imbalance_unbalanced=imbalance(plan.row_costs, unbalanced),
+    )

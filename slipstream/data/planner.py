@@ -1,0 +1,281 @@
+"""Planner: the global document stream, and each step's plan (which token ranges go in which
+row, which rows go to which rank and micro-batch).
+
+It owns all logical data state: the step, per-source cursors and epochs, the mixing credits
+and the carried remainder of a document cut at a step boundary. That state is a few numbers,
+so a checkpoint is tiny, and the stream it yields is a pure function of (spec, seed, step):
+the same for any number of loader workers, pool kind or data-parallel world size.
+
+Mixing is deterministic (smooth weighted round-robin): each draw adds the current weights to
+per-source credits and takes the source with the most credit, which keeps realized proportions
+within one document of target at every prefix. Which document comes next within a source is a
+seeded permutation per epoch, so the content is shuffled. Weights may change at any step (by
+schedule or at resume): cursors never move back, so nothing is lost or repeated.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from slipstream.data.balance import partition, row_cost
+from slipstream.data.spec import MixtureSpec
+
+STATE_VERSION = 1
+DocKey = tuple[int, int]  # (source index, document index within the source)
+FetchFn = Callable[[dict[int, list[int]]], dict[DocKey, np.ndarray]]
+
+
+@dataclass(slots=True, frozen=True)
+class Piece:
+    """Tokens [start, start + length) of document `doc` of source `source`."""
+
+    source: int
+    doc: int
+    start: int
+    length: int
+
+
+@dataclass(slots=True)
+class StepPlan:
+    step: int
+    rows: list[list[Piece]]
+    row_costs: np.ndarray
+    assignment: list[list[list[int]]]  # [dp_rank][micro_batch] -> row indices
+    tokens: dict[DocKey, np.ndarray]  # every document this step touches
+    docs_drawn: np.ndarray  # new documents started per source in this step
+    stream: list[DocKey]  # documents this step takes, in stream order (carried one first)
+    state_before: dict  # the planner state that reproduces this step
+
+
+class _Cursor:
+    """Where the stream stands: credits, per-source cursor and epoch. Cheap to copy."""
+
+    __slots__ = ("credits", "cursors", "epochs", "num_drawn")
+
+    def __init__(self, n: int) -> None:
+        self.credits = [0.0] * n
+        self.cursors = [0] * n
+        self.epochs = [0] * n
+        self.num_drawn = 0
+
+    def copy(self) -> _Cursor:
+        c = _Cursor(0)
+        c.credits, c.cursors = list(self.credits), list(self.cursors)
+        c.epochs, c.num_drawn = list(self.epochs), self.num_drawn
+        return c
+
+
+class Planner:
+    def __init__(self, spec: MixtureSpec, num_docs: list[int], fetch: FetchFn) -> None:
+        self.spec = spec
+        self.names = [s.name for s in spec.sources]
+        self.num_docs = list(num_docs)
+        self.fetch = fetch
+        self.step = 0
+        self.carry: Piece | None = None
+        self._pos = _Cursor(len(self.names))
+        self._perms: dict[int, tuple[int, np.ndarray]] = {}
+        self._cache: dict[DocKey, np.ndarray] = {}
+        self._mean_len = 512.0  # running estimate of tokens per document, for look-ahead
+        self._step_draws: list[DocKey] = []
+
+    # -- the stream -------------------------------------------------------------------------
+    def _doc_at(self, s: int, epoch: int, cursor: int) -> int:
+        cached = self._perms.get(s)
+        if cached is None or cached[0] != epoch:
+            key = [self.spec.seed, zlib.crc32(self.names[s].encode()), epoch]
+            cached = (epoch, np.random.default_rng(key).permutation(self.num_docs[s]))
+            self._perms[s] = cached
+        return int(cached[1][cursor])
+
+    def _draw(self, pos: _Cursor, weights: list[float]) -> DocKey:
+        for i, w in enumerate(weights):
+            pos.credits[i] += w
+        s = max(range(len(weights)), key=lambda i: (weights[i] > 0, pos.credits[i]))
+        pos.credits[s] -= 1.0
+        doc = self._doc_at(s, pos.epochs[s], pos.cursors[s])
+        pos.cursors[s] += 1
+        if pos.cursors[s] == self.num_docs[s]:
+            pos.cursors[s], pos.epochs[s] = 0, pos.epochs[s] + 1
+        pos.num_drawn += 1
+        return s, doc
+
+    def _ensure(self, keys: list[DocKey]) -> None:
+        """Fetch the documents not yet cached, grouped by source (one request per source)."""
+        need: dict[int, list[int]] = {}
+        for s, d in keys:
+            if (s, d) not in self._cache and d not in need.get(s, ()):
+                need.setdefault(s, []).append(d)
+        if need:
+            self._cache.update(self.fetch(need))
+
+    def _next_doc(self, weights: list[float], lookahead: list[DocKey], budget: int) -> DocKey:
+        if not lookahead:
+            # Speculate: draw ahead on a copy to fetch a whole step's documents in one go.
+            # Draws are a pure function of the cursor, so the real draws below replay them.
+            ghost = self._pos.copy()
+            n = int(budget / self._mean_len * 1.25) + 4
+            lookahead.extend(self._draw(ghost, weights) for _ in range(n))
+            lookahead.reverse()
+            self._ensure(lookahead)
+        key = self._draw(self._pos, weights)
+        assert key == lookahead.pop(), "look-ahead diverged from the stream"
+        self._step_draws.append(key)
+        return key
+
+    def _take(self, weights: list[float], max_len: int, lookahead: list[DocKey]) -> Piece:
+        """The next piece of at most `max_len` tokens: the carried remainder first."""
+        if self.carry is not None:
+            s, d, start = self.carry.source, self.carry.doc, self.carry.start
+            self._ensure([(s, d)])
+        else:
+            s, d = self._next_doc(weights, lookahead, max_len)
+            start = 0
+            self._mean_len = 0.95 * self._mean_len + 0.05 * len(self._cache[(s, d)])
+        total = len(self._cache[(s, d)])
+        length = min(total - start, max_len)
+        self.carry = Piece(s, d, start + length, 0) if start + length < total else None
+        return Piece(s, d, start, length)
+
+    # -- one step ---------------------------------------------------------------------------
+    def plan_step(self) -> StepPlan:
+        spec = self.spec
+        state = self.state_dict()
+        weights = spec.weights_at(self.step)
+        drawn_before = np.array(self._pos.cursors) + np.array(self._pos.epochs) * self.num_docs
+        num_rows, seq_len = spec.rows_per_step, spec.seq_len
+        lookahead: list[DocKey] = []
+        stream = [] if self.carry is None else [(self.carry.source, self.carry.doc)]
+        self._step_draws = stream
+        if spec.packing:
+            pieces, budget = [], num_rows * seq_len
+            while budget > 0:
+                pieces.append(self._take(weights, budget, lookahead))
+                budget -= pieces[-1].length
+            rows = pack_best_fit(pieces, num_rows, seq_len)
+        else:
+            rows = [[self._take(weights, seq_len, lookahead)] for _ in range(num_rows)]
+        drawn_after = np.array(self._pos.cursors) + np.array(self._pos.epochs) * self.num_docs
+        keys = {(p.source, p.doc) for row in rows for p in row}
+        tokens = {k: self._cache[k] for k in keys}
+        self._forget(keys)
+        costs = np.array(
+            [
+                row_cost(
+                    [p.length for p in r], spec.balance.linear_cost, spec.balance.attention_cost
+                )
+                for r in rows
+            ]
+        )
+        assignment = assign_rows(
+            costs,
+            spec.dp_world_size,
+            spec.num_micro_batches,
+            spec.micro_batch_size,
+            spec.balance.method,
+        )
+        plan = StepPlan(
+            self.step, rows, costs, assignment, tokens, drawn_after - drawn_before, stream, state
+        )
+        self.step += 1
+        return plan
+
+    def _forget(self, used: set[DocKey]) -> None:
+        """Drop documents this step finished; keep the carried one and speculative fetches."""
+        keep = None if self.carry is None else (self.carry.source, self.carry.doc)
+        for k in used:
+            if k != keep:
+                self._cache.pop(k, None)
+        if len(self._cache) > 4096:  # speculative fetches of a source whose weight fell to 0
+            self._cache = {k: v for k, v in self._cache.items() if k == keep}
+
+    # -- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        pos = self._pos
+        return {
+            "version": STATE_VERSION,
+            "step": self.step,
+            "num_drawn": pos.num_drawn,
+            "sources": {
+                n: {"cursor": pos.cursors[i], "epoch": pos.epochs[i], "credit": pos.credits[i]}
+                for i, n in enumerate(self.names)
+            },
+            "carry": None
+            if self.carry is None
+            else [self.names[self.carry.source], self.carry.doc, self.carry.start],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"data state: version {state.get('version')} is not {STATE_VERSION}; "
+                "this checkpoint was written by another Slipstream version"
+            )
+        pos = _Cursor(len(self.names))
+        for i, name in enumerate(self.names):
+            src = state["sources"].get(name)
+            if src is None:
+                continue  # a source added since the checkpoint starts at its beginning
+            if src["cursor"] > self.num_docs[i]:
+                raise ValueError(
+                    f"data state: source {name!r} is at document {src['cursor']} but now has "
+                    f"{self.num_docs[i]}; its files changed since the checkpoint"
+                )
+            pos.cursors[i], pos.epochs[i], pos.credits[i] = (
+                src["cursor"],
+                src["epoch"],
+                float(src["credit"]),
+            )
+        pos.num_drawn = state["num_drawn"]
+        self.carry = None
+        if state["carry"] is not None:
+            name, doc, start = state["carry"]
+            if name in self.names:  # a removed source's half-document is dropped
+                self.carry = Piece(self.names.index(name), int(doc), int(start), 0)
+        self._pos, self.step = pos, int(state["step"])
+
+
+def pack_best_fit(pieces: list[Piece], num_rows: int, seq_len: int) -> list[list[Piece]]:
+    """Best-fit decreasing into `num_rows` rows of `seq_len`: pieces longer than a row are cut
+    into row-sized chunks; a piece that fits no row's free space is split across rows (this
+    only happens near the end, as the step's token count equals the rows' capacity)."""
+    chunks = [
+        Piece(p.source, p.doc, p.start + o, min(seq_len, p.length - o))
+        for p in pieces
+        for o in range(0, p.length, seq_len)
+    ]
+    chunks.sort(key=lambda p: -p.length)
+    free = np.full(num_rows, seq_len, dtype=np.int64)
+    rows: list[list[Piece]] = [[] for _ in range(num_rows)]
+    for p in chunks:
+        while p.length > 0:
+            fits = free >= p.length
+            if fits.any():
+                i = int(np.argmin(np.where(fits, free, np.iinfo(np.int64).max)))
+                rows[i].append(p)
+                free[i] -= p.length
+                break
+            i = int(np.argmax(free))
+            if free[i] == 0:
+                raise AssertionError("pack_best_fit: more tokens than rows can hold")
+            head = int(free[i])
+            rows[i].append(Piece(p.source, p.doc, p.start, head))
+            free[i] = 0
+            p = Piece(p.source, p.doc, p.start + head, p.length - head)
+    return rows
+
+
+def assign_rows(
+    costs: np.ndarray, dp_world_size: int, num_micro: int, micro_batch_size: int, method: str
+) -> list[list[list[int]]]:
+    """Rows to ranks (equal counts, smallest max cost), then each rank's rows to micro-batches."""
+    out = []
+    for rank_rows in partition(costs, dp_world_size, num_micro * micro_batch_size, method):
+        rank_rows = np.asarray(rank_rows)
+        micro = partition(costs[rank_rows], num_micro, micro_batch_size, method)
+        out.append([sorted(int(rank_rows[j]) for j in m) for m in micro])
+    return out

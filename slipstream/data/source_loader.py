@@ -1,0 +1,64 @@
+"""SourceLoader: random access to "document k of source s", tokenized.
+
+A loader holds open files, shard indexes and a tokenizer, but no logical state: which document
+comes next is the planner's business. So any replica can serve any request, and a request that
+failed can simply be issued again elsewhere.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from slipstream.data.formats import ShardIndex, list_shards, load_index, make_format
+from slipstream.data.spec import MixtureSpec, SourceSpec
+from slipstream.data.tokenizers import Tokenizer, build_tokenizer
+
+
+class SourceLoader:
+    def __init__(self, source: SourceSpec, tokenizer: Tokenizer, resolve) -> None:
+        self.name = source.name
+        self.tokenizer = tokenizer
+        self._format = make_format(
+            source.format,
+            text_field=source.text_field,
+            separator=source.separator,
+            on_error=source.on_error,
+        )
+        paths = list_shards(source.paths, resolve, f"sources.{source.name}")
+        self.shards: list[ShardIndex] = [load_index(self._format, p) for p in paths]
+        counts = np.array([len(s) for s in self.shards], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(counts)])
+        self.num_docs = int(self._starts[-1])
+        self.num_bad = sum(s.num_bad for s in self.shards)
+        if self.num_docs == 0:
+            raise ValueError(
+                f"sources.{source.name}: no documents in {len(paths)} file(s)"
+                f" ({self.num_bad} corrupt record(s) skipped); check the paths and "
+                f"text_field = {source.text_field!r}, or remove the source"
+            )
+
+    def read_texts(self, ids: np.ndarray | list[int]) -> list[str]:
+        """Raw text of documents `ids` (source-global indices), in the order given."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) and (ids.min() < 0 or ids.max() >= self.num_docs):
+            raise IndexError(f"{self.name}: document id out of range [0, {self.num_docs})")
+        shard_of = np.searchsorted(self._starts, ids, side="right") - 1
+        out: list[str | None] = [None] * len(ids)
+        for s in np.unique(shard_of):
+            where = np.nonzero(shard_of == s)[0]
+            texts = self._format.read(self.shards[s], ids[where] - self._starts[s])
+            for w, t in zip(where, texts, strict=True):
+                out[w] = t
+        return out  # type: ignore[return-value]
+
+    def get_many(self, ids: np.ndarray | list[int]) -> list[np.ndarray]:
+        """Token ids (int32, ending with EOS) of documents `ids`."""
+        return self.tokenizer.encode_batch(self.read_texts(ids))
+
+    def close(self) -> None:
+        self._format.close()
+
+
+def build_source_loaders(spec: MixtureSpec) -> list[SourceLoader]:
+    tokenizer = build_tokenizer(spec.tokenizer, spec.base_dir)
+    return [SourceLoader(s, tokenizer, spec.resolve) for s in spec.sources]

@@ -1,0 +1,269 @@
+"""The mixture spec: which sources, in what proportions (possibly scheduled over steps), and how
+each step is shaped, packed and balanced. Pure data plus validation; it reads TOML but opens no
+data file. Every error names the field and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("text", "jsonl", "parquet")
+BALANCE_METHODS = ("none", "greedy", "kk")
+POOL_KINDS = ("thread", "process")
+ON_ERROR = ("skip", "raise")
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class WeightSchedule:
+    """A weight that changes with the step: (step, weight) points, linear in between and
+    constant before the first and after the last point."""
+
+    points: tuple[tuple[int, float], ...]
+
+    def __post_init__(self) -> None:
+        if not self.points:
+            raise ValueError("schedule: needs at least one [step, weight] point")
+        steps = [s for s, _ in self.points]
+        if steps != sorted(steps) or len(set(steps)) != len(steps):
+            raise ValueError(f"schedule: steps must be strictly increasing, got {steps}")
+        for s, w in self.points:
+            if s < 0 or w < 0:
+                raise ValueError(
+                    f"schedule: point [{s}, {w}] is negative; steps and weights are >= 0"
+                )
+
+    def weight_at(self, step: int) -> float:
+        pts = self.points
+        if step <= pts[0][0]:
+            return float(pts[0][1])
+        for (s0, w0), (s1, w1) in zip(pts, pts[1:], strict=False):
+            if step <= s1:
+                return float(w0 + (w1 - w0) * (step - s0) / (s1 - s0))
+        return float(pts[-1][1])
+
+
+@dataclass(kw_only=True, slots=True)
+class SourceSpec:
+    """One source of documents."""
+
+    name: str
+    """Unique name; checkpoints key per-source cursors by it."""
+    paths: list[str]
+    """Files or glob patterns; relative paths are relative to the spec file."""
+    format: str = "jsonl"
+    """`text` (a document per file, or split on `separator`), `jsonl` or `parquet`."""
+    text_field: str = "text"
+    """Field (jsonl) or column (parquet) holding the document text."""
+    separator: str | None = None
+    """For `text`: split each file into documents on this string; None = one document per file."""
+    weight: float | None = None
+    """Constant mixture weight (relative; weights are normalized). Give this or `schedule`."""
+    schedule: WeightSchedule | None = None
+    """Weight as a function of the step, for curricula."""
+    on_error: str = "skip"
+    """A corrupt jsonl line or parquet file: `skip` (and count) or `raise`."""
+
+    def __post_init__(self) -> None:
+        where = f"sources.{self.name or '?'}"
+        if not self.name:
+            raise ValueError("sources: every source needs a non-empty `name`")
+        if not self.paths:
+            raise ValueError(f"{where}.paths: list at least one file or glob")
+        if self.format not in FORMATS:
+            raise ValueError(
+                f"{where}.format: unknown format {self.format!r}; use one of {', '.join(FORMATS)}"
+            )
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"{where}.on_error: use 'skip' or 'raise', not {self.on_error!r}")
+        if (self.weight is None) == (self.schedule is None):
+            raise ValueError(f"{where}: give exactly one of `weight` or `schedule`")
+        if self.weight is not None and self.weight < 0:
+            raise ValueError(f"{where}.weight: {self.weight} is negative; weights must be >= 0")
+        if self.separator == "":
+            raise ValueError(f"{where}.separator: must be non-empty (omit it for one doc per file)")
+
+    def weight_at(self, step: int) -> float:
+        if self.schedule is not None:
+            return self.schedule.weight_at(step)
+        assert self.weight is not None
+        return float(self.weight)
+
+
+@dataclass(kw_only=True, slots=True)
+class BalanceSpec:
+    """How rows are assigned to data-parallel ranks and micro-batches.
+
+    The cost of a row is `linear_cost * tokens + attention_cost * sum(doc_len**2)`: attention
+    runs per document under document masking, so its work grows with each document's square.
+    """
+
+    method: str = "greedy"
+    """`none` (rows in order), `greedy` (longest processing time first) or `kk`
+    (Karmarkar-Karp largest differencing, equal-size parts)."""
+    linear_cost: float = 1.0
+    """Cost per token of the parts that scale linearly (MLP, projections)."""
+    attention_cost: float = 1.0 / (6 * 768)
+    """Cost per squared document token; about 1/(6*d_model) relative to `linear_cost`."""
+
+    def __post_init__(self) -> None:
+        if self.method not in BALANCE_METHODS:
+            raise ValueError(
+                f"balance.method: unknown {self.method!r}; use one of {', '.join(BALANCE_METHODS)}"
+            )
+        if self.linear_cost < 0 or self.attention_cost < 0:
+            raise ValueError("balance: linear_cost and attention_cost must be >= 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class BackendSpec:
+    """Where source loaders run. The stream does not depend on any of these settings."""
+
+    kind: str = "local"
+    """`local`: a pool inside this process."""
+    pool: str = "thread"
+    """`thread` or `process` (for Python-heavy preprocessing)."""
+    num_workers: int = 2
+    """Loader workers in the pool."""
+    prefetch_steps: int = 4
+    """Steps planned and loaded ahead of the consumer."""
+
+    def __post_init__(self) -> None:
+        if self.kind != "local":
+            raise ValueError(f"backend.kind: {self.kind!r} is not available; use 'local'")
+        if self.pool not in POOL_KINDS:
+            raise ValueError(f"backend.pool: use 'thread' or 'process', not {self.pool!r}")
+        if self.num_workers < 1:
+            raise ValueError(f"backend.num_workers: {self.num_workers} must be >= 1")
+        if self.prefetch_steps < 1:
+            raise ValueError(f"backend.prefetch_steps: {self.prefetch_steps} must be >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class MixtureSpec:
+    """A whole data plane: sources, step shape, packing, balance, backend."""
+
+    sources: list[SourceSpec]
+    seq_len: int = 512
+    """Tokens per row."""
+    micro_batch_size: int = 4
+    """Rows per micro-batch."""
+    num_micro_batches: int = 1
+    """Micro-batches per step per rank (gradient accumulation)."""
+    dp_world_size: int = 1
+    """Data-parallel ranks sharing each step."""
+    seed: int = 0
+    tokenizer: str = "byte"
+    """`byte`, or the path of a Hugging Face `tokenizers` JSON file."""
+    packing: bool = True
+    """Pack several documents per row (best fit); off = one document piece per row, padded."""
+    balance: BalanceSpec = field(default_factory=BalanceSpec)
+    backend: BackendSpec = field(default_factory=BackendSpec)
+    base_dir: str = "."
+    """Directory that relative paths are resolved against (the spec file's directory)."""
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ValueError("sources: the mixture lists no source; add a [[sources]] table")
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"sources: names must be unique, got {names}")
+        for key in ("seq_len", "micro_batch_size", "num_micro_batches", "dp_world_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{key}: {value!r} must be a positive integer")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len: {self.seq_len} is too short; a row needs >= 2 tokens")
+        if all(s.schedule is None and s.weight == 0 for s in self.sources):
+            raise ValueError("sources: every weight is 0; give at least one source a weight > 0")
+
+    @property
+    def rows_per_rank(self) -> int:
+        return self.micro_batch_size * self.num_micro_batches
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.rows_per_rank * self.dp_world_size
+
+    def weights_at(self, step: int) -> list[float]:
+        """Normalized weights in force at `step`."""
+        raw = [s.weight_at(step) for s in self.sources]
+        total = sum(raw)
+        if total <= 0:
+            raise ValueError(f"sources: all weights are 0 at step {step}; fix the schedules")
+        return [w / total for w in raw]
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], base_dir: str = ".") -> MixtureSpec:
+        raw = dict(raw)
+        known = set(cls.__dataclass_fields__)
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"mixture: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        sources = [_source_from_dict(i, s) for i, s in enumerate(raw.pop("sources", []))]
+        balance = _sub(BalanceSpec, raw.pop("balance", {}), "balance")
+        backend = _sub(BackendSpec, raw.pop("backend", {}), "backend")
+        raw.setdefault("base_dir", base_dir)
+        return cls(sources=sources, balance=balance, backend=backend, **raw)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, overrides: list[str] = ()) -> MixtureSpec:
+        """Load a spec file; `overrides` are `key=value` strings (`balance.method=kk`)."""
+        from slipstream.config import apply_overrides, load_toml
+
+        raw = apply_overrides(load_toml(path), list(overrides))
+        return cls.from_dict(raw, base_dir=str(Path(path).parent.resolve()))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict that `from_dict` turns back into an equal spec."""
+        out: dict[str, Any] = {
+            k: getattr(self, k)
+            for k in ("seq_len", "micro_batch_size", "num_micro_batches", "dp_world_size")
+        }
+        out.update(seed=self.seed, tokenizer=self.tokenizer, packing=self.packing)
+        out["base_dir"] = self.base_dir
+        out["balance"] = {k: getattr(self.balance, k) for k in BalanceSpec.__dataclass_fields__}
+        out["backend"] = {k: getattr(self.backend, k) for k in BackendSpec.__dataclass_fields__}
+        out["sources"] = []
+        for s in self.sources:
+            d = {k: getattr(s, k) for k in SourceSpec.__dataclass_fields__ if k != "schedule"}
+            d = {k: v for k, v in d.items() if v is not None}
+            if s.schedule is not None:
+                d["schedule"] = [list(p) for p in s.schedule.points]
+            out["sources"].append(d)
+        return out
+
+
+def _sub(cls: type, raw: dict[str, Any], where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a table, got {raw!r}")
+    unknown = set(raw) - set(cls.__dataclass_fields__)
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}"
+        )
+    return cls(**raw)
+
+
+def _source_from_dict(i: int, raw: dict[str, Any]) -> SourceSpec:
+    raw = dict(raw)
+    where = f"sources[{i}] ({raw.get('name', '?')})"
+    unknown = set(raw) - set(SourceSpec.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
+    if isinstance(raw.get("paths"), str):
+        raw["paths"] = [raw["paths"]]
+    if "schedule" in raw:
+        try:
+            points = tuple((int(s), float(w)) for s, w in raw["schedule"])
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{where}.schedule: expected a list of [step, weight] pairs, got {raw['schedule']!r}"
+            ) from None
+        raw["schedule"] = WeightSchedule(points=points)
+    return SourceSpec(**raw)
