@@ -10,7 +10,46 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-WORDS = ["the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "with", "was", "on", "be", "by", "this", "are", "from", "or", "an", "at", "which", "not", "def", "return", "class", "import", "self", "none", "true", "false", "if", "else", "while", "yield", "lambda", "async", "await"]
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "that",
+    "for",
+    "it",
+    "as",
+    "with",
+    "was",
+    "on",
+    "be",
+    "by",
+    "this",
+    "are",
+    "from",
+    "or",
+    "an",
+    "at",
+    "which",
+    "not",
+    "def",
+    "return",
+    "class",
+    "import",
+    "self",
+    "none",
+    "true",
+    "false",
+    "if",
+    "else",
+    "while",
+    "yield",
+    "lambda",
+    "async",
+    "await",
+]
 
 
 def make_docs(seed: int, num_docs: int, mean_words: float) -> list[str]:

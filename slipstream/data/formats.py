@@ -176,24 +176,22 @@ class ParquetFormat:
         groups, rows = [], []
         try:
             pf = pq.ParquetFile(path)
-            if self.text_field not in pf.schema_arrow.names:
-                raise ValueError(
-                    f"{path}: no column {self.text_field!r} (columns: {pf.schema_arrow.names}); "
-                    "set text_field"
-                )
-            for g in range(pf.num_row_groups):
+            names = pf.schema_arrow.names
+            for g in range(pf.num_row_groups if self.text_field in names else 0):
                 col = pf.read_row_group(g, columns=[self.text_field]).column(0).to_pylist()
                 keep = [r for r, v in enumerate(col) if isinstance(v, str) and v]
                 groups.extend([g] * len(keep))
                 rows.extend(keep)
-        except ValueError:
-            raise
         except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for corrupt files
             if self.on_error == "raise":
                 raise ValueError(
                     f"{path}: corrupt parquet file ({e}); replace it, or set on_error = 'skip'"
                 ) from None
             return ShardIndex(path, np.zeros(0, np.int64), np.zeros(0, np.int64), 1)
+        if self.text_field not in names:
+            raise ValueError(
+                f"{path}: no column {self.text_field!r} (columns: {names}); set text_field"
+            )
         return ShardIndex(path, np.array(groups, np.int64), np.array(rows, np.int64), 0)
 
     def _group(self, path: str, g: int) -> list:
