@@ -56,7 +56,7 @@ class MixtureLoader:
         self.dp_rank = dp_rank
         self.backend = LocalBackend(spec)
         self.tokenizer = self.backend.tokenizer
-        self.planner = Planner(spec, self.backend.num_docs, self.backend.fetch)
+        self.planner = Planner(spec, self.backend.num_docs, self.backend.submit)
         self._state = self.planner.state_dict()
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None

@@ -18,15 +18,17 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from slipstream.data.balance import partition, row_cost
+from slipstream.data.readahead import ReadAhead
 from slipstream.data.spec import MixtureSpec
 
 STATE_VERSION = 1
 DocKey = tuple[int, int]  # (source index, document index within the source)
-FetchFn = Callable[[dict[int, list[int]]], dict[DocKey, np.ndarray]]
+SubmitFn = Callable[[int, list[int]], Any]  # (source, doc ids) -> a future of token arrays
 
 
 @dataclass(slots=True, frozen=True)
@@ -52,7 +54,7 @@ class StepPlan:
 
 
 class _Cursor:
-    """Where the stream stands: credits, per-source cursor and epoch. Cheap to copy."""
+    """Where the stream stands: credits, per-source cursor and epoch."""
 
     __slots__ = ("credits", "cursors", "epochs", "num_drawn")
 
@@ -62,24 +64,21 @@ class _Cursor:
         self.epochs = [0] * n
         self.num_drawn = 0
 
-    def copy(self) -> _Cursor:
-        c = _Cursor(0)
-        c.credits, c.cursors = list(self.credits), list(self.cursors)
-        c.epochs, c.num_drawn = list(self.epochs), self.num_drawn
-        return c
-
 
 class Planner:
-    def __init__(self, spec: MixtureSpec, num_docs: list[int], fetch: FetchFn) -> None:
+    def __init__(self, spec: MixtureSpec, num_docs: list[int], submit: SubmitFn) -> None:
         self.spec = spec
         self.names = [s.name for s in spec.sources]
         self.num_docs = list(num_docs)
-        self.fetch = fetch
+        self.read_ahead_steps = spec.backend.prefetch_steps
+        self.num_workers = spec.backend.num_workers
+        self._submit = submit
+        self._ahead = ReadAhead(submit, self._doc_at, self.num_docs)
+        self._tokens: dict[DocKey, np.ndarray] = {}  # this step's documents and the carried one
         self.step = 0
         self.carry: Piece | None = None
         self._pos = _Cursor(len(self.names))
         self._perms: dict[int, tuple[int, np.ndarray]] = {}
-        self._cache: dict[DocKey, np.ndarray] = {}
         self._mean_len = 512.0  # running estimate of tokens per document, for look-ahead
         self._step_draws: list[DocKey] = []
 
@@ -104,42 +103,36 @@ class Planner:
         pos.num_drawn += 1
         return s, doc
 
-    def _ensure(self, keys: list[DocKey]) -> None:
-        """Fetch the documents not yet cached, grouped by source (one request per source)."""
-        need: dict[int, list[int]] = {}
-        for s, d in keys:
-            if (s, d) not in self._cache and d not in need.get(s, ()):
-                need.setdefault(s, []).append(d)
-        if need:
-            self._cache.update(self.fetch(need))
+    def _next_doc(self, weights: list[float]) -> DocKey:
+        s, d = self._draw(self._pos, weights)
+        self._tokens[(s, d)] = self._ahead.pop(s, d)
+        self._step_draws.append((s, d))
+        return s, d
 
-    def _next_doc(self, weights: list[float], lookahead: list[DocKey], budget: int) -> DocKey:
-        if not lookahead:
-            # Speculate: draw ahead on a copy to fetch a whole step's documents in one go.
-            # Draws are a pure function of the cursor, so the real draws below replay them.
-            ghost = self._pos.copy()
-            n = int(budget / self._mean_len * 1.25) + 4
-            lookahead.extend(self._draw(ghost, weights) for _ in range(n))
-            lookahead.reverse()
-            self._ensure(lookahead)
-        key = self._draw(self._pos, weights)
-        assert key == lookahead.pop(), "look-ahead diverged from the stream"
-        self._step_draws.append(key)
-        return key
-
-    def _take(self, weights: list[float], max_len: int, lookahead: list[DocKey]) -> Piece:
+    def _take(self, weights: list[float], max_len: int) -> Piece:
         """The next piece of at most `max_len` tokens: the carried remainder first."""
         if self.carry is not None:
             s, d, start = self.carry.source, self.carry.doc, self.carry.start
-            self._ensure([(s, d)])
+            if (s, d) not in self._tokens:  # carried over a resume: load it again
+                self._tokens[(s, d)] = self._submit(s, [d]).result()[0]
         else:
-            s, d = self._next_doc(weights, lookahead, max_len)
+            s, d = self._next_doc(weights)
             start = 0
-            self._mean_len = 0.95 * self._mean_len + 0.05 * len(self._cache[(s, d)])
-        total = len(self._cache[(s, d)])
+            self._mean_len = 0.95 * self._mean_len + 0.05 * len(self._tokens[(s, d)])
+        total = len(self._tokens[(s, d)])
         length = min(total - start, max_len)
         self.carry = Piece(s, d, start + length, 0) if start + length < total else None
         return Piece(s, d, start, length)
+
+    def _read_ahead(self, weights: list[float]) -> None:
+        """Keep about `read_ahead_steps` steps of each source's documents loading."""
+        docs_per_step = self.spec.rows_per_step * self.spec.seq_len / self._mean_len
+        for s, w in enumerate(weights):
+            if w > 0:
+                per_step = w * docs_per_step
+                chunk = max(1, int(np.ceil(per_step / self.num_workers)))
+                depth = int(np.ceil(per_step * self.read_ahead_steps)) + chunk
+                self._ahead.top_up(s, depth, chunk)
 
     # -- one step ---------------------------------------------------------------------------
     def plan_step(self) -> StepPlan:
@@ -148,21 +141,22 @@ class Planner:
         weights = spec.weights_at(self.step)
         drawn_before = np.array(self._pos.cursors) + np.array(self._pos.epochs) * self.num_docs
         num_rows, seq_len = spec.rows_per_step, spec.seq_len
-        lookahead: list[DocKey] = []
         stream = [] if self.carry is None else [(self.carry.source, self.carry.doc)]
         self._step_draws = stream
+        self._read_ahead(weights)
         if spec.packing:
             pieces, budget = [], num_rows * seq_len
             while budget > 0:
-                pieces.append(self._take(weights, budget, lookahead))
+                pieces.append(self._take(weights, budget))
                 budget -= pieces[-1].length
             rows = pack_best_fit(pieces, num_rows, seq_len)
         else:
-            rows = [[self._take(weights, seq_len, lookahead)] for _ in range(num_rows)]
+            rows = [[self._take(weights, seq_len)] for _ in range(num_rows)]
         drawn_after = np.array(self._pos.cursors) + np.array(self._pos.epochs) * self.num_docs
         keys = {(p.source, p.doc) for row in rows for p in row}
-        tokens = {k: self._cache[k] for k in keys}
-        self._forget(keys)
+        tokens = {k: self._tokens[k] for k in keys}
+        carried = None if self.carry is None else (self.carry.source, self.carry.doc)
+        self._tokens = {} if carried is None else {carried: self._tokens[carried]}
         costs = np.array(
             [
                 row_cost(
@@ -183,15 +177,6 @@ class Planner:
         )
         self.step += 1
         return plan
-
-    def _forget(self, used: set[DocKey]) -> None:
-        """Drop documents this step finished; keep the carried one and speculative fetches."""
-        keep = None if self.carry is None else (self.carry.source, self.carry.doc)
-        for k in used:
-            if k != keep:
-                self._cache.pop(k, None)
-        if len(self._cache) > 4096:  # speculative fetches of a source whose weight fell to 0
-            self._cache = {k: v for k, v in self._cache.items() if k == keep}
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -237,6 +222,8 @@ class Planner:
             if name in self.names:  # a removed source's half-document is dropped
                 self.carry = Piece(self.names.index(name), int(doc), int(start), 0)
         self._pos, self.step = pos, int(state["step"])
+        self._tokens = {}
+        self._ahead.reset(pos.epochs, pos.cursors)
 
 
 def pack_best_fit(pieces: list[Piece], num_rows: int, seq_len: int) -> list[list[Piece]]:

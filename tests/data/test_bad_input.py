@@ -115,8 +115,9 @@ def test_index_cache_is_rebuilt_when_the_shard_changes(tmp_path):
 
 def test_read_error_mid_run_loses_nothing_delivered(tmp_path):
     raw = corpus_spec(tmp_path, "jsonl", dp_world_size=1)
+    raw["backend"]["prefetch_steps"] = 1
     spec = MixtureSpec.from_dict(raw, base_dir=str(tmp_path))
-    ref, _ = run_steps(spec, 6)
+    ref, _ = run_steps(spec, 30)
     shard = tmp_path / "medium" / "part-0.jsonl"
     good = shard.read_bytes()
     loader = MixtureLoader(spec)
@@ -124,14 +125,14 @@ def test_read_error_mid_run_loses_nothing_delivered(tmp_path):
     state = loader.state_dict()
     shard.write_bytes(b"x" * len(good))  # corrupted under a running loader
     with pytest.raises(ValueError):
-        for _ in range(4):
+        for _ in range(28):
             delivered.append(next(loader))
     assert loader.state_dict()["planner"] == delivered[-1].state_after
     loader.close()
     shard.write_bytes(good)
-    rest, _ = run_steps(spec, 6 - len(delivered), loader.state_dict())
+    rest, _ = run_steps(spec, 30 - len(delivered), loader.state_dict())
     assert_same_batches([[b] for b in delivered] + rest, ref)
-    assert len(delivered) < 6 and state["planner"]["step"] == 2
+    assert len(delivered) < 30 and state["planner"]["step"] == 2
 
 
 def test_killed_loader_worker_is_replaced_and_the_stream_unchanged(tmp_path):

@@ -11,13 +11,23 @@ from slipstream.data.planner import Piece, pack_best_fit
 from tests.conftest import corpus_spec
 
 
+class Loaded:
+    """A finished load: the planner's submit contract without a pool."""
+
+    def __init__(self, tokens):
+        self.tokens = tokens
+
+    def result(self):
+        return self.tokens
+
+
 def make_planner(spec: MixtureSpec) -> tuple[Planner, list]:
     loaders = build_source_loaders(spec)
 
-    def fetch(need):
-        return {(s, d): t for s, ids in need.items() for d, t in zip(ids, loaders[s].get_many(ids))}
+    def submit(s, ids):
+        return Loaded(loaders[s].get_many(ids))
 
-    return Planner(spec, [ld.num_docs for ld in loaders], fetch), loaders
+    return Planner(spec, [ld.num_docs for ld in loaders], submit), loaders
 
 
 def spec_of(tmp_path, **kw) -> MixtureSpec:

@@ -1,7 +1,7 @@
 """Local backend: source loaders in a thread pool or a process pool inside this process.
 
-A fetch of many documents is cut into one task per (source, slice of ids) so the pool works on
-all sources at once and each task amortizes its call overhead over many documents. Workers
+A task loads a batch of one source's documents, so its call overhead is spread over many of
+them; the planner's read-ahead keeps tasks of every source in flight. Workers
 build their own SourceLoaders (file handles are not shared between threads or processes).
 A task whose worker process died is issued again on a fresh pool: loaders hold no logical
 state, so the retry returns the very same tokens.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import threading
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
@@ -37,8 +37,27 @@ def _load_task(spec_dict: dict, source: int, ids: list[int]) -> list[np.ndarray]
     return _loaders(spec_dict)[source].get_many(ids)
 
 
+class _Task:
+    """A submitted load that, if its worker process dies, is issued again on a fresh pool."""
+
+    def __init__(self, backend: LocalBackend, source: int, ids: list[int]) -> None:
+        self.backend, self.source, self.ids = backend, source, ids
+        self.pool, self.future = backend._run(source, ids)
+
+    def result(self) -> list[np.ndarray]:
+        for attempt in range(MAX_RETRIES + 1):
+            try:
+                return self.future.result()
+            except BrokenProcessPool:
+                if attempt == MAX_RETRIES:
+                    raise
+                self.backend._replace_broken(self.pool)
+                self.pool, self.future = self.backend._run(self.source, self.ids)
+        raise AssertionError("unreachable")
+
+
 class LocalBackend:
-    """fetch({source: [doc ids]}) -> {(source, doc): tokens}."""
+    """submit(source, ids) -> a task whose result() is the documents' token arrays."""
 
     def __init__(self, spec: MixtureSpec) -> None:
         self.spec = spec
@@ -52,6 +71,7 @@ class LocalBackend:
         for ldr in loaders:
             ldr.close()
         self._pool: Executor | None = None
+        self._lock = threading.Lock()
 
     def _make_pool(self) -> Executor:
         n = self.spec.backend.num_workers
@@ -60,31 +80,28 @@ class LocalBackend:
         # spawn: the parent runs threads (prefetch, tokenizers), which fork does not survive.
         return ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"))
 
-    def fetch(self, need: dict[int, list[int]]) -> dict[tuple[int, int], np.ndarray]:
-        for attempt in range(MAX_RETRIES + 1):
-            try:
-                return self._fetch_once(need)
-            except BrokenProcessPool:
-                self.close()  # a worker died: its tasks go to a fresh pool
-                if attempt == MAX_RETRIES:
-                    raise
-        raise AssertionError("unreachable")
+    def submit(self, source: int, ids: list[int]) -> _Task:
+        """Start loading documents `ids` of `source`; `.result()` gives their token arrays."""
+        return _Task(self, source, list(ids))
 
-    def _fetch_once(self, need: dict[int, list[int]]) -> dict[tuple[int, int], np.ndarray]:
-        if self._pool is None:
-            self._pool = self._make_pool()
-        total = sum(len(v) for v in need.values())
-        chunk = max(1, -(-total // (2 * self.spec.backend.num_workers)))
-        futures = []
-        for s, ids in need.items():
-            for i in range(0, len(ids), chunk):
-                part = ids[i : i + chunk]
-                futures.append((s, part, self._pool.submit(_load_task, self._spec_dict, s, part)))
-        out = {}
-        for s, part, fut in futures:
-            for d, toks in zip(part, fut.result(), strict=True):
-                out[(s, d)] = toks
-        return out
+    def _run(self, source: int, ids: list[int]) -> tuple[Executor, Future]:
+        with self._lock:
+            for _ in range(MAX_RETRIES + 1):
+                if self._pool is None:
+                    self._pool = self._make_pool()
+                try:
+                    return self._pool, self._pool.submit(_load_task, self._spec_dict, source, ids)
+                except BrokenProcessPool:
+                    self._pool.shutdown(wait=False, cancel_futures=True)
+                    self._pool = None
+        raise RuntimeError("source loader workers keep dying; see the errors above")
+
+    def _replace_broken(self, broken: Executor | None) -> None:
+        """A worker died: shut that pool down once; the next task starts a fresh one."""
+        with self._lock:
+            if self._pool is broken and broken is not None:
+                broken.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
 
     def worker_pids(self) -> list[int]:
         """Process ids of the pool's workers (process pools only), for fault injection."""

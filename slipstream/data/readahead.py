@@ -1,0 +1,56 @@
+"""ReadAhead: keeps each source's next documents loading before the planner asks for them.
+
+Which documents a source yields, and in what order, is fixed by the seeded per-epoch
+permutation; only *when* a source is drawn depends on the weights. So each source's upcoming
+documents can be requested early, in batches, to a depth that follows the source's weight:
+the planner then finds them loaded, and the loaders never idle while it plans. Read-ahead
+changes when documents load, never which ones the stream takes.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+SubmitFn = Callable[[int, list[int]], Any]  # (source, doc ids) -> a future of token arrays
+DocAtFn = Callable[[int, int, int], int]  # (source, epoch, cursor) -> doc id
+
+
+class ReadAhead:
+    def __init__(self, submit: SubmitFn, doc_at: DocAtFn, num_docs: list[int]) -> None:
+        self._submit = submit
+        self._doc_at = doc_at
+        self._num_docs = num_docs
+        self._queues: list[deque] = [deque() for _ in num_docs]
+        self._next: list[tuple[int, int]] = [(0, 0)] * len(num_docs)
+
+    def reset(self, epochs: list[int], cursors: list[int]) -> None:
+        """Forget what was requested; the next request for source s starts at its cursor."""
+        self._queues = [deque() for _ in self._num_docs]
+        self._next = list(zip(epochs, cursors, strict=True))
+
+    def top_up(self, s: int, depth: int, chunk: int) -> None:
+        """Request source s's next documents, `chunk` per task, until `depth` are in flight."""
+        q = self._queues[s]
+        while len(q) < depth:
+            epoch, cursor = self._next[s]
+            ids = []
+            for _ in range(chunk):
+                ids.append(self._doc_at(s, epoch, cursor))
+                cursor += 1
+                if cursor == self._num_docs[s]:
+                    epoch, cursor = epoch + 1, 0
+            self._next[s] = (epoch, cursor)
+            future = self._submit(s, ids)
+            q.extend((d, future, j) for j, d in enumerate(ids))
+
+    def pop(self, s: int, doc: int) -> np.ndarray:
+        """Tokens of source s's next document, which must be `doc`."""
+        if not self._queues[s]:
+            self.top_up(s, 1, 1)
+        d, future, j = self._queues[s].popleft()
+        assert d == doc, f"read-ahead of source {s} diverged from the stream ({d} != {doc})"
+        return future.result()[j]
