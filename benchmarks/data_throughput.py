@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_SPEC = ROOT / "recipes" / "data" / "demo.toml"
 TOKENIZER = ROOT / "data" / "demo" / "tokenizer.json"
 SEQ_LEN, MICRO_BATCH = 1024, 8
+EXTRA = [x for x in __import__("os").environ.get("SLIP_EXTRA", "").split(";") if x]
 PIPELINES = ("slipstream", "dataloader", "nodes", "stateful")
 
 
@@ -38,9 +39,17 @@ def load_spec(workers: int):
 
     return MixtureSpec.from_toml(
         DEMO_SPEC,
-        [f"tokenizer='{TOKENIZER}'", f"seq_len={SEQ_LEN}", f"micro_batch_size={MICRO_BATCH}",
-         "num_micro_batches=1", "dp_world_size=1", f"backend.num_workers={workers}",
-         "backend.prefetch_steps=8", "balance.method='none'"],
+        [
+            f"tokenizer='{TOKENIZER}'",
+            f"seq_len={SEQ_LEN}",
+            f"micro_batch_size={MICRO_BATCH}",
+            "num_micro_batches=1",
+            "dp_world_size=1",
+            f"backend.num_workers={workers}",
+            "backend.prefetch_steps=8",
+            "balance.method='none'",
+            *EXTRA,
+        ],
     )
 
 
@@ -68,8 +77,9 @@ class MixtureDocs:
         ldr = self.loaders[s]
         text = ldr.read_texts([i - int(self.starts[s])])[0]
         tok = ldr.tokenizer._tok  # the tokenizers.Tokenizer, one document at a time
-        return np.array([*tok.encode(text, add_special_tokens=False).ids, ldr.tokenizer.eos_id],
-                        dtype=np.int64)
+        return np.array(
+            [*tok.encode(text, add_special_tokens=False).ids, ldr.tokenizer.eos_id], dtype=np.int64
+        )
 
     def sample_weights(self, weights: list[float]) -> np.ndarray:
         counts = np.diff(self.starts)
@@ -114,8 +124,15 @@ def _torch_loader(spec, workers, cls):
     ds = MixtureDocs(spec)
     g = torch.Generator().manual_seed(0)
     sampler = WeightedRandomSampler(ds.sample_weights(spec.weights_at(0)), 10**7, generator=g)
-    loader = cls(ds, batch_size=docs_per_batch(spec), sampler=sampler, num_workers=workers,
-                 collate_fn=pack, prefetch_factor=4, persistent_workers=True)
+    loader = cls(
+        ds,
+        batch_size=docs_per_batch(spec),
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=pack,
+        prefetch_factor=4,
+        persistent_workers=True,
+    )
     for batch in loader:
         yield batch["input_ids"].numel()
 
@@ -145,8 +162,9 @@ def iter_nodes(spec, workers):
     names = [src.name for src in spec.sources]
     nodes = {n: tn.IterableWrapper(doc_ids(i)) for i, n in enumerate(names)}
     mixed = tn.MultiNodeWeightedSampler(nodes, dict(zip(names, spec.weights_at(0))), seed=0)
-    docs = tn.ParallelMapper(mixed, ds.__getitem__, num_workers=workers, method="process",
-                             in_order=False)
+    docs = tn.ParallelMapper(
+        mixed, ds.__getitem__, num_workers=workers, method="process", in_order=False
+    )
     batches = tn.Mapper(tn.Batcher(docs, docs_per_batch(spec)), pack)
     for batch in tn.Loader(tn.Prefetcher(batches, 4)):
         yield batch["input_ids"].numel()
@@ -184,8 +202,17 @@ def measure(name: str, workers: int, seconds: float) -> dict:
 
 
 def run_one(name: str, workers: int, seconds: float) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.data_throughput", "--one", name,
-           "--workers", str(workers), "--seconds", str(seconds)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.data_throughput",
+        "--one",
+        name,
+        "--workers",
+        str(workers),
+        "--seconds",
+        str(seconds),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     if out.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{out.stderr[-2000:]}")
@@ -196,8 +223,20 @@ def ensure_inputs() -> None:
     if not DEMO_SPEC.is_file():
         sys.exit("run `make demo` (or `slipstream data prepare-demo`) first")
     if not TOKENIZER.is_file():
-        subprocess.run([sys.executable, "-m", "slipstream", "data", "train-tokenizer",
-                        str(DEMO_SPEC), "--out", str(TOKENIZER)], check=True, cwd=ROOT)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "slipstream",
+                "data",
+                "train-tokenizer",
+                str(DEMO_SPEC),
+                "--out",
+                str(TOKENIZER),
+            ],
+            check=True,
+            cwd=ROOT,
+        )
 
 
 def main() -> None:
@@ -216,17 +255,26 @@ def main() -> None:
     for r in range(args.repeats):  # interleaved, so drift in the machine hits all alike
         for p in PIPELINES:
             runs[p].append(run_one(p, args.workers, args.seconds))
-            print(f"repeat {r + 1}/{args.repeats} {p:>10}: "
-                  f"{runs[p][-1]['tokens_per_s']:,.0f} tokens/s", file=sys.stderr)
+            print(
+                f"repeat {r + 1}/{args.repeats} {p:>10}: "
+                f"{runs[p][-1]['tokens_per_s']:,.0f} tokens/s",
+                file=sys.stderr,
+            )
     med = {p: {k: statistics.median(x[k] for x in runs[p]) for k in runs[p][0]} for p in runs}
     base = med["dataloader"]["tokens_per_s"]
-    print(f"\nmixture: 4 sources (demo corpus), BPE tokenizer, seq_len {SEQ_LEN}, micro-batch "
-          f"{MICRO_BATCH}, {args.workers} workers; median of {args.repeats}")
+    print(
+        f"\nmixture: 4 sources (demo corpus), BPE tokenizer, seq_len {SEQ_LEN}, micro-batch "
+        f"{MICRO_BATCH}, {args.workers} workers; median of {args.repeats}"
+    )
     print(f"{'pipeline':<20}{'tokens/s':>14}{'peak RSS MiB':>14}{'vs DataLoader':>15}")
     for p in PIPELINES:
-        print(f"{p:<20}{med[p]['tokens_per_s']:>14,.0f}{med[p]['peak_rss_mib']:>14,.0f}"
-              f"{med[p]['tokens_per_s'] / base:>14.2f}x")
-    print(f"slipstream / torch DataLoader tokens/s: {med['slipstream']['tokens_per_s'] / base:.2f}x")
+        print(
+            f"{p:<20}{med[p]['tokens_per_s']:>14,.0f}{med[p]['peak_rss_mib']:>14,.0f}"
+            f"{med[p]['tokens_per_s'] / base:>14.2f}x"
+        )
+    print(
+        f"slipstream / torch DataLoader tokens/s: {med['slipstream']['tokens_per_s'] / base:.2f}x"
+    )
     if args.json:
         args.json.write_text(json.dumps({"median": med, "runs": runs}, indent=2))
 

@@ -34,9 +34,9 @@ def partition(costs: np.ndarray, num_parts: int, part_size: int, method: str) ->
     if method == "none":
         return [list(range(p * part_size, (p + 1) * part_size)) for p in range(num_parts)]
     if method == "greedy":
-        return _greedy(costs, num_parts, part_size)
+        return _refine(costs, _greedy(costs, num_parts, part_size))
     if method == "kk":
-        return _karmarkar_karp(costs, num_parts, part_size)
+        return _refine(costs, _karmarkar_karp(costs, num_parts, part_size))
     raise ValueError(f"balance.method: unknown {method!r}; use none, greedy or kk")
 
 
@@ -77,3 +77,33 @@ def _karmarkar_karp(costs: np.ndarray, num_parts: int, part_size: int) -> list[l
         heapq.heappush(heap, (-(merged[0][0] - merged[-1][0]), tie, merged))
         tie += 1
     return [sorted(items) for _, items in heap[0][2]]
+
+
+def _refine(costs: np.ndarray, parts: list[list[int]], max_swaps: int = 256) -> list[list[int]]:
+    """Local search: swap one item of the heaviest part with a lighter item of another part
+    while that lowers both below the current maximum (sizes are unchanged). Each swap picks
+    the pair whose difference is closest to half the two parts' gap."""
+    if len(parts) < 2:
+        return parts
+    parts = [list(p) for p in parts]
+    loads = np.array([costs[p].sum() for p in parts])
+    for _ in range(max_swaps):
+        hi = int(np.argmax(loads))
+        a = costs[parts[hi]]
+        for lo in np.argsort(loads):
+            gap = loads[hi] - loads[lo]
+            if lo == hi or gap <= 0:
+                continue
+            d = a[:, None] - costs[parts[lo]][None, :]
+            ok = (d > 0) & (d < gap)
+            if ok.any():
+                i, j = np.unravel_index(
+                    np.argmin(np.where(ok, np.abs(d - gap / 2), np.inf)), d.shape
+                )
+                parts[hi][i], parts[lo][j] = parts[lo][j], parts[hi][i]
+                loads[hi] -= d[i, j]
+                loads[lo] += d[i, j]
+                break
+        else:
+            break  # no swap lowers the maximum
+    return parts

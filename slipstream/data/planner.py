@@ -15,6 +15,7 @@ schedule or at resume): cursors never move back, so nothing is lost or repeated.
 
 from __future__ import annotations
 
+import bisect
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -236,23 +237,21 @@ def pack_best_fit(pieces: list[Piece], num_rows: int, seq_len: int) -> list[list
         for o in range(0, p.length, seq_len)
     ]
     chunks.sort(key=lambda p: -p.length)
-    free = np.full(num_rows, seq_len, dtype=np.int64)
+    free = [(seq_len, r) for r in range(num_rows)]  # sorted (free tokens, row); full rows leave
     rows: list[list[Piece]] = [[] for _ in range(num_rows)]
     for p in chunks:
         while p.length > 0:
-            fits = free >= p.length
-            if fits.any():
-                i = int(np.argmin(np.where(fits, free, np.iinfo(np.int64).max)))
-                rows[i].append(p)
-                free[i] -= p.length
-                break
-            i = int(np.argmax(free))
-            if free[i] == 0:
+            if not free:
                 raise AssertionError("pack_best_fit: more tokens than rows can hold")
-            head = int(free[i])
-            rows[i].append(Piece(p.source, p.doc, p.start, head))
-            free[i] = 0
-            p = Piece(p.source, p.doc, p.start + head, p.length - head)
+            i = bisect.bisect_left(free, (p.length, -1))  # the tightest row it fits in
+            if i == len(free):  # fits nowhere whole: fill the emptiest row, carry on
+                i = len(free) - 1
+            room, r = free.pop(i)
+            take = min(room, p.length)
+            rows[r].append(Piece(p.source, p.doc, p.start, take))
+            if room > take:
+                bisect.insort(free, (room - take, r))
+            p = Piece(p.source, p.doc, p.start + take, p.length - take)
     return rows
 
 

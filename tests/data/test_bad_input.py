@@ -118,18 +118,20 @@ def test_read_error_mid_run_loses_nothing_delivered(tmp_path):
     raw["backend"]["prefetch_steps"] = 1
     spec = MixtureSpec.from_dict(raw, base_dir=str(tmp_path))
     ref, _ = run_steps(spec, 30)
-    shard = tmp_path / "medium" / "part-0.jsonl"
-    good = shard.read_bytes()
+    shards = sorted(tmp_path.glob("*/part-*.jsonl"))
+    good = {p: p.read_bytes() for p in shards}
     loader = MixtureLoader(spec)
     delivered = [next(loader) for _ in range(2)]
     state = loader.state_dict()
-    shard.write_bytes(b"x" * len(good))  # corrupted under a running loader
+    for p in shards:  # corrupted under a running loader
+        p.write_bytes(b"x" * len(good[p]))
     with pytest.raises(ValueError):
         for _ in range(28):
             delivered.append(next(loader))
     assert loader.state_dict()["planner"] == delivered[-1].state_after
     loader.close()
-    shard.write_bytes(good)
+    for p in shards:
+        p.write_bytes(good[p])
     rest, _ = run_steps(spec, 30 - len(delivered), loader.state_dict())
     assert_same_batches([[b] for b in delivered] + rest, ref)
     assert len(delivered) < 30 and state["planner"]["step"] == 2

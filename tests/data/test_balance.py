@@ -37,3 +37,17 @@ def test_row_cost_is_linear_plus_quadratic():
 def test_wrong_item_count_is_refused():
     with pytest.raises(ValueError, match="items"):
         partition(np.ones(5), 2, 2, "greedy")
+
+
+def test_swap_refinement_never_raises_the_maximum_and_keeps_sizes():
+    from slipstream.data.balance import _greedy, _karmarkar_karp, _refine
+
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        costs = rng.lognormal(0, 1.5, 96)
+        for build in (_greedy, _karmarkar_karp):
+            raw = build(costs, 8, 12)
+            refined = _refine(costs, raw)
+            assert [len(p) for p in refined] == [12] * 8
+            assert sorted(i for p in refined for i in p) == list(range(96))
+            assert imbalance(costs, refined) <= imbalance(costs, raw) + 1e-12
