@@ -34,10 +34,10 @@ class Lengths:
     """A finished load of documents known only by their lengths: what the planner needs."""
 
     def __init__(self, lens: list[int]) -> None:
-        self.lens = lens
+        self.docs = [np.zeros(n, dtype=np.int32) for n in lens]
 
     def result(self) -> list[np.ndarray]:
-        return [np.zeros(n, dtype=np.int32) for n in self.lens]
+        return self.docs
 
 
 def doc_lengths(spec: MixtureSpec) -> list[np.ndarray]:

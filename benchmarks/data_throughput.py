@@ -16,6 +16,7 @@ several times; the table shows medians and the ratios to the DataLoader.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -182,10 +183,8 @@ def measure(name: str, workers: int, seconds: float) -> dict:
             procs = [me, *me.children(recursive=True)]
             rss = 0
             for p in procs:
-                try:
+                with contextlib.suppress(psutil.Error):
                     rss += p.memory_info().rss
-                except psutil.Error:
-                    pass
             peak[0] = max(peak[0], rss)
             time.sleep(0.05)
 

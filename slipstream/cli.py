@@ -34,6 +34,19 @@ def _data_preview(args: argparse.Namespace) -> None:
     print_preview(spec, run_preview(spec, args.steps))
 
 
+def _train(args: argparse.Namespace) -> None:
+    from slipstream.config import RunConfig
+    from slipstream.train import Trainer
+    from slipstream.train.distributed import shutdown
+
+    cfg = RunConfig.load(args.recipe, args.set)
+    trainer = Trainer(cfg, resume=args.resume)
+    try:
+        trainer.fit()
+    finally:
+        shutdown(trainer.d)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slipstream", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -58,6 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--steps", type=int, default=20)
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     v.set_defaults(func=_data_preview)
+
+    tr = sub.add_parser("train", help="train a model on a recipe (under torchrun for DDP)")
+    tr.add_argument("recipe")
+    tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    tr.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key, e.g. --set train.steps=50",
+    )
+    tr.set_defaults(func=_train)
     return p
 
 

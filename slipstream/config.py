@@ -1,55 +1,71 @@
-"""TOML loading and `--set section.key=value` overrides shared by every command. The root
-training config (composing the pillars' configs) is built on these."""
+"""The root run config: composes the pillars' configs, loaded from a TOML recipe with
+`--set section.key=value` overrides. It owns no settings of its own.
+
+A recipe's `[data]` table may name a mixture spec file (`spec = "data/demo.toml"`, relative to
+the recipe); its other keys override that file's (`seq_len = 256`, `backend.num_workers = 4`).
+"""
 
 from __future__ import annotations
 
-import tomllib
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from slipstream.configfile import apply_overrides, build_section, load_toml, merge
+from slipstream.data.spec import MixtureSpec
+from slipstream.train.loop import TrainConfig
+from slipstream.train.model import ModelConfig
+from slipstream.train.optim import OptimConfig
 
-def parse_value(text: str) -> Any:
-    """A TOML value (`8`, `1e-3`, `true`, `"x"`, `[1, 2]`); a bare word is a string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set dotted keys in a nested dict: `balance.method=kk`, `sources.0.weight=0.5`."""
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set seq_len=1024")
-        node: Any = raw
-        parts = key.split(".")
-        for part in parts[:-1]:
-            if isinstance(node, list):
-                node = node[_index(part, node, key)]
-            else:
-                node = node.setdefault(part, {})
-        last = parts[-1]
-        if isinstance(node, list):
-            node[_index(last, node, key)] = parse_value(value)
-        elif isinstance(node, dict):
-            node[last] = parse_value(value)
-        else:
-            raise ValueError(f"--set {item!r}: {'.'.join(parts[:-1])} is not a table")
-    return raw
+SECTIONS = ("model", "data", "optim", "train")
 
 
-def _index(part: str, node: list, key: str) -> int:
-    if not part.isdigit() or int(part) >= len(node):
-        raise ValueError(f"--set {key}: {part!r} is not an index below {len(node)}")
-    return int(part)
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    model: ModelConfig
+    data: MixtureSpec
+    optim: OptimConfig
+    train: TrainConfig
+    recipe_dir: str = "."
 
+    def __post_init__(self) -> None:
+        if self.model.kind == "gpt" and self.model.max_seq_len < self.data.seq_len:
+            raise ValueError(
+                f"data.seq_len: {self.data.seq_len} is longer than model.max_seq_len "
+                f"{self.model.max_seq_len}; lower data.seq_len or raise model.max_seq_len"
+            )
 
-def load_toml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: file not found; check the path")
-    try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{path}: not valid TOML ({e})") from None
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] = ()) -> RunConfig:
+        path = Path(path)
+        raw = apply_overrides(load_toml(path), list(overrides))
+        unknown = set(raw) - set(SECTIONS)
+        if unknown:
+            raise ValueError(f"{path}: unknown sections {sorted(unknown)}; use {list(SECTIONS)}")
+        recipe_dir = path.parent.resolve()
+        data = dict(raw.get("data", {}))
+        base_dir = recipe_dir
+        if "spec" in data:
+            spec_path = recipe_dir / data.pop("spec")
+            data = merge(load_toml(spec_path), data)
+            base_dir = spec_path.parent.resolve()
+        return cls(
+            model=build_section(ModelConfig, raw.get("model", {}), "model"),
+            data=MixtureSpec.from_dict(data, base_dir=str(base_dir)),
+            optim=build_section(OptimConfig, raw.get("optim", {}), "optim"),
+            train=build_section(TrainConfig, raw.get("train", {}), "train"),
+            recipe_dir=str(recipe_dir),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.to_dict(),
+            "data": self.data.to_dict(),
+            "optim": self.optim.to_dict(),
+            "train": self.train.to_dict(),
+            "recipe_dir": self.recipe_dir,
+        }
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")

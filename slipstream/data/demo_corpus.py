@@ -210,8 +210,8 @@ def write_demo_spec(out_dir: Path, spec_out: Path, manifest: dict) -> None:
     rel = os.path.relpath(out_dir, spec_out.parent)
     lines = [
         "# The demo mixture, written by `slipstream data prepare-demo`.",
-        "seq_len = 512",
-        "micro_batch_size = 8",
+        "seq_len = 2048",
+        "micro_batch_size = 4",
         "num_micro_batches = 1",
         "dp_world_size = 4",
         "seed = 0",

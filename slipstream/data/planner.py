@@ -70,7 +70,8 @@ class Planner:
     def __init__(self, spec: MixtureSpec, num_docs: list[int], submit: SubmitFn) -> None:
         self.spec = spec
         self.names = [s.name for s in spec.sources]
-        self.num_docs = list(num_docs)
+        self._ids = [split_ids(n, name, spec) for n, name in zip(num_docs, self.names)]
+        self.num_docs = [len(ids) for ids in self._ids]  # documents in this split
         self.read_ahead_steps = spec.backend.prefetch_steps
         self.num_workers = spec.backend.num_workers
         self._submit = submit
@@ -88,7 +89,7 @@ class Planner:
         cached = self._perms.get(s)
         if cached is None or cached[0] != epoch:
             key = [self.spec.seed, zlib.crc32(self.names[s].encode()), epoch]
-            cached = (epoch, np.random.default_rng(key).permutation(self.num_docs[s]))
+            cached = (epoch, self._ids[s][np.random.default_rng(key).permutation(self.num_docs[s])])
             self._perms[s] = cached
         return int(cached[1][cursor])
 
@@ -225,6 +226,21 @@ class Planner:
         self._pos, self.step = pos, int(state["step"])
         self._tokens = {}
         self._ahead.reset(pos.epochs, pos.cursors)
+
+
+def split_ids(num_docs: int, name: str, spec: MixtureSpec) -> np.ndarray:
+    """Document ids of `spec.split`: a fixed share of each source, chosen by a permutation
+    keyed by the source's name only, so no seed or weight change moves a document across."""
+    if spec.holdout_fraction == 0:
+        return np.arange(num_docs)
+    num_eval = max(1, round(spec.holdout_fraction * num_docs))
+    if num_eval >= num_docs:
+        raise ValueError(
+            f"holdout_fraction: source {name!r} has {num_docs} document(s), too few to hold "
+            f"out {spec.holdout_fraction:.0%}; lower it or add documents"
+        )
+    perm = np.random.default_rng([zlib.crc32(name.encode()), num_docs]).permutation(num_docs)
+    return np.sort(perm[:num_eval] if spec.split == "eval" else perm[num_eval:])
 
 
 def pack_best_fit(pieces: list[Piece], num_rows: int, seq_len: int) -> list[list[Piece]]:

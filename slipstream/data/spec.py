@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from slipstream.configfile import apply_overrides, build_section, load_toml
+
 FORMATS = ("text", "jsonl", "parquet")
 BALANCE_METHODS = ("none", "greedy", "kk")
 POOL_KINDS = ("thread", "process")
@@ -158,6 +160,11 @@ class MixtureSpec:
     """`byte`, or the path of a Hugging Face `tokenizers` JSON file."""
     packing: bool = True
     """Pack several documents per row (best fit); off = one document piece per row, padded."""
+    holdout_fraction: float = 0.0
+    """Share of each source's documents held out for evaluation (a fixed split by name, the
+    same for every seed); the `train` split never sees them."""
+    split: str = "train"
+    """`train` or `eval`: which side of the holdout this loader draws from."""
     balance: BalanceSpec = field(default_factory=BalanceSpec)
     backend: BackendSpec = field(default_factory=BackendSpec)
     base_dir: str = "."
@@ -175,6 +182,12 @@ class MixtureSpec:
                 raise ValueError(f"{key}: {value!r} must be a positive integer")
         if self.seq_len < 2:
             raise ValueError(f"seq_len: {self.seq_len} is too short; a row needs >= 2 tokens")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ValueError(f"holdout_fraction: {self.holdout_fraction} must be in [0, 1)")
+        if self.split not in ("train", "eval"):
+            raise ValueError(f"split: use 'train' or 'eval', not {self.split!r}")
+        if self.split == "eval" and self.holdout_fraction == 0:
+            raise ValueError("split: 'eval' needs holdout_fraction > 0")
         if all(s.schedule is None and s.weight == 0 for s in self.sources):
             raise ValueError("sources: every weight is 0; give at least one source a weight > 0")
 
@@ -206,16 +219,14 @@ class MixtureSpec:
         if unknown:
             raise ValueError(f"mixture: unknown keys {sorted(unknown)}; known: {sorted(known)}")
         sources = [_source_from_dict(i, s) for i, s in enumerate(raw.pop("sources", []))]
-        balance = _sub(BalanceSpec, raw.pop("balance", {}), "balance")
-        backend = _sub(BackendSpec, raw.pop("backend", {}), "backend")
+        balance = build_section(BalanceSpec, raw.pop("balance", {}), "balance")
+        backend = build_section(BackendSpec, raw.pop("backend", {}), "backend")
         raw.setdefault("base_dir", base_dir)
         return cls(sources=sources, balance=balance, backend=backend, **raw)
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: list[str] = ()) -> MixtureSpec:
         """Load a spec file; `overrides` are `key=value` strings (`balance.method=kk`)."""
-        from slipstream.config import apply_overrides, load_toml
-
         raw = apply_overrides(load_toml(path), list(overrides))
         return cls.from_dict(raw, base_dir=str(Path(path).parent.resolve()))
 
@@ -226,6 +237,7 @@ class MixtureSpec:
             for k in ("seq_len", "micro_batch_size", "num_micro_batches", "dp_world_size")
         }
         out.update(seed=self.seed, tokenizer=self.tokenizer, packing=self.packing)
+        out.update(holdout_fraction=self.holdout_fraction, split=self.split)
         out["base_dir"] = self.base_dir
         out["balance"] = {k: getattr(self.balance, k) for k in BalanceSpec.__dataclass_fields__}
         out["backend"] = {k: getattr(self.backend, k) for k in BackendSpec.__dataclass_fields__}
@@ -237,17 +249,6 @@ class MixtureSpec:
                 d["schedule"] = [list(p) for p in s.schedule.points]
             out["sources"].append(d)
         return out
-
-
-def _sub(cls: type, raw: dict[str, Any], where: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ValueError(f"{where}: expected a table, got {raw!r}")
-    unknown = set(raw) - set(cls.__dataclass_fields__)
-    if unknown:
-        raise ValueError(
-            f"{where}: unknown keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}"
-        )
-    return cls(**raw)
 
 
 def _source_from_dict(i: int, raw: dict[str, Any]) -> SourceSpec:

@@ -135,3 +135,11 @@ def test_state_from_another_version_is_refused(tmp_path):
     state["version"] = 99
     with pytest.raises(ValueError, match="version 99"):
         planner.load_state_dict(state)
+
+
+def test_holdout_split_is_disjoint_and_fixed(tmp_path):
+    train, _ = make_planner(spec_of(tmp_path, holdout_fraction=0.2))
+    evals, _ = make_planner(spec_of(tmp_path, holdout_fraction=0.2, split="eval", seed=99))
+    a, b = set(draw_stream(train, 300)), set(draw_stream(evals, 60))
+    assert a and b and not a & b
+    assert evals.num_docs[0] == 60 and train.num_docs[0] == 240  # 20% of 300 "short" docs

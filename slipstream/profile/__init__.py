@@ -1,0 +1,6 @@
+"""Diagnosis: time each phase of a step, name the bottleneck and the lever to pull."""
+
+from slipstream.profile.diagnose import Diagnosis, diagnose
+from slipstream.profile.timeline import PHASES, StepTimer
+
+__all__ = ["PHASES", "Diagnosis", "StepTimer", "diagnose"]

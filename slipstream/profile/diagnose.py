@@ -1,0 +1,58 @@
+"""Rules that name a step's bottleneck from its phase shares, and the lever to pull."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True, frozen=True)
+class Diagnosis:
+    bottleneck: str  # data | copy | communication | optimizer | compute
+    share: float  # fraction of step time the bottleneck takes
+    message: str
+    lever: str
+
+
+# (phase, threshold, bottleneck, lever): the first whose share reaches its threshold wins.
+RULES = (
+    (
+        "data_wait",
+        0.10,
+        "data",
+        "more loader workers (data.backend.num_workers), pool = 'process' for Python-heavy "
+        "sources, or deeper data.backend.prefetch_steps",
+    ),
+    (
+        "comm",
+        0.15,
+        "communication",
+        "overlap collectives with compute, larger micro-batches per rank, or fewer ranks",
+    ),
+    ("h2d", 0.10, "copy", "pinned host memory and non-blocking copies"),
+    (
+        "optimizer",
+        0.25,
+        "optimizer",
+        "a fused AdamW; when memory is short, the offload engine's host AdamW",
+    ),
+)
+
+
+def diagnose(shares: dict[str, float]) -> Diagnosis:
+    for phase, threshold, name, lever in RULES:
+        share = shares.get(phase, 0.0)
+        if share >= threshold:
+            what = {
+                "data": "waiting for data",
+                "communication": "in exposed communication",
+                "copy": "copying host to device",
+                "optimizer": "in the optimizer step",
+            }[name]
+            return Diagnosis(name, share, f"{name}-bound: {share:.0%} of each step {what}", lever)
+    compute = shares.get("forward", 0.0) + shares.get("backward", 0.0)
+    return Diagnosis(
+        "compute",
+        compute,
+        f"compute-bound: {compute:.0%} of each step in forward and backward",
+        "bf16 autocast, larger micro-batches, or a bigger device",
+    )

@@ -1,0 +1,118 @@
+"""Checkpoints: atomic, resumable, the last K kept.
+
+A checkpoint is a folder `checkpoints/step_00000100/` holding the model, the optimizer (and its
+schedule), the data plane's state (a few counters), each rank's RNG states and `meta.json`
+(version, step, world size, model config). It is written under a temporary name and renamed
+when complete, so a crash mid-write leaves the previous checkpoint intact and no half one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from slipstream.train.distributed import Dist, barrier
+
+CHECKPOINT_VERSION = 1
+PREFIX = "step_"
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    root = checkpoint_dir(run_dir)
+    done = sorted(p for p in root.glob(f"{PREFIX}*") if p.is_dir()) if root.is_dir() else []
+    return done[-1] if done else None
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    d: Dist,
+    keep: int,
+    *,
+    model: dict,
+    optimizer: dict,
+    data: dict,
+    meta: dict,
+) -> Path | None:
+    """Every rank calls this (each writes its RNG state); rank 0 writes the rest."""
+    root = checkpoint_dir(run_dir)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".tmp_{PREFIX}{step:08d}"
+    if d.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # a previous crash's leftovers
+        tmp.mkdir(parents=True)
+    barrier(d)
+    torch.save(rng_state(), tmp / f"rng_rank{d.rank}.pt")
+    if d.is_main:
+        torch.save(model, tmp / "model.pt")
+        torch.save(optimizer, tmp / "optimizer.pt")
+        (tmp / "data.json").write_text(json.dumps(data))
+        meta = {**meta, "version": CHECKPOINT_VERSION, "step": step, "world_size": d.world_size}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    barrier(d)
+    if d.is_main:
+        if final.exists():  # the same step saved again (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in sorted(p for p in root.glob(f"{PREFIX}*") if p.is_dir())[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(d)
+    return final if d.is_main else None
+
+
+def load_checkpoint(path: Path, d: Dist, model_config: dict) -> dict[str, Any]:
+    """The checkpoint's parts, after checking it fits this run; RNG restored in place."""
+    meta = json.loads((path / "meta.json").read_text())
+    if meta.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(
+            f"{path}: checkpoint version {meta.get('version')} is not {CHECKPOINT_VERSION}; "
+            "it was written by another Slipstream version"
+        )
+    diff = {
+        k: (meta["model"].get(k), v) for k, v in model_config.items() if meta["model"].get(k) != v
+    }
+    if diff:
+        items = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(
+            f"{path}: the checkpoint's model differs from the recipe's ({items}); resume with "
+            "the recipe it was trained with, or start a new run (another train.out_dir)"
+        )
+    rng = path / f"rng_rank{d.rank}.pt"
+    if rng.is_file():  # absent when resuming with more ranks than were saved
+        set_rng_state(torch.load(rng, weights_only=False))
+    return {
+        "meta": meta,
+        "model": torch.load(path / "model.pt", map_location=d.device, weights_only=True),
+        "optimizer": torch.load(path / "optimizer.pt", map_location=d.device, weights_only=False),
+        "data": json.loads((path / "data.json").read_text()),
+    }

@@ -1,0 +1,101 @@
+"""What the trainer shows: a live progress bar (step, loss, tokens/s, data wait %, ETA and, on
+CUDA, MFU), plain lines when the output is not a terminal, and the end-of-run summary."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
+from rich.table import Table
+
+from slipstream.profile import PHASES, Diagnosis
+
+# Dense bf16 peak FLOP/s by device name, for MFU.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+class Progress:
+    def __init__(
+        self,
+        console: Console,
+        cfg,
+        start: int,
+        enabled: bool,
+        flops_per_token: float,
+        world_size: int,
+    ) -> None:
+        self.console, self.cfg, self.enabled = console, cfg, enabled
+        self.live = enabled and cfg.progress and console.is_terminal
+        peak = peak_flops() if flops_per_token else None
+        self.mfu_scale = flops_per_token / (peak * world_size) if peak else 0.0
+        self.bar = RichProgress(
+            TextColumn("step"),
+            MofNCompleteColumn(),
+            BarColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not self.live,
+        )
+        self.task = self.bar.add_task("train", total=cfg.steps, completed=start, info="")
+        self.t0 = time.perf_counter()
+
+    def __enter__(self) -> Progress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+    def update(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        wait = row["time/data_wait_s"] / max(row["time/step_s"], 1e-12)
+        info = f"loss {row['loss']:.4f}  {row['tokens_per_s']:,.0f} tok/s  data wait {wait:.0%}"
+        if self.mfu_scale:
+            info += f"  MFU {row['tokens_per_s'] * self.mfu_scale:.1%}"
+        if row.get("eval_loss") is not None:
+            info += f"  eval {row['eval_loss']:.4f}"
+        self.bar.update(self.task, completed=row["step"], info=info)
+        every = self.cfg.log_every
+        if not self.live and every and (row["step"] % every == 0 or row["step"] == self.cfg.steps):
+            self.console.print(f"step {row['step']}/{self.cfg.steps}  {info}", highlight=False)
+
+
+def print_summary(
+    console: Console,
+    history: list[dict],
+    shares: dict[str, float],
+    diagnosis: Diagnosis | None,
+    sample: str,
+    model,
+) -> None:
+    if history:
+        first, last = history[0], history[-1]
+        console.print(
+            f"\n{model.num_params():,} parameters; loss {first['loss']:.4f} -> {last['loss']:.4f}"
+            f" over {len(history)} steps"
+        )
+    if sample:
+        console.rule("sample")
+        console.print(sample, markup=False, highlight=False)
+        console.rule()
+    if shares:
+        table = Table(title="step breakdown (after the first step)")
+        table.add_column("phase")
+        table.add_column("share", justify="right")
+        for p in (*PHASES, "other"):
+            table.add_row(p, f"{shares.get(p, 0.0):.1%}")
+        console.print(table)
+    if diagnosis:
+        console.print(f"[bold]{diagnosis.message}[/bold]. Lever: {diagnosis.lever}.")
