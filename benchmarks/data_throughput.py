@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.peers import MixtureDocs, docs_per_batch, pack_rows
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_SPEC = ROOT / "recipes" / "data" / "demo.toml"
 TOKENIZER = ROOT / "data" / "demo" / "tokenizer.json"
@@ -54,61 +56,6 @@ def load_spec(workers: int):
     )
 
 
-# -- the peers' shared pieces: a dataset over every (source, doc), tokenizing one document ----
-class MixtureDocs:
-    """Map-style dataset: item i is document i of the concatenated sources, tokenized."""
-
-    def __init__(self, spec) -> None:
-        from slipstream.data import build_source_loaders
-
-        loaders = build_source_loaders(spec)
-        self.spec = spec.to_dict()
-        self.starts = np.cumsum([0] + [ld.num_docs for ld in loaders])
-        self.loaders = None  # opened per worker process
-
-    def __len__(self) -> int:
-        return int(self.starts[-1])
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        if self.loaders is None:
-            from slipstream.data import MixtureSpec, build_source_loaders
-
-            self.loaders = build_source_loaders(MixtureSpec.from_dict(self.spec))
-        s = int(np.searchsorted(self.starts, i, side="right") - 1)
-        ldr = self.loaders[s]
-        text = ldr.read_texts([i - int(self.starts[s])])[0]
-        tok = ldr.tokenizer._tok  # the tokenizers.Tokenizer, one document at a time
-        return np.array(
-            [*tok.encode(text, add_special_tokens=False).ids, ldr.tokenizer.eos_id], dtype=np.int64
-        )
-
-    def sample_weights(self, weights: list[float]) -> np.ndarray:
-        counts = np.diff(self.starts)
-        return np.repeat(np.array(weights) / counts, counts)
-
-
-def pack(docs: list[np.ndarray]):
-    """collate_fn: concatenate documents, cut into full rows of SEQ_LEN (the rest is dropped)."""
-    import torch
-
-    flat = np.concatenate(docs)
-    n = len(flat) // SEQ_LEN
-    rows = torch.from_numpy(flat[: n * SEQ_LEN].reshape(n, SEQ_LEN))
-    return {"input_ids": rows, "labels": torch.roll(rows, -1, 1)}
-
-
-def docs_per_batch(spec) -> int:
-    from slipstream.data import build_source_loaders
-
-    loaders = build_source_loaders(spec)
-    rng = np.random.default_rng(0)
-    mean = sum(
-        w * np.mean([len(t) for t in ld.get_many(rng.choice(ld.num_docs, 16))])
-        for ld, w in zip(loaders, spec.weights_at(0))
-    )
-    return max(1, int(np.ceil(MICRO_BATCH * SEQ_LEN / mean)))
-
-
 # -- the pipelines -----------------------------------------------------------------------------
 def iter_slipstream(spec, workers):
     from slipstream.data import MixtureLoader
@@ -130,7 +77,7 @@ def _torch_loader(spec, workers, cls):
         batch_size=docs_per_batch(spec),
         sampler=sampler,
         num_workers=workers,
-        collate_fn=pack,
+        collate_fn=pack_rows(SEQ_LEN),
         prefetch_factor=4,
         persistent_workers=True,
     )
@@ -166,7 +113,7 @@ def iter_nodes(spec, workers):
     docs = tn.ParallelMapper(
         mixed, ds.__getitem__, num_workers=workers, method="process", in_order=False
     )
-    batches = tn.Mapper(tn.Batcher(docs, docs_per_batch(spec)), pack)
+    batches = tn.Mapper(tn.Batcher(docs, docs_per_batch(spec)), pack_rows(SEQ_LEN))
     for batch in tn.Loader(tn.Prefetcher(batches, 4)):
         yield batch["input_ids"].numel()
 

@@ -39,10 +39,10 @@ class RunConfig:
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] = ()) -> RunConfig:
         path = Path(path)
-        raw = apply_overrides(load_toml(path), list(overrides))
-        unknown = set(raw) - set(SECTIONS)
-        if unknown:
-            raise ValueError(f"{path}: unknown sections {sorted(unknown)}; use {list(SECTIONS)}")
+        # The mixture spec file is merged in first, so overrides reach its keys too
+        # (`--set data.sources.0.weight=0.5`).
+        first = [o for o in overrides if o.startswith("data.spec=")]
+        raw = apply_overrides(load_toml(path), first)
         recipe_dir = path.parent.resolve()
         data = dict(raw.get("data", {}))
         base_dir = recipe_dir
@@ -50,6 +50,12 @@ class RunConfig:
             spec_path = recipe_dir / data.pop("spec")
             data = merge(load_toml(spec_path), data)
             base_dir = spec_path.parent.resolve()
+        raw["data"] = data
+        raw = apply_overrides(raw, [o for o in overrides if o not in first])
+        unknown = set(raw) - set(SECTIONS)
+        if unknown:
+            raise ValueError(f"{path}: unknown sections {sorted(unknown)}; use {list(SECTIONS)}")
+        data = raw["data"]
         return cls(
             model=build_section(ModelConfig, raw.get("model", {}), "model"),
             data=MixtureSpec.from_dict(data, base_dir=str(base_dir)),

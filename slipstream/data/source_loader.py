@@ -7,6 +7,9 @@ failed can simply be issued again elsewhere.
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
+
 import numpy as np
 
 from slipstream.data.formats import ShardIndex, list_shards, load_index, make_format
@@ -18,6 +21,7 @@ class SourceLoader:
     def __init__(self, source: SourceSpec, tokenizer: Tokenizer, resolve) -> None:
         self.name = source.name
         self.tokenizer = tokenizer
+        self._transform = load_transform(source.transform, source.name)
         self._format = make_format(
             source.format,
             text_field=source.text_field,
@@ -48,7 +52,7 @@ class SourceLoader:
             where = np.nonzero(shard_of == s)[0]
             texts = self._format.read(self.shards[s], ids[where] - self._starts[s])
             for w, t in zip(where, texts, strict=True):
-                out[w] = t
+                out[w] = t if self._transform is None else self._transform(t)
         return out  # type: ignore[return-value]
 
     def get_many(self, ids: np.ndarray | list[int]) -> list[np.ndarray]:
@@ -57,6 +61,19 @@ class SourceLoader:
 
     def close(self) -> None:
         self._format.close()
+
+
+def load_transform(ref: str | None, source: str) -> Callable[[str], str] | None:
+    if ref is None:
+        return None
+    module, _, name = ref.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"sources.{source}.transform: cannot load {ref!r} ({e})") from None
+    if not callable(fn):
+        raise ValueError(f"sources.{source}.transform: {ref!r} is not a function")
+    return fn
 
 
 def build_source_loaders(spec: MixtureSpec) -> list[SourceLoader]:

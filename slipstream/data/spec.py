@@ -66,6 +66,9 @@ class SourceSpec:
     """Weight as a function of the step, for curricula."""
     on_error: str = "skip"
     """A corrupt jsonl line or parquet file: `skip` (and count) or `raise`."""
+    transform: str | None = None
+    """Per-document preprocessing run inside the loaders before tokenizing: `module:function`
+    taking and returning a str (cleanup, normalization, filters that rewrite text)."""
 
     def __post_init__(self) -> None:
         where = f"sources.{self.name or '?'}"
@@ -83,6 +86,8 @@ class SourceSpec:
             raise ValueError(f"{where}: give exactly one of `weight` or `schedule`")
         if self.weight is not None and self.weight < 0:
             raise ValueError(f"{where}.weight: {self.weight} is negative; weights must be >= 0")
+        if self.transform is not None and ":" not in self.transform:
+            raise ValueError(f"{where}.transform: {self.transform!r} is not 'module:function'")
         if self.separator == "":
             raise ValueError(f"{where}.separator: must be non-empty (omit it for one doc per file)")
 

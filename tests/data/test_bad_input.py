@@ -149,3 +149,15 @@ def test_killed_loader_worker_is_replaced_and_the_stream_unchanged(tmp_path):
         os.kill(pids[0], signal.SIGKILL)
         got += [next(loader) for _ in range(6)]
     assert_same_batches([[b] for b in got], ref)
+
+
+def test_transform_runs_in_the_loader_and_a_bad_one_is_named(tmp_path):
+    import string
+
+    plain = build_source_loaders(MixtureSpec.from_dict(spec_with(tmp_path), str(tmp_path)))[0]
+    raw = spec_with(tmp_path, transform="string:capwords")
+    loader = build_source_loaders(MixtureSpec.from_dict(raw, str(tmp_path)))[0]
+    assert loader.read_texts([0]) == [string.capwords(plain.read_texts([0])[0])]
+    raw = spec_with(tmp_path, transform="no_such_module:f")
+    with pytest.raises(ValueError, match=r"sources\.short\.transform: cannot load"):
+        build_source_loaders(MixtureSpec.from_dict(raw, str(tmp_path)))

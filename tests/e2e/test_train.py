@@ -167,3 +167,11 @@ def test_bad_recipes_and_overrides_print_one_line(tmp_path, override, message):
 def test_resume_without_a_checkpoint_says_so(tmp_path):
     out = slipstream("train", str(write_recipe(tmp_path)), "--resume")
     assert out.returncode == 2 and "no checkpoint" in out.stderr
+
+
+def test_overrides_reach_the_mixture_spec_file():
+    cfg = RunConfig.load(
+        ROOT / "recipes" / "demo.toml", ["data.sources.1.weight=0.9", "data.backend.num_workers=3"]
+    )
+    assert cfg.data.sources[1].name == "prose" and cfg.data.sources[1].weight == 0.9
+    assert cfg.data.backend.num_workers == 3 and cfg.data.seq_len == 256
