@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import json
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -112,6 +114,8 @@ class Trainer:
         self.loader = MixtureLoader(self.spec, dp_rank=self.d.rank)
         self.tokenizer = self.loader.tokenizer
         self.step = 0
+        self.stop = False  # a stop was requested (SIGINT / SIGTERM): checkpoint, then end
+        self._stop_requested = False
         self.autocast = self._autocast_dtype()
         if resume:
             self._resume()
@@ -235,8 +239,9 @@ class Trainer:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        with timer.phase("comm"):
-            (loss_value,) = all_reduce_sum([loss_local], self.d)
+        with timer.phase("comm"):  # the stop flag rides along, so all ranks stop at one step
+            loss_value, stop = all_reduce_sum([loss_local, float(self._stop_requested)], self.d)
+        self.stop = stop > 0
         return {
             "loss": loss_value,
             "lr": self.cfg.optim.lr * factor,
@@ -291,9 +296,10 @@ class Trainer:
             flops_per_token=flops if d.device.type == "cuda" else 0.0,
             world_size=d.world_size,
         )
+        restore_signals = self._catch_stop_signals()
         try:
             with progress:
-                while self.step < (cfg.stop_at_step or cfg.steps):
+                while self.step < (cfg.stop_at_step or cfg.steps) and not self.stop:
                     timer.start_step()
                     row = self.train_step(timer)
                     phases = timer.end_step()
@@ -316,14 +322,33 @@ class Trainer:
             if not cfg.checkpoint_every or self.step % cfg.checkpoint_every:
                 self.save()
         finally:
+            restore_signals()
             if metrics:
                 metrics.close()
             self.loader.close()
-        if d.is_main and self.step == cfg.steps:
+        if d.is_main and self.step == cfg.steps and not self.stop:
             self._finish(timer, history)
         elif d.is_main:
             self.console.print(f"stopped at step {self.step}; continue with --resume")
         return history
+
+    def _catch_stop_signals(self):
+        """SIGINT / SIGTERM end the run at the next step boundary, with a checkpoint, so the
+        saved state is always a whole step's; a second signal interrupts at once."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def request(signum, frame):
+            if self._stop_requested:
+                raise KeyboardInterrupt
+            self._stop_requested = True
+            if self.d.is_main:
+                self.console.print("stopping after this step (again to abort)")
+
+        for sig in previous:
+            signal.signal(sig, request)
+        return lambda: [signal.signal(sig, h) for sig, h in previous.items()]
 
     def _finish(self, timer: StepTimer, history: list[dict]) -> None:
         sample = ""

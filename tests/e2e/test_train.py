@@ -175,3 +175,44 @@ def test_overrides_reach_the_mixture_spec_file():
     )
     assert cfg.data.sources[1].name == "prose" and cfg.data.sources[1].weight == 0.9
     assert cfg.data.backend.num_workers == 3 and cfg.data.seq_len == 256
+
+
+def test_sigint_checkpoints_a_whole_step_and_resume_continues_exactly(tmp_path):
+    import signal
+    import time
+
+    recipe = write_recipe(tmp_path)
+    steps = [
+        "--set",
+        "train.steps=120",
+        "--set",
+        "train.checkpoint_every=0",
+        "--set",
+        "train.eval_every=0",
+    ]
+    ref = slipstream("train", str(recipe), *steps, "--set", f"train.out_dir='{tmp_path / 'ref'}'")
+    assert ref.returncode == 0, ref.stderr
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "slipstream", "train", str(recipe), *steps],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (
+        (run / "metrics.jsonl").is_file()
+        and len((run / "metrics.jsonl").read_text().splitlines()) >= 3
+    ):
+        assert time.monotonic() < deadline and proc.poll() is None, "training did not start"
+        time.sleep(0.05)  # polling a file another process writes: nothing to await
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "continue with --resume" in out
+    stopped = len(losses(run))
+    assert 3 <= stopped < 120
+    resumed = slipstream("train", str(recipe), *steps, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert losses(run) == pytest.approx(losses(tmp_path / "ref"), rel=1e-6, abs=1e-6)
