@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.harness import run_isolated
 from benchmarks.peers import MixtureDocs, docs_per_batch, pack_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,21 +149,8 @@ def measure(name: str, workers: int, seconds: float) -> dict:
 
 
 def run_one(name: str, workers: int, seconds: float) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "benchmarks.data_throughput",
-        "--one",
-        name,
-        "--workers",
-        str(workers),
-        "--seconds",
-        str(seconds),
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    if out.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    args = ["--one", name, "--workers", str(workers), "--seconds", str(seconds)]
+    return run_isolated("benchmarks.data_throughput", args, timeout_s=600)
 
 
 def ensure_inputs() -> None:

@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.harness import run_isolated
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "demo.toml"
@@ -127,10 +128,7 @@ def run_plain(cfg, margin: float) -> tuple[float, float]:
 
 
 def run_one(pipeline: str, scenario: str, steps: int, workers: int) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "benchmarks.train_step",
+    args = [
         "--one",
         pipeline,
         "--scenario",
@@ -140,10 +138,7 @@ def run_one(pipeline: str, scenario: str, steps: int, workers: int) -> dict:
         "--workers",
         str(workers),
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
-    if out.returncode != 0:
-        raise RuntimeError(f"{pipeline} {scenario} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_isolated("benchmarks.train_step", args, timeout_s=900)
 
 
 def main() -> None:

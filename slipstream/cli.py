@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -21,7 +22,8 @@ def _data_train_tokenizer(args: argparse.Namespace) -> None:
 
     spec = MixtureSpec.from_toml(args.spec, args.set)
     tok = train_bpe(mixture_texts(spec, args.max_docs), args.out, args.vocab_size)
-    print(f'wrote {args.out} (vocab {tok.vocab_size:,}); use it with tokenizer = "{args.out}"')
+    rel = os.path.relpath(os.path.abspath(args.out), spec.base_dir)
+    print(f'wrote {args.out} (vocab {tok.vocab_size:,}); in {args.spec} set tokenizer = "{rel}"')
 
 
 def _data_preview(args: argparse.Namespace) -> None:

@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pyarrow.parquet as pq
 import pytest
 
 from slipstream.data import MixtureSpec
-from tests.conftest import corpus_spec
+from tests.conftest import corpus_spec, run_cli
 
-
-def slipstream(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "slipstream", *args],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=cwd,
-    )
+slipstream = run_cli
 
 
 def write_spec_toml(tmp_path) -> str:

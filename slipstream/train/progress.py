@@ -91,7 +91,7 @@ def print_summary(
         console.print(sample, markup=False, highlight=False)
         console.rule()
     if shares:
-        table = Table(title="step breakdown (after the first step)")
+        table = Table(title="step breakdown", caption="after the first step")
         table.add_column("phase")
         table.add_column("share", justify="right")
         for p in (*PHASES, "other"):

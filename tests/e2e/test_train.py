@@ -12,7 +12,7 @@ import pytest
 
 from slipstream.config import RunConfig
 from slipstream.train import Trainer
-from tests.conftest import corpus_spec
+from tests.conftest import corpus_spec, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -61,15 +61,7 @@ def write_recipe(tmp_path: Path, name: str = "recipe.toml", **data_overrides) ->
     return path
 
 
-def slipstream(*args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "slipstream", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        env=env,
-    )
+slipstream = run_cli
 
 
 def losses(run_dir: Path) -> list[float]:
