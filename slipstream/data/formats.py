@@ -13,6 +13,7 @@ import glob
 import hashlib
 import json
 import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,8 +239,8 @@ def load_index(fmt: SourceFormat, path: str) -> ShardIndex:
             with np.load(cache, allow_pickle=False) as z:
                 if str(z["stamp"]) == stamp:
                     return ShardIndex(path, z["a"], z["b"], int(z["num_bad"]))
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable cache: rebuild it
+        except Exception:  # noqa: BLE001 - any unreadable cache (truncated zip, ...) is rebuilt
+            pass
     index = fmt.build_index(path)
     _save_index(cache, index, stamp)
     return index
@@ -257,6 +258,6 @@ def _cache_path(path: str) -> Path:
 def _save_index(cache: Path, index: ShardIndex, stamp: str) -> None:
     cache.parent.mkdir(parents=True, exist_ok=True)
     # Written to a temporary name and renamed so a crash never leaves a half-written index.
-    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}.npz")
+    tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}-{threading.get_ident()}.npz")
     np.savez(tmp, a=index.a, b=index.b, num_bad=index.num_bad, stamp=np.array(stamp))
     os.replace(tmp, cache)

@@ -80,18 +80,20 @@ class Planner:
         self.step = 0
         self.carry: Piece | None = None
         self._pos = _Cursor(len(self.names))
-        self._perms: dict[int, tuple[int, np.ndarray]] = {}
+        self._perms: dict[tuple[int, int], np.ndarray] = {}  # (source, epoch) -> doc ids
         self._mean_len = 512.0  # running estimate of tokens per document, for look-ahead
         self._step_draws: list[DocKey] = []
 
     # -- the stream -------------------------------------------------------------------------
     def _doc_at(self, s: int, epoch: int, cursor: int) -> int:
-        cached = self._perms.get(s)
-        if cached is None or cached[0] != epoch:
+        perm = self._perms.get((s, epoch))
+        if perm is None:
             key = [self.spec.seed, zlib.crc32(self.names[s].encode()), epoch]
-            cached = (epoch, self._ids[s][np.random.default_rng(key).permutation(self.num_docs[s])])
-            self._perms[s] = cached
-        return int(cached[1][cursor])
+            perm = self._ids[s][np.random.default_rng(key).permutation(self.num_docs[s])]
+            self._perms[(s, epoch)] = perm
+            # Read-ahead may run an epoch ahead of the draws: keep two epochs per source.
+            self._perms.pop((s, epoch - 2), None)
+        return int(perm[cursor])
 
     def _draw(self, pos: _Cursor, weights: list[float]) -> DocKey:
         for i, w in enumerate(weights):
