@@ -70,9 +70,19 @@ def run_preview(spec: MixtureSpec, num_steps: int, show_progress: bool = True) -
 def print_preview(spec: MixtureSpec, report: PreviewReport, console: Console | None = None) -> None:
     console = console or Console()
     table = Table(title="sources")
-    for col in ("source", "target", "docs", "realized (docs)", "tokens", "bad records"):
+    cols = (
+        "source",
+        "target",
+        "docs",
+        "realized (docs)",
+        "tokens",
+        "share of tokens",
+        "bad records",
+    )
+    for col in cols:
         table.add_column(col, justify="right" if col != "source" else "left")
     total_docs = max(int(report.docs.sum()), 1)
+    total_tokens = max(int(report.tokens.sum()), 1)
     for i, name in enumerate(report.names):
         table.add_row(
             name,
@@ -80,6 +90,7 @@ def print_preview(spec: MixtureSpec, report: PreviewReport, console: Console | N
             f"{int(report.docs[i]):,}",
             f"{report.docs[i] / total_docs:.1%}",
             f"{int(report.tokens[i]):,}",
+            f"{report.tokens[i] / total_tokens:.1%}",
             f"{report.num_bad[i]:,}",
         )
     console.print(table)
