@@ -6,9 +6,10 @@ and the carried remainder of a document cut at a step boundary. That state is a 
 so a checkpoint is tiny, and the stream it yields is a pure function of (spec, seed, step):
 the same for any number of loader workers, pool kind or data-parallel world size.
 
-Mixing is deterministic (smooth weighted round-robin): each draw adds the current weights to
-per-source credits and takes the source with the most credit, which keeps realized proportions
-within one document of target at every prefix. Which document comes next within a source is a
+Mixing is deterministic (smooth weighted round-robin): sources earn credit in proportion to
+their current weights and the source with the most credit is drawn, which keeps realized
+proportions within one document of target at every prefix. Credit is counted in documents or,
+with `mix_by = "tokens"`, in tokens (earned once the drawn document's length is known). Which document comes next within a source is a
 seeded permutation per epoch, so the content is shuffled. Weights may change at any step (by
 schedule or at resume): cursors never move back, so nothing is lost or repeated.
 """
@@ -72,6 +73,7 @@ class Planner:
         self.names = [s.name for s in spec.sources]
         self._ids = [split_ids(n, name, spec) for n, name in zip(num_docs, self.names)]
         self.num_docs = [len(ids) for ids in self._ids]  # documents in this split
+        self.by_tokens = spec.mix_by == "tokens"
         self.read_ahead_steps = spec.backend.prefetch_steps
         self.num_workers = spec.backend.num_workers
         self._submit = submit
@@ -96,10 +98,11 @@ class Planner:
         return int(perm[cursor])
 
     def _draw(self, pos: _Cursor, weights: list[float]) -> DocKey:
-        for i, w in enumerate(weights):
-            pos.credits[i] += w
+        if not self.by_tokens:  # credit first: the unit (one document) is known in advance
+            self._credit(pos, weights, None, 1.0)
         s = max(range(len(weights)), key=lambda i: (weights[i] > 0, pos.credits[i]))
-        pos.credits[s] -= 1.0
+        if not self.by_tokens:
+            pos.credits[s] -= 1.0
         doc = self._doc_at(s, pos.epochs[s], pos.cursors[s])
         pos.cursors[s] += 1
         if pos.cursors[s] == self.num_docs[s]:
@@ -107,9 +110,19 @@ class Planner:
         pos.num_drawn += 1
         return s, doc
 
+    @staticmethod
+    def _credit(pos: _Cursor, weights: list[float], source: int | None, amount: float) -> None:
+        """Every source earns its weight's share of `amount`; the drawn one spends it all."""
+        for i, w in enumerate(weights):
+            pos.credits[i] += w * amount
+        if source is not None:
+            pos.credits[source] -= amount
+
     def _next_doc(self, weights: list[float]) -> DocKey:
         s, d = self._draw(self._pos, weights)
         self._tokens[(s, d)] = self._ahead.pop(s, d)
+        if self.by_tokens:  # a document's tokens are known only once it is loaded
+            self._credit(self._pos, weights, s, float(len(self._tokens[(s, d)])))
         self._step_draws.append((s, d))
         return s, d
 

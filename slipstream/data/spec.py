@@ -163,6 +163,9 @@ class MixtureSpec:
     seed: int = 0
     tokenizer: str = "byte"
     """`byte`, or the path of a Hugging Face `tokenizers` JSON file."""
+    mix_by: str = "documents"
+    """What the weights apportion: `documents` (a weight of 0.4 = 40% of documents) or
+    `tokens` (40% of tokens, whatever the sources' document lengths)."""
     packing: bool = True
     """Pack several documents per row (best fit); off = one document piece per row, padded."""
     holdout_fraction: float = 0.0
@@ -187,6 +190,8 @@ class MixtureSpec:
                 raise ValueError(f"{key}: {value!r} must be a positive integer")
         if self.seq_len < 2:
             raise ValueError(f"seq_len: {self.seq_len} is too short; a row needs >= 2 tokens")
+        if self.mix_by not in ("documents", "tokens"):
+            raise ValueError(f"mix_by: use 'documents' or 'tokens', not {self.mix_by!r}")
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction: {self.holdout_fraction} must be in [0, 1)")
         if self.split not in ("train", "eval"):
@@ -242,6 +247,7 @@ class MixtureSpec:
             for k in ("seq_len", "micro_batch_size", "num_micro_batches", "dp_world_size")
         }
         out.update(seed=self.seed, tokenizer=self.tokenizer, packing=self.packing)
+        out["mix_by"] = self.mix_by
         out.update(holdout_fraction=self.holdout_fraction, split=self.split)
         out["base_dir"] = self.base_dir
         out["balance"] = {k: getattr(self.balance, k) for k in BalanceSpec.__dataclass_fields__}

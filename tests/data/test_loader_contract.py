@@ -77,3 +77,7 @@ def test_resume_without_packing_gives_identical_batches(tmp_path, fmt):
         for rank in step:
             for mb in rank.micro_batches:
                 assert int(mb["doc_ids"].max()) == 0
+
+
+def test_resume_mixing_by_tokens_gives_identical_batches(tmp_path, fmt):
+    check_resume(spec_for(tmp_path, fmt, "thread", mix_by="tokens"), split=3, total=7)

@@ -143,3 +143,21 @@ def test_holdout_split_is_disjoint_and_fixed(tmp_path):
     a, b = set(draw_stream(train, 300)), set(draw_stream(evals, 60))
     assert a and b and not a & b
     assert evals.num_docs[0] == 60 and train.num_docs[0] == 240  # 20% of 300 "short" docs
+
+
+def test_mixing_by_tokens_apportions_tokens_within_one_percent(tmp_path):
+    spec = spec_of(tmp_path, seq_len=4096, micro_batch_size=4, mix_by="tokens")
+    planner, loaders = make_planner(spec)
+    stream = draw_stream(planner, 10_000)
+    lens = {(s, d): len(loaders[s].get_many([d])[0]) for s, d in set(stream)}
+    tokens = np.zeros(3)
+    for s, d in stream:
+        tokens[s] += lens[(s, d)]
+    share = tokens / tokens.sum()
+    assert np.abs(share - np.array(spec.weights_at(0))).max() < 0.01
+    # By documents the same weights give very different token shares (lengths differ ~20x).
+    by_docs, _ = make_planner(spec_of(tmp_path, seq_len=4096, micro_batch_size=4))
+    doc_tokens = np.zeros(3)
+    for s, d in draw_stream(by_docs, 2_000):
+        doc_tokens[s] += len(loaders[s].get_many([d])[0])
+    assert np.abs(doc_tokens / doc_tokens.sum() - np.array(spec.weights_at(0))).max() > 0.1
