@@ -178,7 +178,8 @@ class Trainer:
             self.console.print(f"resumed from {path} at step {self.step}")
 
     # -- one step ---------------------------------------------------------------------------
-    def _forward_loss(self, mb: dict[str, torch.Tensor], num_targets: float) -> torch.Tensor:
+    def _token_losses(self, mb: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy of every position (0 where there is no target), flattened."""
         model = self.ddp or self.model
         ctx = (
             torch.autocast(self.d.device.type, dtype=self.autocast)
@@ -193,13 +194,15 @@ class Trainer:
                 mb["cu_seqlens"],
                 int(mb["max_seqlen"]),
             )
-        loss_sum = F.cross_entropy(
+        return F.cross_entropy(
             logits.float().flatten(0, 1),
             mb["labels"].flatten(),
             ignore_index=IGNORE_INDEX,
-            reduction="sum",
+            reduction="none",
         )
-        return loss_sum / num_targets
+
+    def _forward_loss(self, mb: dict[str, torch.Tensor], num_targets: float) -> torch.Tensor:
+        return self._token_losses(mb).sum() / num_targets
 
     def train_step(self, timer: StepTimer) -> dict[str, float]:
         with timer.phase("data_wait"):
@@ -251,22 +254,31 @@ class Trainer:
 
     # -- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> float | None:
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss on the held-out documents, overall and per source (`eval_loss/NAME`)."""
         if self.cfg.data.holdout_fraction == 0 or self.cfg.train.eval_steps == 0:
-            return None
+            return {}
         spec = copy.deepcopy(self.spec)
         spec.split, spec.backend.prefetch_steps = "eval", 1
+        names = [s.name for s in spec.sources]
+        sums = torch.zeros(len(names), dtype=torch.float64)
+        counts = torch.zeros(len(names), dtype=torch.float64)
         self.model.eval()
-        total, count = 0.0, 0.0
         with MixtureLoader(spec, dp_rank=self.d.rank) as loader:  # from its start: same batches
             for _ in range(self.cfg.train.eval_steps):
                 for mb in next(loader).micro_batches:
                     mb = {k: v.to(self.d.device) for k, v in mb.items()}
-                    total += float(self._forward_loss(mb, 1.0))
-                    count += float((mb["labels"] != IGNORE_INDEX).sum())
+                    losses = self._token_losses(mb).double().cpu()
+                    valid = (mb["labels"] != IGNORE_INDEX).flatten().cpu()
+                    src = mb["source_ids"].flatten().cpu()[valid]
+                    sums += torch.bincount(src, weights=losses[valid], minlength=len(names))
+                    counts += torch.bincount(src, minlength=len(names)).double()
         self.model.train()
-        total, count = all_reduce_sum([total, count], self.d)
-        return total / max(count, 1.0)
+        totals = all_reduce_sum([*sums.tolist(), *counts.tolist()], self.d)
+        sums_l, counts_l = totals[: len(names)], totals[len(names) :]
+        out = {"eval_loss": sum(sums_l) / max(sum(counts_l), 1.0)}
+        out.update({f"eval_loss/{n}": s / c for n, s, c in zip(names, sums_l, counts_l) if c})
+        return out
 
     # -- the run ----------------------------------------------------------------------------
     def save(self) -> None:
@@ -311,7 +323,7 @@ class Trainer:
                     }
                     row["tokens_per_s"] = row["tokens"] / phases["step"]
                     if cfg.eval_every and self.step % cfg.eval_every == 0:
-                        row["eval_loss"] = self.evaluate()
+                        row.update(self.evaluate())
                     if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                         self.save()
                     history.append(row)
