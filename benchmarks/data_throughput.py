@@ -34,7 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_SPEC = ROOT / "recipes" / "data" / "demo.toml"
 TOKENIZER = ROOT / "data" / "demo" / "tokenizer.json"
 SEQ_LEN, MICRO_BATCH = 1024, 8
-EXTRA = [x for x in __import__("os").environ.get("SLIP_EXTRA", "").split(";") if x]
 PIPELINES = ("slipstream", "dataloader", "nodes", "stateful")
 
 
@@ -52,7 +51,6 @@ def load_spec(workers: int):
             f"backend.num_workers={workers}",
             "backend.prefetch_steps=8",
             "balance.method='none'",
-            *EXTRA,
         ],
     )
 

@@ -201,9 +201,6 @@ class Trainer:
             reduction="none",
         )
 
-    def _forward_loss(self, mb: dict[str, torch.Tensor], num_targets: float) -> torch.Tensor:
-        return self._token_losses(mb).sum() / num_targets
-
     def train_step(self, timer: StepTimer) -> dict[str, float]:
         with timer.phase("data_wait"):
             batch = next(self.loader)
@@ -223,7 +220,7 @@ class Trainer:
             sync = nullcontext() if (self.ddp is None or last) else self.ddp.no_sync()
             with sync:
                 with timer.phase("forward"):
-                    loss = self._forward_loss(mb, 1.0) * scale
+                    loss = self._token_losses(mb).sum() * scale
                 with timer.phase("backward"):
                     if self.ddp is not None and last:
                         self._hook_times.clear()

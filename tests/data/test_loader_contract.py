@@ -8,7 +8,7 @@ import pytest
 
 from slipstream.data import MixtureSpec
 from tests.conftest import corpus_spec
-from tests.data.contract import check_resume, merged_stream, run_steps
+from tests.data.contract import assert_same_batches, check_resume, merged_stream, run_steps
 
 POOLS = ["thread", "process"]
 
@@ -64,8 +64,6 @@ def test_stream_is_identical_for_any_worker_count_and_pool(tmp_path):
         spec = copy.deepcopy(base)
         spec.backend.pool, spec.backend.num_workers = pool, workers
         spec.backend.prefetch_steps = prefetch
-        from tests.data.contract import assert_same_batches
-
         assert_same_batches(run_steps(spec, 5)[0], ref)
 
 

@@ -69,6 +69,32 @@ def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in rows]
 
 
+def torchrun(recipe: Path, *args: str) -> subprocess.CompletedProcess:
+    """`slipstream train RECIPE ARGS` on 2 ranks (gloo) under torchrun."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "slipstream",
+        "train",
+        str(recipe),
+        *args,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def reference_losses(tmp_path_factory) -> list[float]:
+    """The default recipe's 6 losses, one process, uninterrupted (the corpus is seeded, so any
+    folder holds the same one)."""
+    tmp = tmp_path_factory.mktemp("reference")
+    cfg = RunConfig.load(write_recipe(tmp), [f"train.out_dir='{tmp / 'run'}'"])
+    return [r["loss"] for r in Trainer(cfg).fit()]
+
+
 def test_train_cli_runs_evaluates_checkpoints_and_reports(tmp_path):
     out = slipstream("train", str(write_recipe(tmp_path)))
     assert out.returncode == 0, out.stderr
@@ -88,9 +114,7 @@ def test_train_cli_runs_evaluates_checkpoints_and_reports(tmp_path):
     assert "sample" in out.stdout
 
 
-def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path):
-    full = RunConfig.load(write_recipe(tmp_path), [f"train.out_dir='{tmp_path / 'a'}'"])
-    want = [r["loss"] for r in Trainer(full).fit()]
+def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path, reference_losses):
     first = RunConfig.load(
         write_recipe(tmp_path), [f"train.out_dir='{tmp_path / 'b'}'", "train.stop_at_step=4"]
     )
@@ -101,39 +125,19 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path):
     assert len(got) == 6
     # CPU, fp32, same kernels in the same order: resume is exact, 1e-6 leaves room for nothing
     # but a changed thread count.
-    assert got == pytest.approx(want, rel=1e-6, abs=1e-6)
+    assert got == pytest.approx(reference_losses, rel=1e-6, abs=1e-6)
 
 
-def test_two_ranks_under_torchrun_match_one_process(tmp_path):
-    one = RunConfig.load(write_recipe(tmp_path), [f"train.out_dir='{tmp_path / 'one'}'"])
-    want = [r["loss"] for r in Trainer(one).fit()]
+def test_two_ranks_under_torchrun_match_one_process(tmp_path, reference_losses):
     # Same rows per step (2 ranks x 2 rows x 1 micro-batch = 1 rank x 2 rows x 2 micro-batches)
     recipe = write_recipe(tmp_path, "two.toml", num_micro_batches=1)
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "slipstream",
-            "train",
-            str(recipe),
-            "--set",
-            f"train.out_dir='{tmp_path / 'two'}'",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
+    out = torchrun(recipe, "--set", f"train.out_dir='{tmp_path / 'two'}'")
     assert out.returncode == 0, out.stderr[-3000:]
     got = losses(tmp_path / "two")
     # Each step's two half-gradients are added once either way (micro-batch accumulation, or
     # an all-reduce of two ranks), so the losses agree to the last bit in practice; 1e-6 only
     # leaves room for kernels whose summation order follows the thread count.
-    assert got == pytest.approx(want, rel=1e-6)
+    assert got == pytest.approx(reference_losses, rel=1e-6)
 
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.toml")))
@@ -212,36 +216,17 @@ def test_sigint_checkpoints_a_whole_step_and_resume_continues_exactly(tmp_path):
     assert losses(run) == pytest.approx(losses(tmp_path / "ref"), rel=1e-6, abs=1e-6)
 
 
-def test_resume_under_torchrun_with_another_world_size_continues_the_run(tmp_path):
-    one = RunConfig.load(write_recipe(tmp_path), [f"train.out_dir='{tmp_path / 'one'}'"])
-    want = [r["loss"] for r in Trainer(one).fit()]
+def test_resume_under_torchrun_with_another_world_size_continues_the_run(
+    tmp_path, reference_losses
+):
     run = tmp_path / "run"
     first = RunConfig.load(
         write_recipe(tmp_path), [f"train.out_dir='{run}'", "train.stop_at_step=3"]
     )
     Trainer(first).fit()  # one process, 2 micro-batches of 2 rows
     recipe = write_recipe(tmp_path, "two.toml", num_micro_batches=1)  # 2 ranks x 2 rows
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "slipstream",
-            "train",
-            str(recipe),
-            "--resume",
-            "--set",
-            f"train.out_dir='{run}'",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
+    out = torchrun(recipe, "--resume", "--set", f"train.out_dir='{run}'")
     assert out.returncode == 0, out.stderr[-3000:]
     # The data plane's state is global and the step's rows are the same, so the run goes on
     # as if nothing changed (same tolerance as the 2-rank test above).
-    assert losses(run) == pytest.approx(want, rel=1e-6)
+    assert losses(run) == pytest.approx(reference_losses, rel=1e-6)
