@@ -47,7 +47,6 @@ def load_spec(workers: int):
             f"seq_len={SEQ_LEN}",
             f"micro_batch_size={MICRO_BATCH}",
             "num_micro_batches=1",
-            "dp_world_size=1",
             f"backend.num_workers={workers}",
             "backend.prefetch_steps=8",
             "balance.method='none'",

@@ -80,17 +80,19 @@ def run_plain(cfg, margin: float) -> tuple[float, float]:
     AdamW, all in one loop. Packing in collate_fn must either take more documents than a step
     needs (`margin` > 1: the tokens beyond the rows are dropped, wasting preprocessing) or
     risk short batches (padded rows waste compute)."""
+    from dataclasses import replace
+
     from torch.utils.data import DataLoader, WeightedRandomSampler
 
     from benchmarks.peers import MixtureDocs, docs_per_batch, pack_rows
-    from slipstream.data.tokenizers import build_tokenizer
-    from slipstream.train.model import GPT
+    from slipstream.data import build_tokenizer
+    from slipstream.models import GPT
     from slipstream.train.optim import build_optimizer, lr_factor
 
     spec = cfg.data
-    cfg.model.vocab_size = build_tokenizer(spec.tokenizer, spec.base_dir).vocab_size
+    vocab = build_tokenizer(spec.tokenizer, spec.base_dir).vocab_size
     torch.manual_seed(cfg.train.seed)
-    model = GPT(cfg.model)
+    model = GPT(replace(cfg.model, vocab_size=vocab))
     opt = build_optimizer(model, cfg.optim, torch.device("cpu"))
     ds = MixtureDocs(spec)
     g = torch.Generator().manual_seed(0)

@@ -9,16 +9,15 @@ import sys
 
 
 def _data_prepare_demo(args: argparse.Namespace) -> None:
-    from slipstream.data.demo_corpus import prepare_demo
+    from slipstream.tools.demo_corpus import prepare_demo
 
     prepare_demo(args.out_dir, args.spec_out, limit=args.limit)
     print(f"wrote {args.out_dir}/manifest.json and {args.spec_out}")
 
 
 def _data_train_tokenizer(args: argparse.Namespace) -> None:
-    from slipstream.data.preview import mixture_texts
     from slipstream.data.spec import MixtureSpec
-    from slipstream.data.tokenizers import train_bpe
+    from slipstream.tools.tokenizer import mixture_texts, train_bpe
 
     spec = MixtureSpec.from_toml(args.spec, args.set)
     tok = train_bpe(mixture_texts(spec, args.max_docs), args.out, args.vocab_size)
@@ -27,13 +26,15 @@ def _data_train_tokenizer(args: argparse.Namespace) -> None:
 
 
 def _data_preview(args: argparse.Namespace) -> None:
-    from slipstream.data.preview import print_preview, run_preview
     from slipstream.data.spec import MixtureSpec
+    from slipstream.tools.preview import print_preview, run_preview
 
     if args.steps < 1:
         raise ValueError(f"--steps: {args.steps} must be >= 1")
+    if args.ranks < 1:
+        raise ValueError(f"--ranks: {args.ranks} must be >= 1")
     spec = MixtureSpec.from_toml(args.spec, args.set)
-    print_preview(spec, run_preview(spec, args.steps))
+    print_preview(spec, run_preview(spec, args.steps, args.ranks), args.ranks)
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = data.add_parser("preview", help="run the data plane and report mixture, packing, balance")
     v.add_argument("spec")
     v.add_argument("--steps", type=int, default=20)
+    v.add_argument("--ranks", type=int, default=4, help="data-parallel ranks to balance across")
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     v.set_defaults(func=_data_preview)
 

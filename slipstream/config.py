@@ -1,5 +1,6 @@
 """The root run config: composes the pillars' configs, loaded from a TOML recipe with
-`--set section.key=value` overrides. It owns no settings of its own.
+`--set section.key=value` overrides. It owns no settings of its own, and nothing changes it
+once loaded: what a run resolves (vocabulary, tokenizer file, ranks) goes to resolved.json.
 
 A recipe's `[data]` table may name a mixture spec file (`spec = "data/demo.toml"`, relative to
 the recipe); its other keys override that file's (`seq_len = 256`, `backend.num_workers = 4`).
@@ -12,16 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slipstream.configfile import apply_overrides, build_section, load_toml, merge
+from slipstream.configfile import apply_overrides, build_config, load_toml, merge
 from slipstream.data.spec import MixtureSpec
-from slipstream.train.loop import TrainConfig
-from slipstream.train.model import ModelConfig
+from slipstream.models.config import GPTConfig, ModelConfig, model_config_from_raw
+from slipstream.train.config import TrainConfig
 from slipstream.train.optim import OptimConfig
 
 SECTIONS = ("model", "data", "optim", "train")
 
 
-@dataclass(kw_only=True, slots=True)
+@dataclass(kw_only=True, slots=True, frozen=True)
 class RunConfig:
     model: ModelConfig
     data: MixtureSpec
@@ -30,7 +31,7 @@ class RunConfig:
     recipe_dir: str = "."
 
     def __post_init__(self) -> None:
-        if self.model.kind == "gpt" and self.model.max_seq_len < self.data.seq_len:
+        if isinstance(self.model, GPTConfig) and self.model.max_seq_len < self.data.seq_len:
             raise ValueError(
                 f"data.seq_len: {self.data.seq_len} is longer than model.max_seq_len "
                 f"{self.model.max_seq_len}; lower data.seq_len or raise model.max_seq_len"
@@ -55,12 +56,11 @@ class RunConfig:
         unknown = set(raw) - set(SECTIONS)
         if unknown:
             raise ValueError(f"{path}: unknown sections {sorted(unknown)}; use {list(SECTIONS)}")
-        data = raw["data"]
         return cls(
-            model=build_section(ModelConfig, raw.get("model", {}), "model"),
-            data=MixtureSpec.from_dict(data, base_dir=str(base_dir)),
-            optim=build_section(OptimConfig, raw.get("optim", {}), "optim"),
-            train=build_section(TrainConfig, raw.get("train", {}), "train"),
+            model=model_config_from_raw(raw.get("model", {}), "model"),
+            data=MixtureSpec.from_dict(raw["data"], base_dir=str(base_dir)),
+            optim=build_config(OptimConfig, raw.get("optim", {}), "optim"),
+            train=build_config(TrainConfig, raw.get("train", {}), "train"),
             recipe_dir=str(recipe_dir),
         )
 

@@ -92,6 +92,9 @@ def write_source(root: Path, name: str, fmt: str, docs: list[str], shards: int =
     return f"{name}/*.{ext}"
 
 
+WORLD_SIZE = 2  # data-parallel ranks the data-plane tests run with, unless they say otherwise
+
+
 def corpus_spec(root: Path, fmt: str, **overrides) -> dict:
     """A 3-source mixture in `fmt`: short, medium and a small long-document source (so that
     epochs wrap within a few steps)."""
@@ -111,7 +114,6 @@ def corpus_spec(root: Path, fmt: str, **overrides) -> dict:
         "seq_len": 128,
         "micro_batch_size": 2,
         "num_micro_batches": 2,
-        "dp_world_size": 2,
         "seed": 7,
         "backend": {"num_workers": 2, "prefetch_steps": 2},
     }

@@ -15,7 +15,7 @@ slipstream = run_cli
 
 def write_spec_toml(tmp_path) -> str:
     raw = corpus_spec(tmp_path, "jsonl")
-    lines = [f"seq_len = {raw['seq_len']}", "micro_batch_size = 2", "dp_world_size = 2", ""]
+    lines = [f"seq_len = {raw['seq_len']}", "micro_batch_size = 2", ""]
     for s in raw["sources"]:
         lines += [
             "[[sources]]",
@@ -31,9 +31,18 @@ def write_spec_toml(tmp_path) -> str:
 
 def test_preview_reports_proportions_packing_and_imbalance(tmp_path):
     out = slipstream(
-        "data", "preview", write_spec_toml(tmp_path), "--steps", "5", "--set", "balance.method=kk"
+        "data",
+        "preview",
+        write_spec_toml(tmp_path),
+        "--steps",
+        "5",
+        "--ranks",
+        "2",
+        "--set",
+        "balance.method=kk",
     )
     assert out.returncode == 0, out.stderr
+    assert "over 2 ranks" in out.stdout
     assert "short" in out.stdout and "packing efficiency: 100.0%" in out.stdout
     assert "unbalanced ->" in out.stdout and "'kk'" in out.stdout
 
@@ -48,6 +57,13 @@ def test_preview_reports_proportions_packing_and_imbalance(tmp_path):
             "matches no file",
         ),
         (["data", "preview", "{spec}", "--set", "sources.1.weight=-2"], "is negative"),
+        (["data", "preview", "{spec}", "--set", "packing=maybe"], "data.packing: 'maybe' is not"),
+        (
+            ["data", "preview", "{spec}", "--set", "backend.num_workers=1.5"],
+            "data.backend.num_workers: 1.5 is not an integer",
+        ),
+        (["data", "preview", "{spec}", "--set", "dp_world_size=4"], "takes --ranks N"),
+        (["data", "preview", "{spec}", "--ranks", "0"], "--ranks: 0 must be >= 1"),
     ],
 )
 def test_user_mistakes_print_one_line_and_no_traceback(tmp_path, args, message):

@@ -1,4 +1,5 @@
-"""The data plane: per-source loaders, a planner that mixes and balances, per-rank packing.
+"""The data plane: per-source loaders, a planner that mixes, packs and balances, per-rank
+batches.
 
 Exports are resolved lazily so that loader worker processes, which only need the source
 loaders, do not import torch.
@@ -12,19 +13,26 @@ _EXPORTS = {
     "WeightSchedule": "spec",
     "BalanceSpec": "spec",
     "BackendSpec": "spec",
-    "SourceLoader": "source_loader",
-    "build_source_loaders": "source_loader",
+    "SourceLoader": "sources.loader",
+    "build_source_loaders": "sources.loader",
     "Planner": "planner",
     "StepPlan": "planner",
-    "Piece": "planner",
+    "Piece": "packing",
+    "pack_best_fit": "packing",
     "partition": "balance",
+    "assign_rows": "balance",
     "row_cost": "balance",
-    "build_micro_batch": "constructor",
+    "build_micro_batch": "batch",
+    "IGNORE_INDEX": "batch",
     "MixtureLoader": "loader",
     "StepBatch": "loader",
-    "build_tokenizer": "tokenizers",
-    "ByteTokenizer": "tokenizers",
-    "HFTokenizer": "tokenizers",
+    "Backend": "backends",
+    "InlineBackend": "backends",
+    "LocalBackend": "backends",
+    "build_backend": "backends",
+    "build_tokenizer": "sources.tokenizers",
+    "ByteTokenizer": "sources.tokenizers",
+    "HFTokenizer": "sources.tokenizers",
 }
 
 __all__ = sorted(_EXPORTS)

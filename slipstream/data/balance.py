@@ -107,3 +107,15 @@ def _refine(costs: np.ndarray, parts: list[list[int]], max_swaps: int = 256) -> 
         else:
             break  # no swap lowers the maximum
     return parts
+
+
+def assign_rows(
+    costs: np.ndarray, dp_world_size: int, num_micro: int, micro_batch_size: int, method: str
+) -> list[list[list[int]]]:
+    """Rows to ranks (equal counts, smallest max cost), then each rank's rows to micro-batches."""
+    out = []
+    for rank_rows in partition(costs, dp_world_size, num_micro * micro_batch_size, method):
+        rank_rows = np.asarray(rank_rows)
+        micro = partition(costs[rank_rows], num_micro, micro_batch_size, method)
+        out.append([sorted(int(rank_rows[j]) for j in m) for m in micro])
+    return out

@@ -1,6 +1,7 @@
 """MixtureLoader: the per-rank client. An iterator of steps; each step is this rank's list of
 micro-batches (dicts of tensors). A background thread plans and loads `prefetch_steps` ahead so
-the training thread does not wait while loaders keep up.
+the training thread does not wait while loaders keep up. Run-time facts (this rank, the number
+of ranks, the split, the resolved tokenizer) are arguments: the spec is never changed.
 
 `state_dict()` is the planner state right after the last step handed out (a few counters), so
 resuming yields exactly the steps an uninterrupted run would have, whatever was prefetched.
@@ -16,13 +17,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from slipstream.data.backends.local import LocalBackend
+from slipstream.configfile import VERSION_KEY, check_version
+from slipstream.data.backends import Backend, build_backend
 from slipstream.data.balance import imbalance, partition
-from slipstream.data.constructor import build_micro_batch
+from slipstream.data.batch import LABELS, build_micro_batch
 from slipstream.data.planner import Planner, StepPlan
 from slipstream.data.spec import MixtureSpec
 
-_STOP = object()
+STATE_VERSION = 1
+PLANNER = "planner"
 
 
 @dataclass(slots=True)
@@ -49,14 +52,45 @@ class StepBatch:
 
 
 class MixtureLoader:
-    def __init__(self, spec: MixtureSpec, dp_rank: int = 0) -> None:
-        if not 0 <= dp_rank < spec.dp_world_size:
-            raise ValueError(f"dp_rank: {dp_rank} is outside [0, {spec.dp_world_size})")
+    """This rank's steps of the mixture `spec`.
+
+    dp_rank, dp_world_size: this rank and the number of data-parallel ranks sharing a step.
+    split: `train`, or `eval` for the held-out documents (needs `spec.holdout_fraction`).
+    tokenizer: overrides `spec.tokenizer` (e.g. a model's own tokenizer file).
+    prefetch_steps: overrides `spec.backend.prefetch_steps`.
+    labels: `next` (labels are the next tokens) or `hf` (Hugging Face: the model shifts);
+    see `batch.py`.
+    """
+
+    def __init__(
+        self,
+        spec: MixtureSpec,
+        dp_rank: int = 0,
+        dp_world_size: int = 1,
+        *,
+        split: str = "train",
+        tokenizer: str | None = None,
+        prefetch_steps: int | None = None,
+        labels: str = "next",
+    ) -> None:
+        if not 0 <= dp_rank < dp_world_size:
+            raise ValueError(f"dp_rank: {dp_rank} is outside [0, {dp_world_size})")
+        if labels not in LABELS:
+            raise ValueError(f"labels: {labels!r}; use 'next' or 'hf'")
         self.spec = spec
-        self.dp_rank = dp_rank
-        self.backend = LocalBackend(spec)
+        self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
+        self.labels = labels
+        self.prefetch_steps = prefetch_steps or spec.backend.prefetch_steps
+        self.backend: Backend = build_backend(spec, tokenizer)
         self.tokenizer = self.backend.tokenizer
-        self.planner = Planner(spec, self.backend.num_docs, self.backend.submit)
+        self.planner = Planner(
+            spec,
+            self.backend.num_docs,
+            self.backend.submit,
+            dp_world_size=dp_world_size,
+            split=split,
+            read_ahead_steps=self.prefetch_steps,
+        )
         self._state = self.planner.state_dict()
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
@@ -85,7 +119,7 @@ class MixtureLoader:
 
     def _start(self) -> None:
         self._stop.clear()
-        self._queue = queue.Queue(maxsize=self.spec.backend.prefetch_steps)
+        self._queue = queue.Queue(maxsize=self.prefetch_steps)
         self._thread = threading.Thread(
             target=self._produce, name="slipstream-planner", daemon=True
         )
@@ -112,20 +146,22 @@ class MixtureLoader:
         spec = self.spec
         pad = self.tokenizer.eos_id
         micro = [
-            build_micro_batch([plan.rows[i] for i in rows], plan.tokens, spec.seq_len, pad)
+            build_micro_batch(
+                [plan.rows[i] for i in rows], plan.tokens, spec.seq_len, pad, self.labels
+            )
             for rows in plan.assignment[self.dp_rank]
         ]
-        return StepBatch(plan.step, micro, step_stats(spec, plan), plan.stream)
+        stats = step_stats(spec, plan, self.dp_world_size)
+        return StepBatch(plan.step, micro, stats, plan.stream)
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"version": 1, "planner": self._state}
+        return {VERSION_KEY: STATE_VERSION, PLANNER: self._state}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != 1:
-            raise ValueError(f"loader state: version {state.get('version')} is not 1")
+        check_version(state, STATE_VERSION, "loader state")
         self._halt()
-        self.planner.load_state_dict(state["planner"])
+        self.planner.load_state_dict(state[PLANNER])
         self._state = self.planner.state_dict()
 
     def _halt(self) -> None:
@@ -145,14 +181,14 @@ class MixtureLoader:
         self.close()
 
 
-def step_stats(spec: MixtureSpec, plan: StepPlan) -> StepStats:
+def step_stats(spec: MixtureSpec, plan: StepPlan, dp_world_size: int) -> StepStats:
     n = len(spec.sources)
     tokens = np.zeros(n, dtype=np.int64)
     for row in plan.rows:
         for p in row:
             tokens[p.source] += p.length
     rank_rows = [sum(m, []) for m in plan.assignment]
-    unbalanced = partition(plan.row_costs, spec.dp_world_size, spec.rows_per_rank, "none")
+    unbalanced = partition(plan.row_costs, dp_world_size, spec.rows_per_rank, "none")
     return StepStats(
         step=plan.step,
         docs_by_source=plan.docs_drawn,

@@ -16,31 +16,22 @@ schedule or at resume): cursors never move back, so nothing is lost or repeated.
 
 from __future__ import annotations
 
-import bisect
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from slipstream.data.balance import partition, row_cost
-from slipstream.data.readahead import ReadAhead
+from slipstream.configfile import VERSION_KEY, check_version
+from slipstream.data.balance import assign_rows, row_cost
+from slipstream.data.packing import DocKey, Piece, pack_best_fit
+from slipstream.data.readahead import ReadAhead, SubmitFn, advance
 from slipstream.data.spec import MixtureSpec
 
 STATE_VERSION = 1
-DocKey = tuple[int, int]  # (source index, document index within the source)
-SubmitFn = Callable[[int, list[int]], Any]  # (source, doc ids) -> a future of token arrays
-
-
-@dataclass(slots=True, frozen=True)
-class Piece:
-    """Tokens [start, start + length) of document `doc` of source `source`."""
-
-    source: int
-    doc: int
-    start: int
-    length: int
+# State keys: the planner's state_dict is part of every checkpoint, so its names are fixed.
+STEP, NUM_DRAWN, SOURCES, CARRY = "step", "num_drawn", "sources", "carry"
+CURSOR, EPOCH, CREDIT = "cursor", "epoch", "credit"
+SPLITS = ("train", "eval")
 
 
 @dataclass(slots=True)
@@ -68,13 +59,30 @@ class _Cursor:
 
 
 class Planner:
-    def __init__(self, spec: MixtureSpec, num_docs: list[int], submit: SubmitFn) -> None:
+    """Plans the whole step for `dp_world_size` ranks from documents of one `split`
+    (`train`, or the held-out `eval` documents)."""
+
+    def __init__(
+        self,
+        spec: MixtureSpec,
+        num_docs: list[int],
+        submit: SubmitFn,
+        *,
+        dp_world_size: int = 1,
+        split: str = "train",
+        read_ahead_steps: int | None = None,
+    ) -> None:
+        if dp_world_size < 1:
+            raise ValueError(f"dp_world_size: {dp_world_size} must be >= 1")
+        if split not in SPLITS or (split == "eval" and spec.holdout_fraction == 0):
+            raise ValueError(f"split: {split!r}; use 'train', or 'eval' with holdout_fraction > 0")
         self.spec = spec
+        self.dp_world_size = dp_world_size
         self.names = [s.name for s in spec.sources]
-        self._ids = [split_ids(n, name, spec) for n, name in zip(num_docs, self.names)]
+        self._ids = [split_ids(n, name, spec, split) for n, name in zip(num_docs, self.names)]
         self.num_docs = [len(ids) for ids in self._ids]  # documents in this split
         self.by_tokens = spec.mix_by == "tokens"
-        self.read_ahead_steps = spec.backend.prefetch_steps
+        self.read_ahead_steps = read_ahead_steps or spec.backend.prefetch_steps
         self.num_workers = spec.backend.num_workers
         self._submit = submit
         self._ahead = ReadAhead(submit, self._doc_at, self.num_docs)
@@ -104,9 +112,7 @@ class Planner:
         if not self.by_tokens:
             pos.credits[s] -= 1.0
         doc = self._doc_at(s, pos.epochs[s], pos.cursors[s])
-        pos.cursors[s] += 1
-        if pos.cursors[s] == self.num_docs[s]:
-            pos.cursors[s], pos.epochs[s] = 0, pos.epochs[s] + 1
+        pos.epochs[s], pos.cursors[s] = advance(pos.epochs[s], pos.cursors[s], self.num_docs[s])
         pos.num_drawn += 1
         return s, doc
 
@@ -143,7 +149,7 @@ class Planner:
 
     def _read_ahead(self, weights: list[float]) -> None:
         """Keep about `read_ahead_steps` steps of each source's documents loading."""
-        docs_per_step = self.spec.rows_per_step * self.spec.seq_len / self._mean_len
+        docs_per_step = self.rows_per_step * self.spec.seq_len / self._mean_len
         for s, w in enumerate(weights):
             if w > 0:
                 per_step = w * docs_per_step
@@ -151,13 +157,17 @@ class Planner:
                 depth = int(np.ceil(per_step * self.read_ahead_steps)) + chunk
                 self._ahead.top_up(s, depth, chunk)
 
+    @property
+    def rows_per_step(self) -> int:
+        return self.spec.rows_per_step(self.dp_world_size)
+
     # -- one step ---------------------------------------------------------------------------
     def plan_step(self) -> StepPlan:
         spec = self.spec
         state = self.state_dict()
         weights = spec.weights_at(self.step)
         drawn_before = np.array(self._pos.cursors) + np.array(self._pos.epochs) * self.num_docs
-        num_rows, seq_len = spec.rows_per_step, spec.seq_len
+        num_rows, seq_len = self.rows_per_step, spec.seq_len
         stream = [] if self.carry is None else [(self.carry.source, self.carry.doc)]
         self._step_draws = stream
         self._read_ahead(weights)
@@ -184,7 +194,7 @@ class Planner:
         )
         assignment = assign_rows(
             costs,
-            spec.dp_world_size,
+            self.dp_world_size,
             spec.num_micro_batches,
             spec.micro_batch_size,
             spec.balance.method,
@@ -199,52 +209,44 @@ class Planner:
     def state_dict(self) -> dict:
         pos = self._pos
         return {
-            "version": STATE_VERSION,
-            "step": self.step,
-            "num_drawn": pos.num_drawn,
-            "sources": {
-                n: {"cursor": pos.cursors[i], "epoch": pos.epochs[i], "credit": pos.credits[i]}
+            VERSION_KEY: STATE_VERSION,
+            STEP: self.step,
+            NUM_DRAWN: pos.num_drawn,
+            SOURCES: {
+                n: {CURSOR: pos.cursors[i], EPOCH: pos.epochs[i], CREDIT: pos.credits[i]}
                 for i, n in enumerate(self.names)
             },
-            "carry": None
+            CARRY: None
             if self.carry is None
             else [self.names[self.carry.source], self.carry.doc, self.carry.start],
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(
-                f"data state: version {state.get('version')} is not {STATE_VERSION}; "
-                "this checkpoint was written by another Slipstream version"
-            )
+        check_version(state, STATE_VERSION, "data state")
         pos = _Cursor(len(self.names))
         for i, name in enumerate(self.names):
-            src = state["sources"].get(name)
+            src = state[SOURCES].get(name)
             if src is None:
                 continue  # a source added since the checkpoint starts at its beginning
-            if src["cursor"] > self.num_docs[i]:
+            if src[CURSOR] > self.num_docs[i]:
                 raise ValueError(
-                    f"data state: source {name!r} is at document {src['cursor']} but now has "
+                    f"data state: source {name!r} is at document {src[CURSOR]} but now has "
                     f"{self.num_docs[i]}; its files changed since the checkpoint"
                 )
-            pos.cursors[i], pos.epochs[i], pos.credits[i] = (
-                src["cursor"],
-                src["epoch"],
-                float(src["credit"]),
-            )
-        pos.num_drawn = state["num_drawn"]
+            pos.cursors[i], pos.epochs[i], pos.credits[i] = src[CURSOR], src[EPOCH], src[CREDIT]
+        pos.num_drawn = state[NUM_DRAWN]
         self.carry = None
-        if state["carry"] is not None:
-            name, doc, start = state["carry"]
+        if state[CARRY] is not None:
+            name, doc, start = state[CARRY]
             if name in self.names:  # a removed source's half-document is dropped
                 self.carry = Piece(self.names.index(name), int(doc), int(start), 0)
-        self._pos, self.step = pos, int(state["step"])
+        self._pos, self.step = pos, int(state[STEP])
         self._tokens = {}
         self._ahead.reset(pos.epochs, pos.cursors)
 
 
-def split_ids(num_docs: int, name: str, spec: MixtureSpec) -> np.ndarray:
-    """Document ids of `spec.split`: a fixed share of each source, chosen by a permutation
+def split_ids(num_docs: int, name: str, spec: MixtureSpec, split: str) -> np.ndarray:
+    """Document ids of `split`: a fixed share of each source, chosen by a permutation
     keyed by the source's name only, so no seed or weight change moves a document across."""
     if spec.holdout_fraction == 0:
         return np.arange(num_docs)
@@ -255,44 +257,4 @@ def split_ids(num_docs: int, name: str, spec: MixtureSpec) -> np.ndarray:
             f"out {spec.holdout_fraction:.0%}; lower it or add documents"
         )
     perm = np.random.default_rng([zlib.crc32(name.encode()), num_docs]).permutation(num_docs)
-    return np.sort(perm[:num_eval] if spec.split == "eval" else perm[num_eval:])
-
-
-def pack_best_fit(pieces: list[Piece], num_rows: int, seq_len: int) -> list[list[Piece]]:
-    """Best-fit decreasing into `num_rows` rows of `seq_len`: pieces longer than a row are cut
-    into row-sized chunks; a piece that fits no row's free space is split across rows (this
-    only happens near the end, as the step's token count equals the rows' capacity)."""
-    chunks = [
-        Piece(p.source, p.doc, p.start + o, min(seq_len, p.length - o))
-        for p in pieces
-        for o in range(0, p.length, seq_len)
-    ]
-    chunks.sort(key=lambda p: -p.length)
-    free = [(seq_len, r) for r in range(num_rows)]  # sorted (free tokens, row); full rows leave
-    rows: list[list[Piece]] = [[] for _ in range(num_rows)]
-    for p in chunks:
-        while p.length > 0:
-            if not free:
-                raise AssertionError("pack_best_fit: more tokens than rows can hold")
-            i = bisect.bisect_left(free, (p.length, -1))  # the tightest row it fits in
-            if i == len(free):  # fits nowhere whole: fill the emptiest row, carry on
-                i = len(free) - 1
-            room, r = free.pop(i)
-            take = min(room, p.length)
-            rows[r].append(Piece(p.source, p.doc, p.start, take))
-            if room > take:
-                bisect.insort(free, (room - take, r))
-            p = Piece(p.source, p.doc, p.start + take, p.length - take)
-    return rows
-
-
-def assign_rows(
-    costs: np.ndarray, dp_world_size: int, num_micro: int, micro_batch_size: int, method: str
-) -> list[list[list[int]]]:
-    """Rows to ranks (equal counts, smallest max cost), then each rank's rows to micro-batches."""
-    out = []
-    for rank_rows in partition(costs, dp_world_size, num_micro * micro_batch_size, method):
-        rank_rows = np.asarray(rank_rows)
-        micro = partition(costs[rank_rows], num_micro, micro_batch_size, method)
-        out.append([sorted(int(rank_rows[j]) for j in m) for m in micro])
-    return out
+    return np.sort(perm[:num_eval] if split == "eval" else perm[num_eval:])

@@ -15,8 +15,15 @@ from typing import Any
 
 import numpy as np
 
-SubmitFn = Callable[[int, list[int]], Any]  # (source, doc ids) -> a future of token arrays
+SubmitFn = Callable[[int, list[int]], Any]  # (source, doc ids) -> a task; .result() = tokens
 DocAtFn = Callable[[int, int, int], int]  # (source, epoch, cursor) -> doc id
+
+
+def advance(epoch: int, cursor: int, num_docs: int) -> tuple[int, int]:
+    """The position after (epoch, cursor) in a source of `num_docs`: the next epoch starts
+    when the cursor reaches the end. The planner's draws and the read-ahead both step so."""
+    cursor += 1
+    return (epoch + 1, 0) if cursor == num_docs else (epoch, cursor)
 
 
 class ReadAhead:
@@ -40,9 +47,7 @@ class ReadAhead:
             ids = []
             for _ in range(chunk):
                 ids.append(self._doc_at(s, epoch, cursor))
-                cursor += 1
-                if cursor == self._num_docs[s]:
-                    epoch, cursor = epoch + 1, 0
+                epoch, cursor = advance(epoch, cursor, self._num_docs[s])
             self._next[s] = (epoch, cursor)
             future = self._submit(s, ids)
             q.extend((d, future, j) for j, d in enumerate(ids))

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slipstream.configfile import apply_overrides, build_section, load_toml
+from slipstream.configfile import apply_overrides, build_config, load_toml
 
-FORMATS = ("text", "jsonl", "parquet")
+FORMATS = ("text", "jsonl", "parquet")  # the formats in slipstream/data/sources/
 BALANCE_METHODS = ("none", "greedy", "kk")
 POOL_KINDS = ("thread", "process")
 ON_ERROR = ("skip", "raise")
@@ -36,6 +36,17 @@ class WeightSchedule:
                     f"schedule: point [{s}, {w}] is negative; steps and weights are >= 0"
                 )
 
+    @classmethod
+    def from_raw(cls, raw: Any, where: str) -> WeightSchedule:
+        """From a list of [step, weight] pairs, as written in TOML."""
+        try:
+            points = tuple((int(s), float(w)) for s, w in raw)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{where}: expected a list of [step, weight] pairs, got {raw!r}"
+            ) from None
+        return cls(points=points)
+
     def weight_at(self, step: int) -> float:
         pts = self.points
         if step <= pts[0][0]:
@@ -46,7 +57,7 @@ class WeightSchedule:
         return float(pts[-1][1])
 
 
-@dataclass(kw_only=True, slots=True)
+@dataclass(kw_only=True, slots=True, frozen=True)
 class SourceSpec:
     """One source of documents."""
 
@@ -91,6 +102,13 @@ class SourceSpec:
         if self.separator == "":
             raise ValueError(f"{where}.separator: must be non-empty (omit it for one doc per file)")
 
+    @classmethod
+    def from_raw(cls, raw: Any, where: str) -> SourceSpec:
+        """From a TOML table; `paths` may be a single string."""
+        if isinstance(raw, dict) and isinstance(raw.get("paths"), str):
+            raw = {**raw, "paths": [raw["paths"]]}
+        return build_config(cls, raw, f"{where} ({raw.get('name', '?')})")
+
     def weight_at(self, step: int) -> float:
         if self.schedule is not None:
             return self.schedule.weight_at(step)
@@ -98,7 +116,7 @@ class SourceSpec:
         return float(self.weight)
 
 
-@dataclass(kw_only=True, slots=True)
+@dataclass(kw_only=True, slots=True, frozen=True)
 class BalanceSpec:
     """How rows are assigned to data-parallel ranks and micro-batches.
 
@@ -123,12 +141,13 @@ class BalanceSpec:
             raise ValueError("balance: linear_cost and attention_cost must be >= 0")
 
 
-@dataclass(kw_only=True, slots=True)
+@dataclass(kw_only=True, slots=True, frozen=True)
 class BackendSpec:
     """Where source loaders run. The stream does not depend on any of these settings."""
 
     kind: str = "local"
-    """`local`: a pool inside this process."""
+    """`local`: a pool inside this process; `inline`: loads in the planner's thread (tests,
+    debugging)."""
     pool: str = "thread"
     """`thread` or `process` (for Python-heavy preprocessing)."""
     num_workers: int = 2
@@ -137,8 +156,10 @@ class BackendSpec:
     """Steps planned and loaded ahead of the consumer."""
 
     def __post_init__(self) -> None:
-        if self.kind != "local":
-            raise ValueError(f"backend.kind: {self.kind!r} is not available; use 'local'")
+        if self.kind not in ("local", "inline"):
+            raise ValueError(
+                f"backend.kind: {self.kind!r} is not available; use 'local' or 'inline'"
+            )
         if self.pool not in POOL_KINDS:
             raise ValueError(f"backend.pool: use 'thread' or 'process', not {self.pool!r}")
         if self.num_workers < 1:
@@ -147,19 +168,17 @@ class BackendSpec:
             raise ValueError(f"backend.prefetch_steps: {self.prefetch_steps} must be >= 1")
 
 
-@dataclass(kw_only=True, slots=True)
+@dataclass(kw_only=True, slots=True, frozen=True)
 class MixtureSpec:
     """A whole data plane: sources, step shape, packing, balance, backend."""
 
-    sources: list[SourceSpec]
+    sources: list[SourceSpec] = field(default_factory=list)
     seq_len: int = 512
     """Tokens per row."""
     micro_batch_size: int = 4
     """Rows per micro-batch."""
     num_micro_batches: int = 1
     """Micro-batches per step per rank (gradient accumulation)."""
-    dp_world_size: int = 1
-    """Data-parallel ranks sharing each step."""
     seed: int = 0
     tokenizer: str = "byte"
     """`byte`, or the path of a Hugging Face `tokenizers` JSON file."""
@@ -170,9 +189,8 @@ class MixtureSpec:
     """Pack several documents per row (best fit); off = one document piece per row, padded."""
     holdout_fraction: float = 0.0
     """Share of each source's documents held out for evaluation (a fixed split by name, the
-    same for every seed); the `train` split never sees them."""
-    split: str = "train"
-    """`train` or `eval`: which side of the holdout this loader draws from."""
+    same for every seed); training never sees them. Which side a loader draws from is an
+    argument of the loader (`split=`), not of the spec."""
     balance: BalanceSpec = field(default_factory=BalanceSpec)
     backend: BackendSpec = field(default_factory=BackendSpec)
     base_dir: str = "."
@@ -184,20 +202,15 @@ class MixtureSpec:
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ValueError(f"sources: names must be unique, got {names}")
-        for key in ("seq_len", "micro_batch_size", "num_micro_batches", "dp_world_size"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{key}: {value!r} must be a positive integer")
+        for key in ("seq_len", "micro_batch_size", "num_micro_batches"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key}: {getattr(self, key)!r} must be a positive integer")
         if self.seq_len < 2:
             raise ValueError(f"seq_len: {self.seq_len} is too short; a row needs >= 2 tokens")
         if self.mix_by not in ("documents", "tokens"):
             raise ValueError(f"mix_by: use 'documents' or 'tokens', not {self.mix_by!r}")
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction: {self.holdout_fraction} must be in [0, 1)")
-        if self.split not in ("train", "eval"):
-            raise ValueError(f"split: use 'train' or 'eval', not {self.split!r}")
-        if self.split == "eval" and self.holdout_fraction == 0:
-            raise ValueError("split: 'eval' needs holdout_fraction > 0")
         if all(s.schedule is None and s.weight == 0 for s in self.sources):
             raise ValueError("sources: every weight is 0; give at least one source a weight > 0")
 
@@ -205,9 +218,8 @@ class MixtureSpec:
     def rows_per_rank(self) -> int:
         return self.micro_batch_size * self.num_micro_batches
 
-    @property
-    def rows_per_step(self) -> int:
-        return self.rows_per_rank * self.dp_world_size
+    def rows_per_step(self, dp_world_size: int) -> int:
+        return self.rows_per_rank * dp_world_size
 
     def weights_at(self, step: int) -> list[float]:
         """Normalized weights in force at `step`."""
@@ -223,16 +235,12 @@ class MixtureSpec:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], base_dir: str = ".") -> MixtureSpec:
-        raw = dict(raw)
-        known = set(cls.__dataclass_fields__)
-        unknown = set(raw) - known
-        if unknown:
-            raise ValueError(f"mixture: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-        sources = [_source_from_dict(i, s) for i, s in enumerate(raw.pop("sources", []))]
-        balance = build_section(BalanceSpec, raw.pop("balance", {}), "balance")
-        backend = build_section(BackendSpec, raw.pop("backend", {}), "backend")
-        raw.setdefault("base_dir", base_dir)
-        return cls(sources=sources, balance=balance, backend=backend, **raw)
+        if isinstance(raw, dict) and "dp_world_size" in raw:
+            raise ValueError(
+                "dp_world_size: the spec no longer holds the number of ranks; training uses "
+                "the process count, and `slipstream data preview` takes --ranks N"
+            )
+        return build_config(cls, {"base_dir": base_dir, **raw}, "data")
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: list[str] = ()) -> MixtureSpec:
@@ -243,12 +251,11 @@ class MixtureSpec:
     def to_dict(self) -> dict[str, Any]:
         """A plain dict that `from_dict` turns back into an equal spec."""
         out: dict[str, Any] = {
-            k: getattr(self, k)
-            for k in ("seq_len", "micro_batch_size", "num_micro_batches", "dp_world_size")
+            k: getattr(self, k) for k in ("seq_len", "micro_batch_size", "num_micro_batches")
         }
         out.update(seed=self.seed, tokenizer=self.tokenizer, packing=self.packing)
         out["mix_by"] = self.mix_by
-        out.update(holdout_fraction=self.holdout_fraction, split=self.split)
+        out["holdout_fraction"] = self.holdout_fraction
         out["base_dir"] = self.base_dir
         out["balance"] = {k: getattr(self.balance, k) for k in BalanceSpec.__dataclass_fields__}
         out["backend"] = {k: getattr(self.backend, k) for k in BackendSpec.__dataclass_fields__}
@@ -260,22 +267,3 @@ class MixtureSpec:
                 d["schedule"] = [list(p) for p in s.schedule.points]
             out["sources"].append(d)
         return out
-
-
-def _source_from_dict(i: int, raw: dict[str, Any]) -> SourceSpec:
-    raw = dict(raw)
-    where = f"sources[{i}] ({raw.get('name', '?')})"
-    unknown = set(raw) - set(SourceSpec.__dataclass_fields__)
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
-    if isinstance(raw.get("paths"), str):
-        raw["paths"] = [raw["paths"]]
-    if "schedule" in raw:
-        try:
-            points = tuple((int(s), float(w)) for s, w in raw["schedule"])
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"{where}.schedule: expected a list of [step, weight] pairs, got {raw['schedule']!r}"
-            ) from None
-        raw["schedule"] = WeightSchedule(points=points)
-    return SourceSpec(**raw)

@@ -1,7 +1,7 @@
-"""The spine: model, distributed setup, training loop, checkpoints."""
+"""The spine: setup, the training loop, evaluation, checkpoints, distributed wrapping."""
 
-from slipstream.train.loop import TrainConfig, Trainer
-from slipstream.train.model import GPT, ModelConfig, build_model
+from slipstream.train.config import TrainConfig
+from slipstream.train.loop import Trainer
 from slipstream.train.optim import OptimConfig
 
-__all__ = ["GPT", "ModelConfig", "OptimConfig", "TrainConfig", "Trainer", "build_model"]
+__all__ = ["OptimConfig", "TrainConfig", "Trainer"]

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from slipstream.configfile import VERSION_KEY, check_version
 from slipstream.train.distributed import Dist, barrier
 
 CHECKPOINT_VERSION = 1
@@ -77,7 +78,7 @@ def save_checkpoint(
         torch.save(model, tmp / "model.pt")
         torch.save(optimizer, tmp / "optimizer.pt")
         (tmp / "data.json").write_text(json.dumps(data))
-        meta = {**meta, "version": CHECKPOINT_VERSION, "step": step, "world_size": d.world_size}
+        meta = {**meta, VERSION_KEY: CHECKPOINT_VERSION, "step": step, "world_size": d.world_size}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     barrier(d)
     if d.is_main:
@@ -93,11 +94,7 @@ def save_checkpoint(
 def load_checkpoint(path: Path, d: Dist, model_config: dict) -> dict[str, Any]:
     """The checkpoint's parts, after checking it fits this run; RNG restored in place."""
     meta = json.loads((path / "meta.json").read_text())
-    if meta.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(
-            f"{path}: checkpoint version {meta.get('version')} is not {CHECKPOINT_VERSION}; "
-            "it was written by another Slipstream version"
-        )
+    check_version(meta, CHECKPOINT_VERSION, f"{path}: checkpoint")
     diff = {
         k: (meta["model"].get(k), v) for k, v in model_config.items() if meta["model"].get(k) != v
     }

@@ -1,9 +1,12 @@
-"""Process groups from torchrun's environment. One process and no group by default; under
-`torchrun` a data-parallel group over all ranks (gloo on CPU, NCCL on CUDA)."""
+"""Process groups from torchrun's environment, and data-parallel wrapping. One process and no
+group by default; under `torchrun` a data-parallel group over all ranks (gloo on CPU, NCCL on
+CUDA), with DDP whose communication hook notes when each gradient bucket is ready, so the
+trainer can measure exposed communication. A 2-D mesh (data x tensor parallel) goes here."""
 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -68,3 +71,29 @@ def barrier(d: Dist) -> None:
 def shutdown(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def wrap_ddp(model: torch.nn.Module, d: Dist):
+    """DDP around `model` with a timed all-reduce hook, or None on one process. Returns
+    (ddp or None, the list the hook appends bucket-ready times to)."""
+    times: list[float] = []
+    if not d.enabled:
+        return None, times
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # broadcast_buffers off: the only buffers (RoPE tables) are the same everywhere.
+    ddp = DDP(
+        model,
+        broadcast_buffers=False,
+        device_ids=[d.device] if d.device.type == "cuda" else None,
+    )
+    ddp.register_comm_hook(times, timed_allreduce)
+    return ddp, times
+
+
+def timed_allreduce(times: list[float], bucket):
+    """DDP comm hook: the default all-reduce (averaged), noting when each bucket is ready."""
+    times.append(time.perf_counter())
+    world = dist.get_world_size()
+    fut = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0].div_(world))

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 
-@dataclass(kw_only=True, slots=True)
+@dataclass(kw_only=True, slots=True, frozen=True)
 class OptimConfig:
     lr: float = 3e-4
     """Peak learning rate."""

@@ -65,7 +65,7 @@ class Progress:
         if self.mfu_scale:
             info += f"  MFU {row['tokens_per_s'] * self.mfu_scale:.1%}"
         if row.get("eval_loss") is not None:
-            info += f"  eval {row['eval_loss']:.4f}"
+            info += f"  eval {row['eval_loss']:.4f} ({row['eval_bpb']:.3f} bits/byte)"
         self.bar.update(self.task, completed=row["step"], info=info)
         every = self.cfg.log_every
         if not self.live and every and (row["step"] % every == 0 or row["step"] == self.cfg.steps):
@@ -77,7 +77,7 @@ def print_summary(
     history: list[dict],
     shares: dict[str, float],
     diagnosis: Diagnosis | None,
-    sample: str,
+    samples: list[str],
     model,
 ) -> None:
     if history:
@@ -86,9 +86,21 @@ def print_summary(
             f"\n{model.num_params():,} parameters; loss {first['loss']:.4f} -> {last['loss']:.4f}"
             f" over {len(history)} steps"
         )
-    if sample:
-        console.rule("sample")
+        evals = [r for r in history if "eval_bpb" in r]
+        if evals:
+            per_source = "  ".join(
+                f"{k.split('/', 1)[1]} {v:.3f}"
+                for k, v in evals[-1].items()
+                if k.startswith("eval_bpb/")
+            )
+            console.print(
+                f"held-out bits per byte {evals[0]['eval_bpb']:.3f} (step {evals[0]['step']}) -> "
+                f"{evals[-1]['eval_bpb']:.3f} (step {evals[-1]['step']}); {per_source}"
+            )
+    for i, sample in enumerate(samples):
+        console.rule(f"sample {i + 1}")
         console.print(sample, markup=False, highlight=False)
+    if samples:
         console.rule()
     if shares:
         table = Table(title="step breakdown", caption="after the first step")

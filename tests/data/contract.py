@@ -11,13 +11,16 @@ from __future__ import annotations
 import numpy as np
 
 from slipstream.data import MixtureLoader, MixtureSpec, build_source_loaders
+from tests.conftest import WORLD_SIZE
 
 KEYS = ("input_ids", "labels", "position_ids", "doc_ids", "source_ids", "cu_seqlens")
 
 
-def run_steps(spec: MixtureSpec, num_steps: int, state: dict | None = None):
+def run_steps(
+    spec: MixtureSpec, num_steps: int, state: dict | None = None, world_size: int = WORLD_SIZE
+):
     """Every rank's batches for `num_steps` steps, and the loaders' state afterwards."""
-    loaders = [MixtureLoader(spec, dp_rank=r) for r in range(spec.dp_world_size)]
+    loaders = [MixtureLoader(spec, r, world_size) for r in range(world_size)]
     try:
         if state is not None:
             for ldr in loaders:
@@ -57,12 +60,19 @@ def per_source(stream, names) -> dict[str, list[int]]:
     return {n: [d for s, d in stream if names[s] == n] for n in names}
 
 
-def check_resume(spec: MixtureSpec, split: int, total: int, after: MixtureSpec | None = None):
+def check_resume(
+    spec: MixtureSpec,
+    split: int,
+    total: int,
+    after: MixtureSpec | None = None,
+    after_world_size: int = WORLD_SIZE,
+):
+    """Resume after `split` of `total` steps, optionally under another spec or world size."""
     ref, _ = run_steps(spec, total)
     first, state = run_steps(spec, split)
-    second, _ = run_steps(after or spec, total - split, state)
+    second, _ = run_steps(after or spec, total - split, state, after_world_size)
     assert_same_batches(first, ref[:split])
-    if after is None:
+    if after is None and after_world_size == WORLD_SIZE:
         assert_same_batches(second, ref[split:])
     # Every source's documents come in the same order as without stopping: nothing skipped,
     # nothing repeated, whatever changed in between.

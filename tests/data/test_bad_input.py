@@ -114,10 +114,10 @@ def test_index_cache_is_rebuilt_when_the_shard_changes(tmp_path):
 
 
 def test_read_error_mid_run_loses_nothing_delivered(tmp_path):
-    raw = corpus_spec(tmp_path, "jsonl", dp_world_size=1)
+    raw = corpus_spec(tmp_path, "jsonl")
     raw["backend"]["prefetch_steps"] = 1
     spec = MixtureSpec.from_dict(raw, base_dir=str(tmp_path))
-    ref, _ = run_steps(spec, 30)
+    ref, _ = run_steps(spec, 30, world_size=1)
     shards = sorted(tmp_path.glob("*/part-*.jsonl"))
     good = {p: p.read_bytes() for p in shards}
     loader = MixtureLoader(spec)
@@ -132,16 +132,16 @@ def test_read_error_mid_run_loses_nothing_delivered(tmp_path):
     loader.close()
     for p in shards:
         p.write_bytes(good[p])
-    rest, _ = run_steps(spec, 30 - len(delivered), loader.state_dict())
+    rest, _ = run_steps(spec, 30 - len(delivered), loader.state_dict(), world_size=1)
     assert_same_batches([[b] for b in delivered] + rest, ref)
     assert len(delivered) < 30 and state["planner"]["step"] == 2
 
 
 def test_killed_loader_worker_is_replaced_and_the_stream_unchanged(tmp_path):
-    raw = corpus_spec(tmp_path, "jsonl", dp_world_size=1)
+    raw = corpus_spec(tmp_path, "jsonl")
     raw["backend"].update(pool="process", prefetch_steps=1)
     spec = MixtureSpec.from_dict(raw, base_dir=str(tmp_path))
-    ref, _ = run_steps(spec, 8)
+    ref, _ = run_steps(spec, 8, world_size=1)
     with MixtureLoader(spec) as loader:
         got = [next(loader) for _ in range(2)]
         pids = loader.backend.worker_pids()

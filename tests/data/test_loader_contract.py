@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import copy
+from dataclasses import replace
 
 import pytest
 
@@ -31,7 +31,7 @@ def test_resume_at_epoch_boundary_gives_identical_batches(tmp_path, fmt, pool):
     # The first step after which the small "long" source has wrapped into its second epoch.
     states = [s[0].state_after["sources"]["long"]["epoch"] for s in ref]
     split = states.index(1) + 1
-    spec.backend.pool = pool
+    spec = replace(spec, backend=replace(spec.backend, pool=pool))
     check_resume(spec, split=split, total=split + 3)
 
 
@@ -47,9 +47,9 @@ def test_resume_after_weight_change_loses_and_repeats_nothing(tmp_path, fmt, poo
 def test_resume_with_other_world_size_continues_the_stream(tmp_path, fmt, pool):
     spec = spec_for(tmp_path, fmt, pool)
     raw = spec.to_dict()
-    raw["dp_world_size"], raw["micro_batch_size"] = 4, 1
-    after = MixtureSpec.from_dict(raw)
-    ref, first, second = check_resume(spec, split=3, total=8, after=after)
+    raw["micro_batch_size"] = 1
+    after = MixtureSpec.from_dict(raw)  # 4 ranks x 1 row: the same rows per step as 2 x 2
+    ref, first, second = check_resume(spec, split=3, total=8, after=after, after_world_size=4)
     # With constant weights the document stream does not depend on how steps cut it.
     resumed = merged_stream(first + second)
     want = merged_stream(ref)
@@ -61,9 +61,8 @@ def test_stream_is_identical_for_any_worker_count_and_pool(tmp_path):
     base = MixtureSpec.from_dict(corpus_spec(tmp_path, "jsonl"), base_dir=str(tmp_path))
     ref, _ = run_steps(base, 5)
     for pool, workers, prefetch in (("thread", 1, 1), ("thread", 4, 3), ("process", 3, 2)):
-        spec = copy.deepcopy(base)
-        spec.backend.pool, spec.backend.num_workers = pool, workers
-        spec.backend.prefetch_steps = prefetch
+        backend = replace(base.backend, pool=pool, num_workers=workers, prefetch_steps=prefetch)
+        spec = replace(base, backend=backend)
         assert_same_batches(run_steps(spec, 5)[0], ref)
 
 

@@ -5,29 +5,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from slipstream.data import MixtureSpec, Planner, build_micro_batch, build_source_loaders
-from slipstream.data.constructor import IGNORE_INDEX
-from slipstream.data.planner import Piece, pack_best_fit
-from tests.conftest import corpus_spec
+from slipstream.data import (
+    InlineBackend,
+    MixtureSpec,
+    Planner,
+    build_micro_batch,
+    build_source_loaders,
+)
+from slipstream.data.batch import IGNORE_INDEX
+from slipstream.data.packing import Piece, pack_best_fit
+from tests.conftest import WORLD_SIZE, corpus_spec
 
 
-class Loaded:
-    """A finished load: the planner's submit contract without a pool."""
-
-    def __init__(self, tokens):
-        self.tokens = tokens
-
-    def result(self):
-        return self.tokens
-
-
-def make_planner(spec: MixtureSpec) -> tuple[Planner, list]:
-    loaders = build_source_loaders(spec)
-
-    def submit(s, ids):
-        return Loaded(loaders[s].get_many(ids))
-
-    return Planner(spec, [ld.num_docs for ld in loaders], submit), loaders
+def make_planner(spec: MixtureSpec, **kw) -> tuple[Planner, list]:
+    """A planner over the inline backend (loads when asked, in this thread)."""
+    backend = InlineBackend(build_source_loaders(spec))
+    kw.setdefault("dp_world_size", WORLD_SIZE)
+    return Planner(spec, backend.num_docs, backend.submit, **kw), backend.loaders
 
 
 def spec_of(tmp_path, **kw) -> MixtureSpec:
@@ -69,7 +63,7 @@ def test_packing_keeps_every_token_and_boundary(tmp_path):
     seen: dict[tuple[int, int], list[Piece]] = {}
     for _ in range(6):
         plan = planner.plan_step()
-        assert sum(p.length for r in plan.rows for p in r) == spec.rows_per_step * spec.seq_len
+        assert sum(p.length for r in plan.rows for p in r) == planner.rows_per_step * spec.seq_len
         for r in plan.rows:
             assert sum(p.length for p in r) <= spec.seq_len
             for p in r:
@@ -139,7 +133,7 @@ def test_state_from_another_version_is_refused(tmp_path):
 
 def test_holdout_split_is_disjoint_and_fixed(tmp_path):
     train, _ = make_planner(spec_of(tmp_path, holdout_fraction=0.2))
-    evals, _ = make_planner(spec_of(tmp_path, holdout_fraction=0.2, split="eval", seed=99))
+    evals, _ = make_planner(spec_of(tmp_path, holdout_fraction=0.2, seed=99), split="eval")
     a, b = set(draw_stream(train, 300)), set(draw_stream(evals, 60))
     assert a and b and not a & b
     assert evals.num_docs[0] == 60 and train.num_docs[0] == 240  # 20% of 300 "short" docs

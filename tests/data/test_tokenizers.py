@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from slipstream.data import ByteTokenizer, MixtureSpec, build_source_loaders, build_tokenizer
-from slipstream.data.preview import mixture_texts
-from slipstream.data.tokenizers import train_bpe
+from slipstream.tools.tokenizer import mixture_texts, train_bpe
 from tests.conftest import corpus_spec
 
 

@@ -22,7 +22,6 @@ def write_recipe(tmp_path: Path, name: str = "recipe.toml", **data_overrides) ->
         "seq_len": 64,
         "micro_batch_size": 2,
         "num_micro_batches": 2,
-        "dp_world_size": 1,
         "holdout_fraction": 0.1,
     }
     data = corpus_spec(tmp_path, "jsonl", **{**shape, **data_overrides})
@@ -109,7 +108,11 @@ def test_train_cli_runs_evaluates_checkpoints_and_reports(tmp_path):
         "step_00000003",
         "step_00000006",
     ]
-    assert json.loads((run / "config.json").read_text())["model"]["vocab_size"] == 257
+    # The recipe says vocab_size = 0 (the tokenizer's); what it resolved to is saved beside it.
+    assert json.loads((run / "config.json").read_text())["model"]["vocab_size"] == 0
+    resolved = json.loads((run / "resolved.json").read_text())
+    assert resolved["model"]["vocab_size"] == 257 and resolved["data"]["dp_world_size"] == 1
+    assert 0 < rows[2]["eval_bpb"] < 12 and "eval_bpb/short" in rows[2]
     assert "-bound:" in out.stdout and "step breakdown" in out.stdout
     assert "sample" in out.stdout
 
@@ -154,6 +157,9 @@ def test_every_recipe_parses(recipe):
         ("trainer.steps=3", "unknown sections ['trainer']"),
         ("model.d_model=30", "must split into 2 heads"),
         ("train.steps", "expected KEY=VALUE"),
+        ("optim.lr=abc", "optim.lr: 'abc' is not a number"),
+        ("train.steps=2.5", "train.steps: 2.5 is not an integer"),
+        ("model.kind=rnn", "model.kind: 'rnn' is unknown"),
     ],
 )
 def test_bad_recipes_and_overrides_print_one_line(tmp_path, override, message):

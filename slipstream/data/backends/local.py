@@ -16,25 +16,25 @@ from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
-from slipstream.data.source_loader import SourceLoader, build_source_loaders
+from slipstream.data.sources.loader import SourceLoader, build_source_loaders
 from slipstream.data.spec import MixtureSpec
 
-_local = threading.local()  # per thread (or per process): {spec key: [SourceLoader, ...]}
+_local = threading.local()  # per thread (or per process): {(spec, tokenizer): [SourceLoader]}
 MAX_RETRIES = 3
 
 
-def _loaders(spec_dict: dict) -> list[SourceLoader]:
-    key = repr(spec_dict)
+def _loaders(spec_dict: dict, tokenizer: str) -> list[SourceLoader]:
+    key = repr((spec_dict, tokenizer))
     cache = getattr(_local, "loaders", None)
     if cache is None:
         cache = _local.loaders = {}
     if key not in cache:
-        cache[key] = build_source_loaders(MixtureSpec.from_dict(spec_dict))
+        cache[key] = build_source_loaders(MixtureSpec.from_dict(spec_dict), tokenizer)
     return cache[key]
 
 
-def _load_task(spec_dict: dict, source: int, ids: list[int]) -> list[np.ndarray]:
-    return _loaders(spec_dict)[source].get_many(ids)
+def _load_task(spec_dict: dict, tokenizer: str, source: int, ids: list[int]) -> list[np.ndarray]:
+    return _loaders(spec_dict, tokenizer)[source].get_many(ids)
 
 
 class _Task:
@@ -59,12 +59,13 @@ class _Task:
 class LocalBackend:
     """submit(source, ids) -> a task whose result() is the documents' token arrays."""
 
-    def __init__(self, spec: MixtureSpec) -> None:
+    def __init__(self, spec: MixtureSpec, tokenizer: str | None = None) -> None:
         self.spec = spec
         self._spec_dict = spec.to_dict()
+        self._tokenizer = tokenizer or spec.tokenizer
         # Built here too: it validates every source up front (clear errors before any thread
         # starts) and builds the index caches the workers then read.
-        loaders = build_source_loaders(spec)
+        loaders = build_source_loaders(spec, self._tokenizer)
         self.num_docs = [ldr.num_docs for ldr in loaders]
         self.num_bad = [ldr.num_bad for ldr in loaders]
         self.tokenizer = loaders[0].tokenizer
@@ -90,7 +91,9 @@ class LocalBackend:
                 if self._pool is None:
                     self._pool = self._make_pool()
                 try:
-                    return self._pool, self._pool.submit(_load_task, self._spec_dict, source, ids)
+                    return self._pool, self._pool.submit(
+                        _load_task, self._spec_dict, self._tokenizer, source, ids
+                    )
                 except BrokenProcessPool:
                     self._pool.shutdown(wait=False, cancel_futures=True)
                     self._pool = None

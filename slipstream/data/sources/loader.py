@@ -12,9 +12,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-from slipstream.data.formats import ShardIndex, list_shards, load_index, make_format
+from slipstream.data.sources import make_format
+from slipstream.data.sources.base import ShardIndex, list_shards
+from slipstream.data.sources.index import load_index
+from slipstream.data.sources.tokenizers import Tokenizer, build_tokenizer
 from slipstream.data.spec import MixtureSpec, SourceSpec
-from slipstream.data.tokenizers import Tokenizer, build_tokenizer
 
 
 class SourceLoader:
@@ -76,6 +78,7 @@ def load_transform(ref: str | None, source: str) -> Callable[[str], str] | None:
     return fn
 
 
-def build_source_loaders(spec: MixtureSpec) -> list[SourceLoader]:
-    tokenizer = build_tokenizer(spec.tokenizer, spec.base_dir)
+def build_source_loaders(spec: MixtureSpec, tokenizer: str | None = None) -> list[SourceLoader]:
+    """One loader per source; `tokenizer` (a name or path) overrides `spec.tokenizer`."""
+    tokenizer = build_tokenizer(tokenizer or spec.tokenizer, spec.base_dir)
     return [SourceLoader(s, tokenizer, spec.resolve) for s in spec.sources]

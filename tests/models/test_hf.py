@@ -8,8 +8,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from slipstream.train.hf_model import HFCausalLM, resolve_hf_path  # noqa: E402
-from slipstream.train.model import ModelConfig  # noqa: E402
+from slipstream.models import HFConfig  # noqa: E402
+from slipstream.models.hf import HFCausalLM, resolve_hf_path  # noqa: E402
 
 TINY_LLAMA = {
     "model_type": "llama",
@@ -25,7 +25,7 @@ TINY_LLAMA = {
 
 def tiny() -> HFCausalLM:
     torch.manual_seed(0)
-    return HFCausalLM(ModelConfig(kind="hf", hf_config=dict(TINY_LLAMA))).eval()
+    return HFCausalLM(HFConfig(config=dict(TINY_LLAMA))).eval()
 
 
 def test_packed_documents_do_not_see_each_other():

@@ -1,11 +1,13 @@
 """Tokenizers used inside source loaders: byte-level (no files) and BPE from a Hugging Face
-`tokenizers` JSON file, plus training such a BPE on a mixture. Every tokenizer appends an
-end-of-document token to each document so the model learns where documents end.
+`tokenizers` JSON file. Every tokenizer appends an end-of-document token to each document so
+the model learns where documents end, and tells how many UTF-8 bytes each token stands for, so
+a loss can be reported in bits per byte whatever the tokenizer. (Training a BPE is a tool:
+`slipstream/tools/tokenizer.py`.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
@@ -23,6 +25,10 @@ class Tokenizer(Protocol):
         ...
 
     def decode(self, ids: Iterable[int]) -> str: ...
+
+    def token_bytes(self) -> np.ndarray:
+        """int64 [vocab_size]: UTF-8 bytes each token decodes to (0 for special tokens)."""
+        ...
 
 
 class ByteTokenizer:
@@ -43,6 +49,11 @@ class ByteTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def token_bytes(self) -> np.ndarray:
+        out = np.ones(self.vocab_size, dtype=np.int64)
+        out[self.eos_id] = 0
+        return out
 
 
 class HFTokenizer:
@@ -72,6 +83,26 @@ class HFTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids])
 
+    def token_bytes(self) -> np.ndarray:
+        """Byte-level BPE tokens are strings over a 256-character alphabet, one per byte;
+        SentencePiece-style ones are text (with '\u2581' for a space) or byte tokens `<0xNN>`."""
+        import json
+
+        decoder = json.loads(self._tok.to_str()).get("decoder") or {}
+        byte_level = "ByteLevel" in json.dumps(decoder)
+        special = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
+        out = np.zeros(self.vocab_size, dtype=np.int64)
+        for tok, i in self._tok.get_vocab(with_added_tokens=True).items():
+            if i >= self.vocab_size or tok in special:
+                continue
+            if byte_level:
+                out[i] = len(tok)
+            elif tok.startswith("<0x") and tok.endswith(">") and len(tok) == 6:
+                out[i] = 1
+            else:
+                out[i] = len(tok.replace("\u2581", " ").encode("utf-8"))
+        return out
+
 
 def build_tokenizer(name: str, base_dir: str | Path = ".") -> Tokenizer:
     """`byte`, or a path (relative to `base_dir`) of a tokenizers JSON file."""
@@ -79,26 +110,3 @@ def build_tokenizer(name: str, base_dir: str | Path = ".") -> Tokenizer:
         return ByteTokenizer()
     path = Path(name).expanduser()
     return HFTokenizer(path if path.is_absolute() else Path(base_dir) / path)
-
-
-def train_bpe(texts: Iterator[str], out_path: str | Path, vocab_size: int) -> HFTokenizer:
-    """Train a byte-level BPE on `texts` and save it as a tokenizers JSON file."""
-    from tokenizers import Tokenizer as _Tok
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    if vocab_size < 300:
-        raise ValueError(f"vocab_size: {vocab_size} is too small for byte-level BPE; use >= 300")
-    tok = _Tok(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out_path))
-    return HFTokenizer(out_path)

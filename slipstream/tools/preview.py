@@ -1,12 +1,10 @@
 """`slipstream data preview`: runs the data plane for a few steps and reports what it delivers:
 per-source proportions against target, tokens/s, packing efficiency and the attention-cost
-imbalance across ranks with and without balancing. Also the mixture sampler used to train a
-tokenizer."""
+imbalance across a chosen number of ranks with and without balancing."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +13,6 @@ from rich.progress import track
 from rich.table import Table
 
 from slipstream.data.loader import MixtureLoader
-from slipstream.data.source_loader import build_source_loaders
 from slipstream.data.spec import MixtureSpec
 
 
@@ -32,11 +29,13 @@ class PreviewReport:
     num_bad: list[int]
 
 
-def run_preview(spec: MixtureSpec, num_steps: int, show_progress: bool = True) -> PreviewReport:
+def run_preview(
+    spec: MixtureSpec, num_steps: int, num_ranks: int = 1, show_progress: bool = True
+) -> PreviewReport:
     n = len(spec.sources)
     docs, tokens = np.zeros(n, np.int64), np.zeros(n, np.int64)
     slots, imb, imb0 = 0, [], []
-    with MixtureLoader(spec) as loader:
+    with MixtureLoader(spec, dp_world_size=num_ranks) as loader:
         it = iter(loader)
         first = next(it)  # start-up (index loading, pool start) is not throughput
         t0 = time.perf_counter()
@@ -67,7 +66,9 @@ def run_preview(spec: MixtureSpec, num_steps: int, show_progress: bool = True) -
     )
 
 
-def print_preview(spec: MixtureSpec, report: PreviewReport, console: Console | None = None) -> None:
+def print_preview(
+    spec: MixtureSpec, report: PreviewReport, num_ranks: int, console: Console | None = None
+) -> None:
     console = console or Console()
     table = Table(title="sources")
     cols = (
@@ -99,20 +100,7 @@ def print_preview(spec: MixtureSpec, report: PreviewReport, console: Console | N
         f"{report.packing_efficiency:.1%} non-padding"
     )
     console.print(
-        f"attention-cost imbalance (max/mean over {spec.dp_world_size} ranks): "
+        f"attention-cost imbalance (max/mean over {num_ranks} ranks): "
         f"{report.imbalance_unbalanced:.3f} unbalanced -> {report.imbalance:.3f} "
         f"with {spec.balance.method!r}"
     )
-
-
-def mixture_texts(spec: MixtureSpec, max_docs: int) -> Iterator[str]:
-    """Up to `max_docs` raw documents drawn across sources in proportion to the step-0 weights,
-    for training a tokenizer."""
-    loaders = build_source_loaders(spec)
-    rng = np.random.default_rng(spec.seed)
-    for ldr, w in zip(loaders, spec.weights_at(0), strict=True):
-        k = min(ldr.num_docs, int(round(max_docs * w)))
-        ids = np.sort(rng.choice(ldr.num_docs, size=k, replace=False))
-        for start in range(0, k, 256):
-            yield from ldr.read_texts(ids[start : start + 256])
-        ldr.close()

@@ -1,10 +1,20 @@
-"""DataConstructor: turns one micro-batch of planned rows into tensors.
+"""The batch builder: one micro-batch of planned rows (packing happened in the planner) into
+tensors.
 
-Per row: `input_ids`, `labels` (the next token of the same document, -100 where there is none
-or on padding), `position_ids` that restart at every document piece, `doc_ids` (the piece's
-number within its row, -1 on padding) for a block-diagonal causal mask, and `source_ids`.
+Per row: `input_ids`, `labels`, `position_ids` that restart at every piece (a document cut
+across rows or steps restarts its positions in each piece), `doc_ids` (the piece's number
+within its row, -1 on padding) for a block-diagonal causal mask, and `source_ids`.
 `cu_seqlens` gives the segment boundaries of the flattened micro-batch (padding is a segment
 of its own) for variable-length attention kernels. Nothing here decides what goes where.
+
+Two label conventions:
+- `next` (Slipstream's trainer): `labels[t]` is the token after `input_ids[t]` in the same
+  document, -100 where there is none or on padding. A piece's last token keeps its target
+  even when the document was cut there, so no prediction target is lost.
+- `hf` (Hugging Face models, which shift `labels` themselves): `labels[t] = input_ids[t]`,
+  -100 on padding and on the first token of every piece, so the shifted loss never predicts
+  across a document boundary. The target of a cut piece's last token is not expressible this
+  way and is lost (one per cut).
 """
 
 from __future__ import annotations
@@ -12,13 +22,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from slipstream.data.planner import DocKey, Piece
+from slipstream.data.packing import DocKey, Piece
 
 IGNORE_INDEX = -100
+LABELS = ("next", "hf")
 
 
 def build_micro_batch(
-    rows: list[list[Piece]], tokens: dict[DocKey, np.ndarray], seq_len: int, pad_id: int
+    rows: list[list[Piece]],
+    tokens: dict[DocKey, np.ndarray],
+    seq_len: int,
+    pad_id: int,
+    labels_as: str = "next",
 ) -> dict[str, torch.Tensor]:
     num_rows = len(rows)
     input_ids = np.full((num_rows, seq_len), pad_id, dtype=np.int64)
@@ -33,10 +48,13 @@ def build_micro_batch(
             doc = tokens[(p.source, p.doc)]
             n, end = p.length, pos + p.length
             input_ids[r, pos:end] = doc[p.start : p.start + n]
-            # The target of a piece's last token is the document's next token, when it has one:
-            # a document cut across rows or steps loses no prediction target.
-            tail = doc[p.start + 1 : p.start + n + 1]
-            labels[r, pos : pos + len(tail)] = tail
+            if labels_as == "hf":
+                labels[r, pos + 1 : end] = doc[p.start + 1 : p.start + n]
+            else:
+                # The target of a piece's last token is the document's next token, when it has
+                # one: a document cut across rows or steps loses no prediction target.
+                tail = doc[p.start + 1 : p.start + n + 1]
+                labels[r, pos : pos + len(tail)] = tail
             position_ids[r, pos:end] = np.arange(n)
             doc_ids[r, pos:end] = j
             source_ids[r, pos:end] = p.source

@@ -213,7 +213,6 @@ def write_demo_spec(out_dir: Path, spec_out: Path, manifest: dict) -> None:
         "seq_len = 2048",
         "micro_batch_size = 4",
         "num_micro_batches = 1",
-        "dp_world_size = 4",
         "seed = 0",
         'tokenizer = "byte"',
         "packing = true",

@@ -1,0 +1,39 @@
+"""Inline backend: loads in the calling thread, when the planner asks. No pool, no read-ahead
+benefit; the simplest backend, for tests, tools and debugging (`backend.kind = "inline"`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from slipstream.data.sources.loader import SourceLoader
+
+
+class Loaded:
+    """A finished load."""
+
+    __slots__ = ("tokens",)
+
+    def __init__(self, tokens: list[np.ndarray]) -> None:
+        self.tokens = tokens
+
+    def result(self) -> list[np.ndarray]:
+        return self.tokens
+
+
+class InlineBackend:
+    def __init__(self, loaders: Sequence[SourceLoader]) -> None:
+        self.loaders = list(loaders)
+        self.num_docs = [ldr.num_docs for ldr in self.loaders]
+        self.num_bad = [ldr.num_bad for ldr in self.loaders]
+        self.tokenizer = self.loaders[0].tokenizer
+        self.num_loaded = [0] * len(self.loaders)  # documents tokenized per source
+
+    def submit(self, source: int, ids: list[int]) -> Loaded:
+        self.num_loaded[source] += len(ids)
+        return Loaded(self.loaders[source].get_many(ids))
+
+    def close(self) -> None:
+        for ldr in self.loaders:
+            ldr.close()

@@ -1,0 +1,50 @@
+"""The per-shard index cache: built once, validated as it is built (corrupt records are left out
+and counted), and cached beside the shard in `.NAME.slipidx.npz` (or in the user cache when the
+folder is read-only), invalidated when the shard's size or mtime changes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from slipstream.data.sources.base import ShardIndex, SourceFormat
+
+INDEX_VERSION = 1
+
+
+def load_index(fmt: SourceFormat, path: str) -> ShardIndex:
+    """The shard's index from its cache when the shard is unchanged, else built and cached."""
+    st = os.stat(path)
+    stamp = f"{INDEX_VERSION}|{fmt.fingerprint()}|{st.st_size}|{st.st_mtime_ns}"
+    cache = _cache_path(path)
+    if cache.is_file():
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                if str(z["stamp"]) == stamp:
+                    return ShardIndex(path, z["a"], z["b"], int(z["num_bad"]))
+        except Exception:  # noqa: BLE001 - any unreadable cache (truncated zip, ...) is rebuilt
+            pass
+    index = fmt.build_index(path)
+    _save_index(cache, index, stamp)
+    return index
+
+
+def _cache_path(path: str) -> Path:
+    """Beside the shard; in the user's cache when the shard's folder is read-only."""
+    p = Path(path).resolve()
+    if os.access(p.parent, os.W_OK):
+        return p.with_name(f".{p.name}.slipidx.npz")
+    digest = hashlib.sha1(str(p).encode()).hexdigest()[:16]
+    return Path.home() / ".cache" / "slipstream" / "index" / f"{digest}.npz"
+
+
+def _save_index(cache: Path, index: ShardIndex, stamp: str) -> None:
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    # Written to a temporary name and renamed so a crash never leaves a half-written index.
+    tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}-{threading.get_ident()}.npz")
+    np.savez(tmp, a=index.a, b=index.b, num_bad=index.num_bad, stamp=np.array(stamp))
+    os.replace(tmp, cache)

@@ -1,0 +1,85 @@
+"""The model seam: `CausalLM`, what the trainer needs of any model, and `CausalLMBase`, the
+parts every model shares (parameter counts, FLOPs per token, sampling). Tensor-parallel layers
+(`parallel.tp > 1`) will plug in below this seam, inside the models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@runtime_checkable
+class CausalLM(Protocol):
+    vocab_size: int
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab] of a packed batch; attention stays within documents."""
+        ...
+
+    def num_params(self, embeddings: bool = True) -> int: ...
+
+    def flops_per_token(self, seq_len: int) -> float: ...
+
+    def generate(self, ids: list[int], max_new_tokens: int, seed: int = 0) -> list[int]: ...
+
+    def tokenizer_file(self, out: Path) -> Path | None:
+        """Write the model's own tokenizer (a `tokenizers` JSON file) for the data plane to
+        use, and return its path; None when the model has none (the data spec names one)."""
+        ...
+
+
+class CausalLMBase(nn.Module):
+    """Shared parts; a model sets `vocab_size`, `num_layers`, `width`, `max_context`, and
+    implements `forward` and `input_embeddings`."""
+
+    vocab_size: int
+    num_layers: int
+    width: int
+    max_context: int
+
+    def input_embeddings(self) -> nn.Module:
+        raise NotImplementedError
+
+    def num_params(self, embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n if embeddings else n - self.input_embeddings().weight.numel()
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 per weight plus attention scores (full causal rows)."""
+        return 6 * self.num_params(embeddings=False) + 6 * self.num_layers * self.width * seq_len
+
+    def tokenizer_file(self, out: Path) -> Path | None:
+        return None
+
+    @torch.no_grad()
+    def generate(
+        self,
+        ids: list[int],
+        max_new_tokens: int,
+        temperature: float = 0.8,
+        top_k: int = 40,
+        seed: int = 0,
+    ) -> list[int]:
+        """Sample a continuation, top-k, seeded (no KV cache: the demo models are small)."""
+        device = self.input_embeddings().weight.device
+        g = torch.Generator(device=device).manual_seed(seed)
+        out = list(ids)
+        for _ in range(max_new_tokens):
+            ctx = torch.tensor([out[-self.max_context :]], device=device)
+            logits = self(ctx)[0, -1].float() / max(temperature, 1e-5)
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+                logits[logits < kth] = -float("inf")
+            out.append(int(torch.multinomial(F.softmax(logits, -1), 1, generator=g)))
+        return out[len(ids) :]

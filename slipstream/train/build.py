@@ -1,0 +1,66 @@
+"""Setup in one place: the model, and the agreement between its vocabulary and the data
+plane's tokenizer. Returns values and changes no config: what it resolves (the vocabulary
+size, the tokenizer file, the world size) is returned and saved as `resolved.json`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from slipstream.data.sources.tokenizers import build_tokenizer
+from slipstream.models import CausalLMBase, GPTConfig, ModelConfig, build_model
+from slipstream.train.distributed import Dist
+
+if TYPE_CHECKING:  # the root config imports this package's config: no import at run time
+    from slipstream.config import RunConfig
+
+
+@dataclass(slots=True)
+class Built:
+    model: CausalLMBase
+    model_config: ModelConfig
+    """The model's config with everything resolved (GPT: vocab_size)."""
+    tokenizer: str
+    """The data plane's tokenizer: `byte` or a file path."""
+
+    def resolved(self, d: Dist) -> dict:
+        """Run-time facts, saved beside config.json."""
+        return {
+            "model": self.model_config.to_dict(),
+            "data": {"tokenizer": self.tokenizer, "dp_world_size": d.world_size},
+            "num_params": self.model.num_params(),
+        }
+
+
+def build(cfg: RunConfig, d: Dist, out_dir: Path) -> Built:
+    """The model (seeded by train.seed) and the data plane's tokenizer, made to agree."""
+    spec, model_cfg = cfg.data, cfg.model
+    torch.manual_seed(cfg.train.seed)
+    if spec.tokenizer == "model":
+        if isinstance(model_cfg, GPTConfig):
+            raise ValueError(
+                "data.tokenizer: 'model' needs model.kind = 'hf'; use 'byte' or a tokenizer file"
+            )
+        model = build_model(model_cfg, cfg.recipe_dir)
+        path = model.tokenizer_file(out_dir / f"tokenizer.rank{d.rank}.json")
+        if path is None:
+            raise ValueError("data.tokenizer: 'model', but the model has no tokenizer; name one")
+        tokenizer = str(path.resolve())
+        vocab = build_tokenizer(tokenizer).vocab_size
+    else:
+        tokenizer = spec.tokenizer
+        vocab = build_tokenizer(tokenizer, spec.base_dir).vocab_size
+        if isinstance(model_cfg, GPTConfig) and model_cfg.vocab_size == 0:
+            model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab)
+        model = build_model(model_cfg, cfg.recipe_dir)
+    if vocab > model.vocab_size:
+        raise ValueError(
+            f"data.tokenizer: its vocabulary ({vocab}) is larger than the model's "
+            f"({model.vocab_size}); raise model.vocab_size or use the model's tokenizer "
+            "(data.tokenizer = 'model')"
+        )
+    return Built(model, model_cfg, tokenizer)

@@ -1,0 +1,56 @@
+"""TrainConfig: the run's length, evaluation, checkpoints, device and precision."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class TrainConfig:
+    """The run: length, evaluation, checkpoints, device and precision."""
+
+    steps: int = 100
+    """Total optimizer steps; the learning-rate schedule spans them."""
+    stop_at_step: int = 0
+    """End this run after this step (0 = train.steps), with a checkpoint there; for jobs in
+    time-limited slots. Continue with --resume."""
+    out_dir: str = "runs/demo"
+    """Metrics, the resolved config and checkpoints go here (relative to the working dir)."""
+    seed: int = 0
+    """Seeds the model's initialization (the data order has its own seed, data.seed)."""
+    device: str = "auto"
+    """`auto` (CUDA when present), `cpu` or `cuda`."""
+    precision: str = "auto"
+    """`auto` (bf16 autocast on CUDA with bf16, fp32 elsewhere), `fp32` or `bf16`."""
+    num_threads: int = 0
+    """torch CPU threads per process; 0 = torch's default (torchrun sets 1 per process)."""
+    eval_every: int = 50
+    """Evaluate on held-out documents every N steps (0 = never); needs data.holdout_fraction."""
+    eval_steps: int = 2
+    """Held-out steps per evaluation (the same ones each time)."""
+    log_every: int = 10
+    """Print a line every N steps when the output is not a terminal."""
+    checkpoint_every: int = 50
+    """Checkpoint every N steps (0 = only at the end)."""
+    keep_checkpoints: int = 2
+    sample_prompts: list[str] = field(default_factory=lambda: ["def "])
+    """Prompts sampled from at the end of the run, one sample each."""
+    sample_tokens: int = 120
+    """Tokens generated per prompt at the end (0 = no sample)."""
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0:
+            raise ValueError(f"train.steps: {self.steps} must be > 0")
+        if not 0 <= self.stop_at_step <= self.steps:
+            raise ValueError(f"train.stop_at_step: {self.stop_at_step} must be in [0, steps]")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"train.precision: {self.precision!r}; use auto, fp32 or bf16")
+        if self.keep_checkpoints < 1:
+            raise ValueError("train.keep_checkpoints: keep at least 1")
+        for key in ("eval_every", "eval_steps", "log_every", "checkpoint_every", "num_threads"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"train.{key}: must be >= 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
