@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= data/demo
 DEMO_SPEC := recipes/data/demo.toml
-TOKENIZER := $(DEMO_DIR)/tokenizer.json
+TOKENIZER := $(DEMO_DIR)/tokenizer-2k.json
 
 .PHONY: demo preview test lint format bench finetune gpt125m clean
 
@@ -19,7 +19,11 @@ $(DEMO_DIR)/manifest.json: | $(STAMP)
 	$(PY) -m slipstream data prepare-demo $(DEMO_DIR) --spec-out $(DEMO_SPEC)
 
 $(TOKENIZER): $(DEMO_DIR)/manifest.json
-	$(PY) -m slipstream data train-tokenizer $(DEMO_SPEC) --out $(TOKENIZER) --vocab-size 8192
+	$(PY) -m slipstream data train-tokenizer $(DEMO_SPEC) --out $(TOKENIZER) --vocab-size 2048
+
+# The data benchmarks' tokenizer (a production-like vocabulary).
+$(DEMO_DIR)/tokenizer.json: $(DEMO_DIR)/manifest.json
+	$(PY) -m slipstream data train-tokenizer $(DEMO_SPEC) --out $@ --vocab-size 8192
 
 $(DEMO_DIR)/tokenizer-50k.json: $(DEMO_DIR)/manifest.json
 	$(PY) -m slipstream data train-tokenizer $(DEMO_SPEC) --out $@ --vocab-size 50257
@@ -52,10 +56,11 @@ format: $(STAMP)
 	$(PY) -m ruff check --fix slipstream tests benchmarks
 	$(PY) -m ruff format slipstream tests benchmarks
 
-bench: $(STAMP) $(TOKENIZER)
+bench: $(STAMP) $(TOKENIZER) $(DEMO_DIR)/tokenizer.json
 	$(PY) -m benchmarks.data_throughput
 	$(PY) -m benchmarks.balance
 	$(PY) -m benchmarks.train_step
+	$(PY) -m benchmarks.demo_quality
 
 clean:
 	rm -rf $(VENV) build *.egg-info

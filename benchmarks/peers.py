@@ -11,12 +11,19 @@ import torch
 class MixtureDocs:
     """Map-style dataset: item i is document i of the concatenated sources, tokenized."""
 
-    def __init__(self, spec) -> None:
+    def __init__(self, spec, split: str | None = None) -> None:
+        """`split`: None = every document; `train` = all but the held-out ones."""
         from slipstream.data import build_source_loaders
+        from slipstream.data.planner import split_ids
 
         loaders = build_source_loaders(spec)
         self.spec = spec.to_dict()
-        self.starts = np.cumsum([0] + [ld.num_docs for ld in loaders])
+        ids = [
+            np.arange(ld.num_docs) if split is None else split_ids(ld.num_docs, s.name, spec, split)
+            for ld, s in zip(loaders, spec.sources, strict=True)
+        ]
+        self.ids = ids  # numpy, not lists: forked workers do not copy them on read
+        self.starts = np.cumsum([0] + [len(x) for x in ids])
         self.loaders = None  # opened per worker process
 
     def __len__(self) -> int:
@@ -29,7 +36,8 @@ class MixtureDocs:
             self.loaders = build_source_loaders(MixtureSpec.from_dict(self.spec))
         s = int(np.searchsorted(self.starts, i, side="right") - 1)
         ldr = self.loaders[s]
-        text = ldr.read_texts([i - int(self.starts[s])])[0]  # applies the source's transform
+        doc = int(self.ids[s][i - int(self.starts[s])])
+        text = ldr.read_texts([doc])[0]  # applies the source's transform
         tok = ldr.tokenizer
         if hasattr(tok, "_tok"):  # a tokenizers BPE: one document at a time
             ids = tok._tok.encode(text, add_special_tokens=False).ids

@@ -75,11 +75,13 @@ def run_slipstream(cfg) -> tuple[float, float]:
     return tokens / elapsed, wait / elapsed
 
 
-def run_plain(cfg, margin: float) -> tuple[float, float]:
+def plain_loop(cfg, margin: float, split_holdout: bool = False):
     """nanoGPT-style: a DataLoader feeds [micro_batch, seq_len] rows; forward, backward, clip,
     AdamW, all in one loop. Packing in collate_fn must either take more documents than a step
     needs (`margin` > 1: the tokens beyond the rows are dropped, wasting preprocessing) or
-    risk short batches (padded rows waste compute)."""
+    risk short batches (padded rows waste compute). Yields (model, seconds waiting for data,
+    seconds of the step, tokens) after each step. With `split_holdout`, documents held out
+    for evaluation (data.holdout_fraction) are never drawn."""
     from dataclasses import replace
 
     from torch.utils.data import DataLoader, WeightedRandomSampler
@@ -94,7 +96,7 @@ def run_plain(cfg, margin: float) -> tuple[float, float]:
     torch.manual_seed(cfg.train.seed)
     model = GPT(replace(cfg.model, vocab_size=vocab))
     opt = build_optimizer(model, cfg.optim, torch.device("cpu"))
-    ds = MixtureDocs(spec)
+    ds = MixtureDocs(spec, split="train" if split_holdout else None)
     g = torch.Generator().manual_seed(0)
     sampler = WeightedRandomSampler(ds.sample_weights(spec.weights_at(0)), 10**7, generator=g)
     loader = DataLoader(
@@ -107,7 +109,6 @@ def run_plain(cfg, margin: float) -> tuple[float, float]:
         collate_fn=pack_rows(spec.seq_len, spec.micro_batch_size),
     )
     it = iter(loader)
-    tokens = wait = elapsed = 0.0
     for step in range(cfg.train.steps):
         t0 = time.perf_counter()
         batch = next(it)
@@ -122,10 +123,16 @@ def run_plain(cfg, margin: float) -> tuple[float, float]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        yield model, t1 - t0, time.perf_counter() - t0, batch["num_tokens"]
+
+
+def run_plain(cfg, margin: float) -> tuple[float, float]:
+    tokens = wait = elapsed = 0.0
+    for step, (_, wait_s, step_s, num_tokens) in enumerate(plain_loop(cfg, margin)):
         if step >= WARMUP:
-            tokens += batch["num_tokens"]
-            wait += t1 - t0
-            elapsed += time.perf_counter() - t0
+            tokens += num_tokens
+            wait += wait_s
+            elapsed += step_s
     return tokens / elapsed, wait / elapsed
 
 

@@ -155,11 +155,11 @@ def write_parquet(docs: list[dict], out: Path, num_shards: int, row_group_size: 
 
 
 # name, format, weight, shards, collector
-SOURCES = [
+SOURCES = [  # (name, format, weight, shards): weighted so a few minutes of CPU learn two styles
     ("code", "jsonl", 0.4, 4),
-    ("prose", "parquet", 0.3, 2),
-    ("docs", "parquet", 0.1, 1),
-    ("pkgdocs", "jsonl", 0.2, 1),
+    ("prose", "parquet", 0.5, 2),
+    ("docs", "parquet", 0.05, 1),
+    ("pkgdocs", "jsonl", 0.05, 1),
 ]
 
 

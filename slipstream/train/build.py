@@ -1,6 +1,7 @@
-"""Setup in one place: the model, and the agreement between its vocabulary and the data
-plane's tokenizer. Returns values and changes no config: what it resolves (the vocabulary
-size, the tokenizer file, the world size) is returned and saved as `resolved.json`."""
+"""Setup in one place: the model, the agreement between its vocabulary and the data plane's
+tokenizer, and the precision. Returns values and changes no config: what it resolves (the
+vocabulary size, the tokenizer file, the world size) is returned and saved as `resolved.json`.
+Also the end-of-run samples, which need the same model and tokenizer."""
 
 from __future__ import annotations
 
@@ -64,3 +65,26 @@ def build(cfg: RunConfig, d: Dist, out_dir: Path) -> Built:
             "(data.tokenizer = 'model')"
         )
     return Built(model, model_cfg, tokenizer)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 when asked, or on `auto` on a CUDA device that has it; None = fp32."""
+    if precision == "bf16" or (
+        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    ):
+        return torch.bfloat16
+    return None
+
+
+def sample(model, tokenizer, prompts: list[str], num_tokens: int, seed: int) -> list[str]:
+    """One continuation per prompt, prompt included (none when num_tokens is 0)."""
+    if not num_tokens:
+        return []
+    out = []
+    was_training = model.training
+    model.eval()
+    for prompt in prompts:
+        ids = tokenizer.encode_batch([prompt])[0][:-1].tolist()  # no end-of-document
+        out.append(prompt + tokenizer.decode(model.generate(ids, num_tokens, seed=seed)))
+    model.train(was_training)
+    return out

@@ -25,7 +25,7 @@ from rich.console import Console
 from slipstream.data.loader import MixtureLoader
 from slipstream.profile import StepTimer, diagnose
 from slipstream.train import checkpoint as ckpt
-from slipstream.train.build import build
+from slipstream.train.build import autocast_dtype, build, sample
 from slipstream.train.distributed import Dist, all_reduce_sum, init_distributed, wrap_ddp
 from slipstream.train.evaluate import evaluate
 from slipstream.train.loss import num_targets, token_losses
@@ -54,7 +54,7 @@ class Trainer:
         self.step = 0
         self.stop = False  # all ranks agreed to stop (a signal on any): checkpoint, then end
         self.signals = StopSignals(self._say_stopping)
-        self.autocast = self._autocast_dtype()
+        self.autocast = autocast_dtype(cfg.train.precision, self.d.device)
         if resume:
             self._resume()
         if self.d.is_main:
@@ -73,14 +73,6 @@ class Trainer:
             tokenizer=self.built.tokenizer,
             prefetch_steps=1 if split == "eval" else None,
         )
-
-    def _autocast_dtype(self) -> torch.dtype | None:
-        p = self.cfg.train.precision
-        if p == "bf16" or (
-            p == "auto" and self.d.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        ):
-            return torch.bfloat16
-        return None
 
     def _resume(self) -> None:
         path = ckpt.latest_checkpoint(self.out)
@@ -211,19 +203,11 @@ class Trainer:
             self.console.print(f"stopped at step {self.step}; continue with --resume")
         return history
 
-    def samples(self) -> list[str]:
-        """One continuation per `train.sample_prompts`, prompt included."""
-        out = []
-        self.model.eval()
-        for prompt in self.cfg.train.sample_prompts:
-            ids = self.tokenizer.encode_batch([prompt])[0][:-1].tolist()  # no end-of-document
-            new = self.model.generate(ids, self.cfg.train.sample_tokens, seed=self.cfg.train.seed)
-            out.append(prompt + self.tokenizer.decode(new))
-        self.model.train()
-        return out
-
     def _finish(self, timer: StepTimer, history: list[dict]) -> None:
-        samples = self.samples() if self.cfg.train.sample_tokens else []
+        train = self.cfg.train
+        samples = sample(
+            self.model, self.tokenizer, train.sample_prompts, train.sample_tokens, train.seed
+        )
         shares = timer.shares()
         diagnosis = diagnose(shares) if shares else None
         print_summary(self.console, history, shares, diagnosis, samples, self.model)

@@ -168,6 +168,17 @@ def test_bad_recipes_and_overrides_print_one_line(tmp_path, override, message):
     assert message in out.stderr and "Traceback" not in out.stderr
 
 
+def test_no_config_is_changed_by_a_run(tmp_path):
+    import copy
+
+    cfg = RunConfig.load(write_recipe(tmp_path), ["train.steps=2", "train.eval_every=1"])
+    before = copy.deepcopy(cfg)
+    Trainer(cfg).fit()
+    assert cfg == before and cfg.to_dict() == before.to_dict()
+    with pytest.raises(AttributeError):  # frozen: a write raises instead of passing silently
+        cfg.data.seq_len = 8  # type: ignore[misc]
+
+
 def test_resume_without_a_checkpoint_says_so(tmp_path):
     out = slipstream("train", str(write_recipe(tmp_path)), "--resume")
     assert out.returncode == 2 and "no checkpoint" in out.stderr
@@ -178,7 +189,7 @@ def test_overrides_reach_the_mixture_spec_file():
         ROOT / "recipes" / "demo.toml", ["data.sources.1.weight=0.9", "data.backend.num_workers=3"]
     )
     assert cfg.data.sources[1].name == "prose" and cfg.data.sources[1].weight == 0.9
-    assert cfg.data.backend.num_workers == 3 and cfg.data.seq_len == 256
+    assert cfg.data.backend.num_workers == 3 and cfg.data.seq_len == 128
 
 
 def test_sigint_checkpoints_a_whole_step_and_resume_continues_exactly(tmp_path):
