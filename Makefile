@@ -49,12 +49,12 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check slipstream tests benchmarks
-	$(PY) -m ruff format --check slipstream tests benchmarks
+	$(PY) -m ruff check slipstream tests benchmarks examples
+	$(PY) -m ruff format --check slipstream tests benchmarks examples
 
 format: $(STAMP)
-	$(PY) -m ruff check --fix slipstream tests benchmarks
-	$(PY) -m ruff format slipstream tests benchmarks
+	$(PY) -m ruff check --fix slipstream tests benchmarks examples
+	$(PY) -m ruff format slipstream tests benchmarks examples
 
 bench: $(STAMP) $(TOKENIZER) $(DEMO_DIR)/tokenizer.json
 	$(PY) -m benchmarks.data_throughput

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.harness import run_isolated
+from benchmarks.harness import provenance, run_isolated
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "demo.toml"
@@ -37,6 +37,7 @@ def config():
             "train.checkpoint_every=0",
             "train.eval_every=0",
             "train.progress=false",
+            "train.sample_tokens=0",
             f"train.out_dir='{ROOT / 'runs' / 'bench-demo-quality'}'",
         ],
     )
@@ -132,7 +133,8 @@ def main() -> None:
     gain = med["plain"]["eval_bpb"] - med["slipstream"]["eval_bpb"]
     print(f"Slipstream - plain loop: {-gain:+.3f} bits/byte (negative = Slipstream ahead)")
     if args.json:
-        args.json.write_text(json.dumps(runs, indent=2))
+        out = {**provenance(("tokenizers",)), "budget_s": args.budget_s, "runs": runs}
+        args.json.write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -17,3 +17,40 @@ def run_isolated(module: str, args: list[str], timeout_s: float) -> dict:
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def provenance(peers: tuple[str, ...] = ()) -> dict:
+    """What a results file must carry: commit, command, machine, versions."""
+    import importlib.metadata as md
+    import os
+    import platform
+
+    import torch
+
+    def version(name: str) -> str:
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return "not installed"
+
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    ).stdout.strip()
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {
+        "commit": commit + (" (uncommitted changes)" if dirty else ""),
+        "command": " ".join(["python", "-m", *sys.argv]),
+        "machine": f"{os.cpu_count()} cores, {mem_gib:.0f} GiB, {platform.machine()}, "
+        f"{platform.processor() or platform.platform()}",
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            **{p: version(p) for p in peers},
+        },
+    }
