@@ -45,7 +45,7 @@ def provenance(peers: tuple[str, ...] = ()) -> dict:
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {
         "commit": commit + (" (uncommitted changes)" if dirty else ""),
-        "command": " ".join(["python", "-m", *sys.argv]),
+        "command": " ".join(["python", "-m", _module(sys.argv[0]), *sys.argv[1:]]),
         "machine": f"{os.cpu_count()} cores, {mem_gib:.0f} GiB, {platform.machine()}, "
         f"{platform.processor() or platform.platform()}",
         "versions": {
@@ -54,3 +54,12 @@ def provenance(peers: tuple[str, ...] = ()) -> dict:
             **{p: version(p) for p in peers},
         },
     }
+
+
+def _module(argv0: str) -> str:
+    """`benchmarks/x.py` as run by `python -m benchmarks.x`."""
+    path = Path(argv0).resolve()
+    try:
+        return ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    except ValueError:
+        return argv0

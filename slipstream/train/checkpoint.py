@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -36,10 +37,20 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def rng_state() -> dict[str, Any]:
+    """Every generator's state as tensors and plain numbers only, so that loading it needs no
+    unpickling of arbitrary objects (`weights_only=True`)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, mt, gauss_next = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": {"version": version, "state": torch.tensor(mt), "gauss_next": gauss_next},
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -48,10 +59,26 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def safe_load(path: Path, device: torch.device | str = "cpu") -> Any:
+    """`torch.load` of tensors and plain containers only: a checkpoint from anyone can hold a
+    pickled callable, which this refuses instead of running."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path}: refused to load: it holds objects other than tensors and plain values "
+            f"({str(e).splitlines()[0]}); only load checkpoints from sources you trust, and "
+            "write them with this version of Slipstream"
+        ) from None
 
 
 def save_checkpoint(
@@ -106,10 +133,10 @@ def load_checkpoint(path: Path, d: Dist, model_config: dict) -> dict[str, Any]:
         )
     rng = path / f"rng_rank{d.rank}.pt"
     if rng.is_file():  # absent when resuming with more ranks than were saved
-        set_rng_state(torch.load(rng, weights_only=False))
+        set_rng_state(safe_load(rng))
     return {
         "meta": meta,
-        "model": torch.load(path / "model.pt", map_location=d.device, weights_only=True),
-        "optimizer": torch.load(path / "optimizer.pt", map_location=d.device, weights_only=False),
+        "model": safe_load(path / "model.pt", d.device),
+        "optimizer": safe_load(path / "optimizer.pt", d.device),
         "data": json.loads((path / "data.json").read_text()),
     }

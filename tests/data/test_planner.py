@@ -61,6 +61,7 @@ def test_packing_keeps_every_token_and_boundary(tmp_path):
     spec = spec_of(tmp_path, seq_len=64)
     planner, loaders = make_planner(spec)
     seen: dict[tuple[int, int], list[Piece]] = {}
+    plan_of: dict[int, int] = {}  # id(piece) -> step
     for _ in range(6):
         plan = planner.plan_step()
         assert sum(p.length for r in plan.rows for p in r) == planner.rows_per_step * spec.seq_len
@@ -68,15 +69,25 @@ def test_packing_keeps_every_token_and_boundary(tmp_path):
             assert sum(p.length for p in r) <= spec.seq_len
             for p in r:
                 seen.setdefault((p.source, p.doc), []).append(p)
+                plan_of[id(p)] = plan.step
         check_micro_batches(plan, spec)
-    # Reassembled from its pieces, each document is its tokens: no gap, no overlap.
+    # Reassembled from its pieces, each document is its tokens: no gap, no overlap, and whole,
+    # except the one still in flight at the last step boundary (its rest is carried).
+    in_flight = None if planner.carry is None else (planner.carry.source, planner.carry.doc)
+    cut_at_boundary = 0
     for (s, d), pieces in seen.items():
         pieces.sort(key=lambda p: p.start)
         doc = loaders[s].get_many([d])[0]
         assert pieces[0].start == 0
         for a, b in zip(pieces, pieces[1:]):
             assert a.start + a.length == b.start
-        assert pieces[-1].start + pieces[-1].length <= len(doc)
+        end = pieces[-1].start + pieces[-1].length
+        if (s, d) == in_flight:
+            assert end == planner.carry.start < len(doc)
+        else:
+            assert end == len(doc), f"document {(s, d)} lost {len(doc) - end} tokens"
+        cut_at_boundary += len({plan_of[id(p)] for p in pieces}) > 1
+    assert cut_at_boundary > 0  # documents did cross step boundaries: the carry was exercised
 
 
 def check_micro_batches(plan, spec) -> None:

@@ -247,3 +247,64 @@ def test_resume_under_torchrun_with_another_world_size_continues_the_run(
     # The data plane's state is global and the step's rows are the same, so the run goes on
     # as if nothing changed (same tolerance as the 2-rank test above).
     assert losses(run) == pytest.approx(reference_losses, rel=1e-6)
+
+
+def test_resume_with_dropout_on_gives_the_losses_of_an_uninterrupted_run(tmp_path):
+    # Dropout draws from torch's RNG every step: a resume that restored the RNG wrongly would
+    # give other masks, and other losses.
+    recipe = write_recipe(tmp_path)
+    common = ["model.dropout=0.3", "train.eval_every=0"]
+    ref = RunConfig.load(recipe, [*common, f"train.out_dir='{tmp_path / 'ref'}'"])
+    want = [r["loss"] for r in Trainer(ref).fit()]
+    run = [*common, f"train.out_dir='{tmp_path / 'b'}'"]
+    Trainer(RunConfig.load(recipe, [*run, "train.stop_at_step=4"])).fit()
+    Trainer(RunConfig.load(recipe, run), resume=True).fit()
+    got = losses(tmp_path / "b")
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-6)  # same tolerance as resume above
+    # And dropout does change the run (so the equality above could have failed).
+    plain = RunConfig.load(recipe, ["train.eval_every=0", f"train.out_dir='{tmp_path / 'p'}'"])
+    assert [r["loss"] for r in Trainer(plain).fit()][1:] != pytest.approx(want[1:], rel=1e-3)
+
+
+def test_a_hugging_face_model_trains_through_the_trainer(tmp_path):
+    pytest.importorskip("transformers")
+    llama = (
+        '{model_type = "llama", vocab_size = 300, hidden_size = 32, num_hidden_layers = 2, '
+        "num_attention_heads = 2, num_key_value_heads = 2, intermediate_size = 64, "
+        "max_position_embeddings = 64}"
+    )
+    cfg = RunConfig.load(
+        write_recipe(tmp_path),
+        ["model.kind='hf'", f"model.config={llama}", "train.sample_tokens=4"],
+    )
+    history = Trainer(cfg).fit()
+    assert len(history) == 6 and history[-1]["loss"] < history[0]["loss"]
+    assert history[2]["eval_bpb"] > 0
+    resolved = json.loads((tmp_path / "run" / "resolved.json").read_text())
+    assert resolved["model"]["kind"] == "hf" and resolved["num_params"] > 0
+
+
+def test_a_second_stop_signal_aborts_at_once(tmp_path):
+    import signal
+    import time
+
+    recipe = write_recipe(tmp_path)
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "slipstream", "train", str(recipe), "--set", "train.steps=5000"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text()):
+        assert time.monotonic() < deadline and proc.poll() is None, "training did not start"
+        time.sleep(0.05)  # polling a file another process writes: nothing to await
+    # Two signals microseconds apart land within one step: the second aborts. (Two of the same
+    # kind could merge into one while pending, so the second is another kind.)
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err, (out, err)
+    assert "Traceback" not in err

@@ -61,3 +61,32 @@ def test_checkpoint_of_another_model_is_refused_with_the_difference(tmp_path):
     path = save(tmp_path, 10, model_cfg={"d_model": 256, "n_layer": 4})
     with pytest.raises(ValueError, match="d_model 256 -> 512"):
         ckpt.load_checkpoint(path, Dist(), {"d_model": 512, "n_layer": 4})
+
+
+class Payload:
+    """Unpickling this would run `os.system`: what a hostile checkpoint file carries."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned",))
+
+
+def test_a_checkpoint_holding_a_pickled_callable_is_refused_by_name(tmp_path):
+    path = save(tmp_path, 10)
+    torch.save({"state": {}, "x": Payload()}, path / "optimizer.pt")
+    with pytest.raises(ValueError, match=r"optimizer\.pt: refused to load"):
+        ckpt.load_checkpoint(path, Dist(), {"d": 1})
+
+
+def test_rng_states_round_trip_through_a_safe_load(tmp_path):
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    np.random.normal()  # leaves a cached gaussian in numpy's state
+    torch.save(ckpt.rng_state(), tmp_path / "rng.pt")
+    want = (torch.rand(3).tolist(), np.random.rand(3).tolist(), random.random())
+    ckpt.set_rng_state(ckpt.safe_load(tmp_path / "rng.pt"))
+    assert (torch.rand(3).tolist(), np.random.rand(3).tolist(), random.random()) == want
