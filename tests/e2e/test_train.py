@@ -273,10 +273,12 @@ def test_a_hugging_face_model_trains_through_the_trainer(tmp_path):
         "num_attention_heads = 2, num_key_value_heads = 2, intermediate_size = 64, "
         "max_position_embeddings = 64}"
     )
-    cfg = RunConfig.load(
-        write_recipe(tmp_path),
-        ["model.kind='hf'", f"model.config={llama}", "train.sample_tokens=4"],
-    )
+    recipe = write_recipe(tmp_path)
+    gpt = "[model]\nn_layer = 2\nn_head = 2\nd_model = 32\nmax_seq_len = 64\n"
+    text = recipe.read_text()
+    assert gpt in text
+    recipe.write_text(text.replace(gpt, f'[model]\nkind = "hf"\nconfig = {llama}\n'))
+    cfg = RunConfig.load(recipe, ["train.sample_tokens=4"])
     history = Trainer(cfg).fit()
     assert len(history) == 6 and history[-1]["loss"] < history[0]["loss"]
     assert history[2]["eval_bpb"] > 0
