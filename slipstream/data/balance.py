@@ -26,18 +26,27 @@ def imbalance(costs: np.ndarray, parts: list[list[int]]) -> float:
     return float(loads.max() / mean) if mean > 0 else 1.0
 
 
-def partition(costs: np.ndarray, num_parts: int, part_size: int, method: str) -> list[list[int]]:
-    """Split indices 0..len(costs)-1 into `num_parts` parts of exactly `part_size` each."""
+def partition(
+    costs: np.ndarray, num_parts: int, part_size: int, method: str, seed: int = 0
+) -> list[list[int]]:
+    """Split indices 0..len(costs)-1 into `num_parts` parts of exactly `part_size` each.
+
+    `none` keeps the order (contiguous blocks); `random` deals a seeded shuffle (what a user
+    gets without balancing, since packing order says nothing about cost); `greedy` and `kk`
+    minimize the largest part's cost."""
     costs = np.asarray(costs, dtype=np.float64)
     if len(costs) != num_parts * part_size:
         raise ValueError(f"partition: {len(costs)} items != {num_parts} parts x {part_size}")
-    if method == "none":
-        return [list(range(p * part_size, (p + 1) * part_size)) for p in range(num_parts)]
+    if method in ("none", "random"):
+        order = np.arange(len(costs))
+        if method == "random":
+            order = np.random.default_rng(seed).permutation(len(costs))
+        return [order[p * part_size : (p + 1) * part_size].tolist() for p in range(num_parts)]
     if method == "greedy":
         return _refine(costs, _greedy(costs, num_parts, part_size))
     if method == "kk":
         return _refine(costs, _karmarkar_karp(costs, num_parts, part_size))
-    raise ValueError(f"balance.method: unknown {method!r}; use none, greedy or kk")
+    raise ValueError(f"balance.method: unknown {method!r}; use none, random, greedy or kk")
 
 
 def _greedy(costs: np.ndarray, num_parts: int, part_size: int) -> list[list[int]]:
@@ -110,12 +119,18 @@ def _refine(costs: np.ndarray, parts: list[list[int]], max_swaps: int = 256) -> 
 
 
 def assign_rows(
-    costs: np.ndarray, dp_world_size: int, num_micro: int, micro_batch_size: int, method: str
+    costs: np.ndarray,
+    dp_world_size: int,
+    num_micro: int,
+    micro_batch_size: int,
+    method: str,
+    seed: int = 0,
 ) -> list[list[list[int]]]:
-    """Rows to ranks (equal counts, smallest max cost), then each rank's rows to micro-batches."""
+    """Rows to ranks (equal counts, smallest max cost), then each rank's rows to micro-batches.
+    `seed` (used by `random` only) must be the same on every rank: the step, say."""
     out = []
-    for rank_rows in partition(costs, dp_world_size, num_micro * micro_batch_size, method):
+    for rank_rows in partition(costs, dp_world_size, num_micro * micro_batch_size, method, seed):
         rank_rows = np.asarray(rank_rows)
-        micro = partition(costs[rank_rows], num_micro, micro_batch_size, method)
+        micro = partition(costs[rank_rows], num_micro, micro_batch_size, method, seed)
         out.append([sorted(int(rank_rows[j]) for j in m) for m in micro])
     return out

@@ -38,7 +38,9 @@ class StepStats:
     num_tokens: int
     num_slots: int  # rows x seq_len
     imbalance: float  # max/mean rank cost as assigned
-    imbalance_unbalanced: float  # max/mean rank cost with rows in order
+    imbalance_unbalanced: float  # max/mean rank cost with rows in packing order (contiguous)
+    imbalance_random: float  # max/mean rank cost with rows in a random order
+    max_rank_cost: float  # the costliest rank's cost as assigned: predicts the step's time
     wait_s: float = 0.0  # how long the consumer waited for this step
 
 
@@ -60,6 +62,8 @@ class MixtureLoader:
     prefetch_steps: overrides `spec.backend.prefetch_steps`.
     labels: `next` (labels are the next tokens) or `hf` (Hugging Face: the model shifts);
     see `batch.py`.
+    attention_cost: the balance cost per squared document token, from the model being
+    trained (`spec.balance.attention_cost` wins when set).
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class MixtureLoader:
         tokenizer: str | None = None,
         prefetch_steps: int | None = None,
         labels: str = "next",
+        attention_cost: float | None = None,
     ) -> None:
         if not 0 <= dp_rank < dp_world_size:
             raise ValueError(f"dp_rank: {dp_rank} is outside [0, {dp_world_size})")
@@ -90,6 +95,7 @@ class MixtureLoader:
             dp_world_size=dp_world_size,
             split=split,
             read_ahead_steps=self.prefetch_steps,
+            attention_cost=attention_cost,
         )
         self._state = self.planner.state_dict()
         self._queue: queue.Queue | None = None
@@ -189,6 +195,8 @@ def step_stats(spec: MixtureSpec, plan: StepPlan, dp_world_size: int) -> StepSta
             tokens[p.source] += p.length
     rank_rows = [sum(m, []) for m in plan.assignment]
     unbalanced = partition(plan.row_costs, dp_world_size, spec.rows_per_rank, "none")
+    # What a user gets without balancing: rows dealt to ranks in an order unrelated to cost.
+    random = partition(plan.row_costs, dp_world_size, spec.rows_per_rank, "random", plan.step)
     return StepStats(
         step=plan.step,
         docs_by_source=plan.docs_drawn,
@@ -197,4 +205,6 @@ def step_stats(spec: MixtureSpec, plan: StepPlan, dp_world_size: int) -> StepSta
         num_slots=len(plan.rows) * spec.seq_len,
         imbalance=imbalance(plan.row_costs, rank_rows),
         imbalance_unbalanced=imbalance(plan.row_costs, unbalanced),
+        imbalance_random=imbalance(plan.row_costs, random),
+        max_rank_cost=max(float(plan.row_costs[r].sum()) for r in rank_rows),
     )

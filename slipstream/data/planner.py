@@ -25,7 +25,7 @@ from slipstream.configfile import VERSION_KEY, check_version
 from slipstream.data.balance import assign_rows, row_cost
 from slipstream.data.packing import DocKey, Piece, pack_best_fit
 from slipstream.data.readahead import ReadAhead, SubmitFn, advance
-from slipstream.data.spec import MixtureSpec
+from slipstream.data.spec import DEFAULT_ATTENTION_COST, MixtureSpec
 
 STATE_VERSION = 1
 # State keys: the planner's state_dict is part of every checkpoint, so its names are fixed.
@@ -71,6 +71,7 @@ class Planner:
         dp_world_size: int = 1,
         split: str = "train",
         read_ahead_steps: int | None = None,
+        attention_cost: float | None = None,
     ) -> None:
         if dp_world_size < 1:
             raise ValueError(f"dp_world_size: {dp_world_size} must be >= 1")
@@ -78,6 +79,12 @@ class Planner:
             raise ValueError(f"split: {split!r}; use 'train', or 'eval' with holdout_fraction > 0")
         self.spec = spec
         self.dp_world_size = dp_world_size
+        # The spec's value wins; then the caller's (the model's); then GPT-2 small's.
+        self.attention_cost = next(
+            c
+            for c in (spec.balance.attention_cost, attention_cost, DEFAULT_ATTENTION_COST)
+            if c is not None
+        )
         self.names = [s.name for s in spec.sources]
         self._ids = [split_ids(n, name, spec, split) for n, name in zip(num_docs, self.names)]
         self.num_docs = [len(ids) for ids in self._ids]  # documents in this split
@@ -186,9 +193,7 @@ class Planner:
         self._tokens = {} if carried is None else {carried: self._tokens[carried]}
         costs = np.array(
             [
-                row_cost(
-                    [p.length for p in r], spec.balance.linear_cost, spec.balance.attention_cost
-                )
+                row_cost([p.length for p in r], spec.balance.linear_cost, self.attention_cost)
                 for r in rows
             ]
         )
@@ -198,6 +203,7 @@ class Planner:
             spec.num_micro_batches,
             spec.micro_batch_size,
             spec.balance.method,
+            seed=spec.seed * 1_000_003 + self.step,
         )
         plan = StepPlan(
             self.step, rows, costs, assignment, tokens, drawn_after - drawn_before, stream, state

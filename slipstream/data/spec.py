@@ -12,7 +12,9 @@ from typing import Any
 from slipstream.configfile import apply_overrides, build_config, load_toml
 
 FORMATS = ("text", "jsonl", "parquet")  # the formats in slipstream/data/sources/
-BALANCE_METHODS = ("none", "greedy", "kk")
+BALANCE_METHODS = ("none", "random", "greedy", "kk")
+# 12 layers x 768 / (85M weights + a 50k x 768 output projection): GPT-2 small.
+DEFAULT_ATTENTION_COST = 12 * 768 / (85_000_000 + 50_257 * 768)
 POOL_KINDS = ("thread", "process")
 ON_ERROR = ("skip", "raise")
 
@@ -122,22 +124,28 @@ class BalanceSpec:
 
     The cost of a row is `linear_cost * tokens + attention_cost * sum(doc_len**2)`: attention
     runs per document under document masking, so its work grows with each document's square.
+    In training, `attention_cost` comes from the model (its layers and width against its
+    weights' FLOPs per token) unless set here.
     """
 
     method: str = "greedy"
-    """`none` (rows in order), `greedy` (longest processing time first) or `kk`
-    (Karmarkar-Karp largest differencing, equal-size parts)."""
+    """`none` (rows in packing order), `random` (a seeded shuffle: no balancing, without the
+    packing order's bias), `greedy` (longest processing time first) or `kk` (Karmarkar-Karp
+    largest differencing, equal-size parts)."""
     linear_cost: float = 1.0
     """Cost per token of the parts that scale linearly (MLP, projections)."""
-    attention_cost: float = 1.0 / (6 * 768)
-    """Cost per squared document token; about 1/(6*d_model) relative to `linear_cost`."""
+    attention_cost: float | None = None
+    """Cost per squared document token relative to `linear_cost`: causal attention does about
+    6 * layers * width FLOPs per squared token, the weights 6 * params per token, so
+    layers * width / params. None = the trainer's model's value; outside training, a 12-layer,
+    768-wide GPT-2-small's (DEFAULT_ATTENTION_COST)."""
 
     def __post_init__(self) -> None:
         if self.method not in BALANCE_METHODS:
             raise ValueError(
                 f"balance.method: unknown {self.method!r}; use one of {', '.join(BALANCE_METHODS)}"
             )
-        if self.linear_cost < 0 or self.attention_cost < 0:
+        if self.linear_cost < 0 or (self.attention_cost or 0) < 0:
             raise ValueError("balance: linear_cost and attention_cost must be >= 0")
 
 

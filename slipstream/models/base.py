@@ -55,9 +55,26 @@ class CausalLMBase(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n if embeddings else n - self.input_embeddings().weight.numel()
 
+    def tied_output(self) -> bool:
+        """Whether the output projection is the input embedding (then it is not counted in
+        num_params(embeddings=False), but its matmul still runs)."""
+        return False
+
+    def weight_flops_per_token(self) -> float:
+        """Training FLOPs per token of the weights' matmuls (6 per weight used)."""
+        head = self.vocab_size * self.width if self.tied_output() else 0
+        return 6.0 * (self.num_params(embeddings=False) + head)
+
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 per weight plus attention scores (full causal rows)."""
-        return 6 * self.num_params(embeddings=False) + 6 * self.num_layers * self.width * seq_len
+        """Training FLOPs per token: the weights plus attention over full causal rows of
+        seq_len (forward 2 * layers * width * seq_len, backward twice that)."""
+        return self.weight_flops_per_token() + 6 * self.num_layers * self.width * seq_len
+
+    def attention_cost(self) -> float:
+        """A squared document token's cost relative to a token's weight FLOPs: causal
+        attention over a document of n tokens does 6 * layers * width * n^2 training FLOPs.
+        The data plane balances ranks with it."""
+        return 6.0 * self.num_layers * self.width / self.weight_flops_per_token()
 
     def tokenizer_file(self, out: Path) -> Path | None:
         return None

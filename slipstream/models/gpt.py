@@ -1,7 +1,7 @@
 """GPT: a decoder-only transformer (RoPE, RMSNorm, SwiGLU or GELU MLP, tied embeddings) whose
 attention honours the data plane's document boundaries: a token attends only to earlier tokens
-of its own document. On CUDA with bf16/fp16 that is one variable-length flash-attention call
-over `cu_seqlens`; elsewhere `scaled_dot_product_attention` with a block-diagonal causal mask.
+of its own document (`attention.py` picks the path: varlen flash attention on CUDA under
+bf16/fp16, one causal SDPA call per document elsewhere).
 
 Shapes: B batch rows, T tokens per row, D model width, H heads, K head size (D = H * K).
 """
@@ -14,14 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slipstream.models.attention import Layout, attend, plan_layout
 from slipstream.models.base import CausalLMBase
 from slipstream.models.config import GPTConfig
-from slipstream.models.masks import document_mask
-
-try:  # variable-length flash attention (CUDA only)
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:  # pragma: no cover - older torch
-    varlen_attn = None
 
 
 class RMSNorm(nn.Module):
@@ -49,19 +44,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x_BTD, cos, sin, mask, cu_seqlens, max_seqlen) -> torch.Tensor:
+    def forward(self, x_BTD, cos, sin, layout: Layout) -> torch.Tensor:
         B, T, D = x_BTD.shape
         q, k, v = self.qkv(x_BTD).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        if mask is None:  # varlen: the batch is one long sequence cut at cu_seqlens
-            flat = [t.reshape(B * T, self.n_head, self.head_dim) for t in (q, k, v)]
-            y = varlen_attn(
-                *flat, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, window_size=(-1, 0)
-            )
-        else:
-            y = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
-            ).transpose(1, 2)
+        y = attend(q, k, v, layout)
         return self.dropout(self.proj(y.reshape(B, T, D)))
 
 
@@ -88,8 +75,8 @@ class Block(nn.Module):
         self.norm1, self.attn = RMSNorm(cfg.d_model), Attention(cfg)
         self.norm2, self.mlp = RMSNorm(cfg.d_model), MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cu_seqlens, max_seqlen) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin, mask, cu_seqlens, max_seqlen)
+    def forward(self, x, cos, sin, layout: Layout) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, layout)
         return x + self.mlp(self.norm2(x))
 
 
@@ -123,6 +110,9 @@ class GPT(CausalLMBase):
     def input_embeddings(self) -> nn.Module:
         return self.embed
 
+    def tied_output(self) -> bool:
+        return self.cfg.tie_embeddings
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -136,18 +126,9 @@ class GPT(CausalLMBase):
             raise ValueError(f"seq_len {T} exceeds model.max_seq_len {self.cfg.max_seq_len}")
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
-        if doc_ids is None:
-            doc_ids = torch.zeros_like(input_ids)
         x = self.embed(input_ids)
         cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
-        use_varlen = (
-            varlen_attn is not None
-            and cu_seqlens is not None
-            and x.is_cuda
-            and torch.get_autocast_dtype("cuda") in (torch.bfloat16, torch.float16)
-            and torch.is_autocast_enabled("cuda")
-        )
-        mask = None if use_varlen else document_mask(doc_ids)
+        layout = plan_layout(x, doc_ids, cu_seqlens, max_seqlen)
         for block in self.blocks:
-            x = block(x, cos, sin, mask, cu_seqlens, max_seqlen)
+            x = block(x, cos, sin, layout)
         return self.head(self.norm(x))

@@ -70,6 +70,9 @@ class HFCausalLM(CausalLMBase):
     def input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
 
+    def tied_output(self) -> bool:
+        return bool(getattr(self.model.config, "tie_word_embeddings", False))
+
     def tokenizer_file(self, out: Path) -> Path | None:
         """Write the model's own tokenizer as a `tokenizers` JSON file for the data plane."""
         from transformers import AutoTokenizer

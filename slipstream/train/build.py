@@ -28,11 +28,15 @@ class Built:
     tokenizer: str
     """The data plane's tokenizer: `byte` or a file path."""
 
-    def resolved(self, d: Dist) -> dict:
+    def resolved(self, d: Dist, attention_cost: float) -> dict:
         """Run-time facts, saved beside config.json."""
         return {
             "model": self.model_config.to_dict(),
-            "data": {"tokenizer": self.tokenizer, "dp_world_size": d.world_size},
+            "data": {
+                "tokenizer": self.tokenizer,
+                "dp_world_size": d.world_size,
+                "balance.attention_cost": attention_cost,
+            },
             "num_params": self.model.num_params(),
         }
 

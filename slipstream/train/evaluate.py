@@ -24,8 +24,9 @@ def evaluate(
     d: Dist,
     autocast: torch.dtype | None,
 ) -> dict[str, float]:
-    """`eval_loss`, `eval_bpb`, and `eval_loss/SOURCE`, `eval_bpb/SOURCE` over `num_steps`
-    steps of `loader` (a fresh eval-split loader: the same documents every time)."""
+    """`eval_loss`, `eval_bpb`, and per source `eval_loss/S`, `eval_bpb/S`, `eval_targets/S`
+    over `num_steps` steps of `loader` (a fresh eval-split loader: the same documents every
+    time)."""
     names = [s.name for s in loader.spec.sources]
     n = len(names)
     token_bytes = torch.from_numpy(np.asarray(loader.tokenizer.token_bytes()))
@@ -58,6 +59,7 @@ def evaluate(
     for i, name in enumerate(names):
         if count[i]:
             out[f"eval_loss/{name}"] = float(loss_sum[i] / count[i])
+            out[f"eval_targets/{name}"] = float(count[i])
         if num_bytes[i]:
             out[f"eval_bpb/{name}"] = float(byte_loss[i] / math.log(2) / num_bytes[i])
     return out

@@ -60,7 +60,8 @@ class Trainer:
         if self.d.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out / "config.json")
-            text = json.dumps(self.built.resolved(self.d), indent=2)
+            resolved = self.built.resolved(self.d, self.loader.planner.attention_cost)
+            text = json.dumps(resolved, indent=2)
             (self.out / "resolved.json").write_text(text + "\n")
 
     def _loader(self, split: str) -> MixtureLoader:
@@ -72,6 +73,7 @@ class Trainer:
             split=split,
             tokenizer=self.built.tokenizer,
             prefetch_steps=1 if split == "eval" else None,
+            attention_cost=self.model.attention_cost(),
         )
 
     def _resume(self) -> None:
@@ -131,11 +133,14 @@ class Trainer:
         with timer.phase("comm"):  # the stop flag rides along, so all ranks stop at one step
             loss_value, stop = all_reduce_sum([loss_local, float(self.signals.requested)], self.d)
         self.stop = stop > 0
+        stats = batch.stats
         return {
             "loss": loss_value,
             "lr": lr,
             "grad_norm": grad_norm,
-            "tokens": float(batch.stats.num_tokens),
+            "tokens": float(stats.num_tokens),
+            "balance/max_over_mean": stats.imbalance,
+            "balance/max_rank_cost": stats.max_rank_cost,
         }
 
     def evaluate(self) -> dict[str, float]:

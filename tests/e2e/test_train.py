@@ -102,8 +102,11 @@ def test_train_cli_runs_evaluates_checkpoints_and_reports(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert rows[2]["eval_loss"] > 0 and "time/data_wait_s" in rows[0]
-    per_source = [rows[2][k] for k in rows[2] if k.startswith("eval_loss/")]
-    assert per_source and min(per_source) <= rows[2]["eval_loss"] <= max(per_source)
+    # The overall loss is the per-source losses weighted by their targets.
+    names = [k.split("/")[1] for k in rows[2] if k.startswith("eval_loss/")]
+    counts = [rows[2][f"eval_targets/{n}"] for n in names]
+    mean = sum(c * rows[2][f"eval_loss/{n}"] for n, c in zip(names, counts)) / sum(counts)
+    assert len(names) >= 2 and rows[2]["eval_loss"] == pytest.approx(mean, rel=1e-9)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "step_00000003",
         "step_00000006",

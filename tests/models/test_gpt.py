@@ -61,3 +61,26 @@ def test_dropout_is_active_in_training_only():
     assert not torch.equal(model(ids), model(ids))
     model.eval()
     assert torch.equal(model(ids), model(ids))
+
+
+def test_per_document_attention_matches_the_dense_mask(monkeypatch):
+    from slipstream.models import attention
+
+    monkeypatch.setattr(attention, "CALL_COST", 0)  # per-document calls even at this size
+    # Row 0: documents of 3 and 2 tokens, then 3 of padding; row 1: documents of 5 and 3.
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, -1, -1, -1], [0, 0, 0, 0, 0, 1, 1, 1]])
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2], [0, 1, 2, 3, 4, 0, 1, 2]])
+    cu = torch.tensor([0, 3, 5, 8, 13, 16], dtype=torch.int32)
+    ids = torch.randint(0, 50, (2, 8))
+    assert attention.plan_layout(ids[..., None], doc_ids, cu, 5).kind == "segments"
+    model = tiny()
+    dense = model(ids, pos, doc_ids)  # one SDPA call with a block-diagonal mask
+    dense.square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    per_doc = model(ids, pos, doc_ids, cu, 5)  # one causal SDPA call per document
+    per_doc.square().sum().backward()
+    # Same math, other summation order (fp32): agreement to ~1e-6.
+    torch.testing.assert_close(per_doc, dense, atol=1e-5, rtol=1e-5)
+    for g, p in zip(grads, model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4)
