@@ -78,7 +78,7 @@ def run(spec: MixtureSpec, lengths: list[np.ndarray], steps: int, ranks: int) ->
     return {m: statistics.mean(v) for m, v in result.items()}
 
 
-def step_time_recipe(tmp: Path, seq_len: int, steps: int) -> Path:
+def step_time_recipe(tmp: Path, seq_len: int, rows_per_rank: int, steps: int) -> Path:
     """A small GPT at a long seq_len, so that attention is a large share of the work."""
     recipe = tmp / "balance.toml"
     recipe.write_text(
@@ -93,7 +93,7 @@ spec = "{DEMO_SPEC}"
 tokenizer = "byte"
 seq_len = {seq_len}
 micro_batch_size = 1
-num_micro_batches = 4
+num_micro_batches = {rows_per_rank}
 
 [train]
 steps = {steps}
@@ -107,8 +107,10 @@ log_every = 0
     return recipe
 
 
-def run_step_time(method: str, seq_len: int, steps: int, tmp: Path) -> list[dict]:
-    recipe = step_time_recipe(tmp, seq_len, steps)
+def run_step_time(
+    method: str, seq_len: int, rows_per_rank: int, steps: int, tmp: Path
+) -> list[dict]:
+    recipe = step_time_recipe(tmp, seq_len, rows_per_rank, steps)
     out_dir = tmp / f"run-{method}"
     cmd = [
         sys.executable,
@@ -133,18 +135,25 @@ def run_step_time(method: str, seq_len: int, steps: int, tmp: Path) -> list[dict
     return [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def step_time(seq_len: int, steps: int, warmup: int) -> dict:
+def step_time(seq_len: int, rows_per_rank: int, steps: int, warmup: int) -> dict:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        rows = {m: run_step_time(m, seq_len, steps, Path(tmp))[warmup:] for m in STEP_TIME_METHODS}
-    # Fit step time = alpha * max rank cost + beta on the random run (least squares), then
-    # predict every run's steps from their own costs.
-    x = np.array([r["balance/max_rank_cost"] for r in rows["random"]])
-    y = np.array([r["time/step_s"] for r in rows["random"]])
+        rows = {
+            m: run_step_time(m, seq_len, rows_per_rank, steps, Path(tmp))[warmup:]
+            for m in STEP_TIME_METHODS
+        }
+    # Fit step time = alpha * max rank cost + beta over every step of every run (least
+    # squares): how much of the step-to-step variation the cost model explains (R^2).
+    x = np.array([r["balance/max_rank_cost"] for rs in rows.values() for r in rs])
+    y = np.array([r["time/step_s"] for rs in rows.values() for r in rs])
     alpha, beta = np.polyfit(x, y, 1)
+    r2 = 1 - np.sum((y - (alpha * x + beta)) ** 2) / np.sum((y - y.mean()) ** 2)
     out = {}
-    print(f"\nstep time, 2 ranks under torchrun, seq_len {seq_len}, {steps - warmup} steps")
+    print(
+        f"\nstep time, 2 ranks under torchrun, seq_len {seq_len}, {rows_per_rank} rows per "
+        f"rank, {steps - warmup} steps"
+    )
     print(f"{'balance':<9}{'max/mean':>9}{'step s':>9}{'predicted':>11}{'per step':>10}")
     for m, rs in rows.items():
         measured = [r["time/step_s"] for r in rs]
@@ -163,7 +172,16 @@ def step_time(seq_len: int, steps: int, warmup: int) -> dict:
     gain = out["random"]["step_s"] / out["kk"]["step_s"]
     pred = out["random"]["predicted_step_s"] / out["kk"]["predicted_step_s"]
     print(f"kk over random order: measured {gain:.2f}x, predicted {pred:.2f}x")
-    return {"seq_len": seq_len, "fit": [alpha, beta], "methods": out, "gain": gain, "pred": pred}
+    print(f"step time ~ max rank cost: R^2 = {r2:.2f} over {len(x)} steps")
+    return {
+        "seq_len": seq_len,
+        "rows_per_rank": rows_per_rank,
+        "fit": [alpha, beta],
+        "r2": r2,
+        "methods": out,
+        "gain": gain,
+        "pred": pred,
+    }
 
 
 def main() -> None:
@@ -171,6 +189,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--step-time", action="store_true", help="also measure real step time")
     ap.add_argument("--step-time-seq-len", type=int, default=4096)
+    ap.add_argument("--step-time-rows", type=int, default=4, help="rows per rank")
     ap.add_argument("--step-time-steps", type=int, default=14)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -218,7 +237,9 @@ def main() -> None:
     print(f"worst balanced max/mean with >= 4 rows per rank: {worst:.3f} (target <= 1.05)")
     measured = None
     if args.step_time:
-        measured = step_time(args.step_time_seq_len, args.step_time_steps, warmup=2)
+        measured = step_time(
+            args.step_time_seq_len, args.step_time_rows, args.step_time_steps, warmup=2
+        )
     if args.json:
         out = {**provenance(("tokenizers",)), "planner": rows, "step_time": measured}
         args.json.write_text(json.dumps(out, indent=2))

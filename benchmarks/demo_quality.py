@@ -1,13 +1,13 @@
 """Demo quality: held-out bits per byte reached in the same wall-clock budget by Slipstream's
 trainer on the demo recipe and by the plain nanoGPT-style loop of `benchmarks/train_step.py`
 (same model, optimizer and schedule, same training documents; its own batching: a DataLoader
-with a weighted sampler, tokenizing in workers, concatenating documents into rows with no
-document masking). Both models are then scored by the same evaluation on the same held-out
-documents. Each side runs in a fresh process; several repeats; medians.
+over an IterableDataset whose 2 workers draw documents by weight, tokenize them and carry a
+token buffer across rows, so every token read is trained on, with no document masking). Both
+models are then scored by the same evaluation on the same held-out documents. Each side runs
+in a fresh process; several repeats; medians.
 
 Slipstream runs `Trainer.train_step` (the loop `slipstream train` runs, without its metrics
-file and progress bar) until the budget is spent. The plain loop takes just enough documents
-per batch (`margin = 1.0`: it reads each token about once, as Slipstream does).
+file and progress bar) until the budget is spent.
 
     python -m benchmarks.demo_quality [--budget-s 120] [--repeats 2]
 """
@@ -61,11 +61,11 @@ def run_slipstream(cfg, budget_s: float):
 
 
 def run_plain(cfg, budget_s: float):
-    from benchmarks.train_step import plain_loop
+    from benchmarks.train_step import plain_steps, token_buffer_batches
 
     t0 = time.perf_counter()
     steps, trained = 0, None
-    for model, _, _, _ in plain_loop(cfg, margin=1.0, split_holdout=True):
+    for _, _, model in plain_steps(cfg, token_buffer_batches(cfg, split="train")):
         steps, trained = steps + 1, model
         if time.perf_counter() - t0 >= budget_s:
             break

@@ -1,14 +1,21 @@
-"""Training throughput: `slipstream train`'s Trainer against a plain nanoGPT-style PyTorch loop
-(a DataLoader with a weighted sampler, tokenizing in its workers, packing in collate_fn) on the
-same model, data, optimizer and schedule, each in a fresh process, several times.
+"""Training throughput: `slipstream train`'s Trainer against plain PyTorch loops on the same
+model, optimizer, schedule and clipping, each run in a fresh process, several times.
 
 Two scenarios:
-  compute-bound  the demo GPT on the demo mixture: Slipstream's overhead (target <= 3%)
-  data-bound     a small GPT, and the code source runs a MinHash screen per document (a slow
-                 source, benchmarks/transforms.py): who feeds the model faster (target:
-                 Slipstream >= 1.5x)
+  overhead     the demo GPT on the demo mixture. Slipstream's whole loop (its live data plane,
+               metrics file and progress included) against the same model stepping through
+               pre-built batches, the data side made free: what Slipstream costs over the
+               bare loop (target <= 3%). nanoGPT's own pattern (random windows from a
+               pre-tokenized memory-mapped token file) is timed beside it.
+  data-bound   a small GPT, and the code source runs a MinHash screen per document
+               (benchmarks/transforms.py): who feeds the model faster (target >= 1.5x).
+               Baseline: a DataLoader over an IterableDataset whose workers screen, tokenize
+               (batched) and carry a token buffer, so it reads each token once, as Slipstream
+               does, with the same number of workers.
 
-    python -m benchmarks.train_step [--repeats 3] [--steps 40]
+Tokens/s are wall clock over the steps after the warm-up, whole loop included.
+
+    python -m benchmarks.train_step [--repeats 3] [--steps 40] [--json out.json]
 """
 
 from __future__ import annotations
@@ -17,22 +24,23 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.harness import run_isolated
+from benchmarks.harness import provenance, run_isolated
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "demo.toml"
 WARMUP = 5
-# The plain loop two ways: twice the documents a step needs (rarely a short batch; half the
-# tokenized text dropped) and just enough on average (short batches padded).
-PLAIN_MARGINS = {"plain": 2.0, "plain-tight": 1.0}
-PIPELINES = ("slipstream", *PLAIN_MARGINS)
 SCENARIOS = {
-    "compute-bound": [],
+    "overhead": ("slipstream", "free-batches", "nanogpt-memmap"),
+    "data-bound": ("slipstream", "token-buffer"),
+}
+SETTINGS = {
+    "overhead": [],
     "data-bound": [
         "model.n_layer=2",
         "model.d_model=64",
@@ -53,158 +61,187 @@ def config(scenario: str, steps: int, workers: int):
             "train.eval_every=0",
             "train.checkpoint_every=0",
             "train.sample_tokens=0",
-            "train.progress=false",
             "train.log_every=0",
             f"train.out_dir='{ROOT / 'runs' / 'bench-train-step'}'",
             "data.holdout_fraction=0.0",
             f"data.backend.num_workers={workers}",
-            *SCENARIOS[scenario],
+            *SETTINGS[scenario],
         ],
     )
 
 
-def run_slipstream(cfg) -> tuple[float, float]:
+def run_slipstream(cfg) -> dict:
+    """`slipstream train` minus process start-up: Trainer.fit(), its metrics file and (quiet)
+    progress included; wall clock from the end of the warm-up to the last step."""
     from rich.console import Console
 
     from slipstream.train import Trainer
 
-    history = Trainer(cfg, console=Console(quiet=True)).fit()[WARMUP:]
-    tokens = sum(r["tokens"] for r in history)
-    wait = sum(r["time/data_wait_s"] for r in history)
-    elapsed = sum(r["time/step_s"] for r in history)
-    return tokens / elapsed, wait / elapsed
+    rows = Trainer(cfg, console=Console(quiet=True)).fit()
+    done = rows[WARMUP:]
+    wall = rows[-1]["time/elapsed_s"] - rows[WARMUP - 1]["time/elapsed_s"]
+    wait = sum(r["time/data_wait_s"] for r in done)
+    return {"tokens_per_s": sum(r["tokens"] for r in done) / wall, "data_wait": wait / wall}
 
 
-def plain_loop(cfg, margin: float, split_holdout: bool = False):
-    """nanoGPT-style: a DataLoader feeds [micro_batch, seq_len] rows; forward, backward, clip,
-    AdamW, all in one loop. Packing in collate_fn must either take more documents than a step
-    needs (`margin` > 1: the tokens beyond the rows are dropped, wasting preprocessing) or
-    risk short batches (padded rows waste compute). Yields (model, seconds waiting for data,
-    seconds of the step, tokens) after each step. With `split_holdout`, documents held out
-    for evaluation (data.holdout_fraction) are never drawn."""
+def plain_steps(cfg, batches):
+    """The bare loop: forward, backward, clip, AdamW with the schedule; `batches` yields dicts
+    with input_ids, labels (already shifted), num_tokens. Yields (data wait s, tokens)."""
     from dataclasses import replace
 
-    from torch.utils.data import DataLoader, WeightedRandomSampler
+    import torch.nn.functional as F
 
-    from benchmarks.peers import MixtureDocs, docs_per_batch, pack_rows
     from slipstream.data import build_tokenizer
     from slipstream.models import GPT
     from slipstream.train.optim import build_optimizer, lr_factor
 
-    spec = cfg.data
-    vocab = build_tokenizer(spec.tokenizer, spec.base_dir).vocab_size
+    vocab = build_tokenizer(cfg.data.tokenizer, cfg.data.base_dir).vocab_size
     torch.manual_seed(cfg.train.seed)
     model = GPT(replace(cfg.model, vocab_size=vocab))
     opt = build_optimizer(model, cfg.optim, torch.device("cpu"))
-    ds = MixtureDocs(spec, split="train" if split_holdout else None)
-    g = torch.Generator().manual_seed(0)
-    sampler = WeightedRandomSampler(ds.sample_weights(spec.weights_at(0)), 10**7, generator=g)
-    loader = DataLoader(
-        ds,
-        batch_size=docs_per_batch(spec, margin=margin),
-        sampler=sampler,
-        num_workers=spec.backend.num_workers,
-        prefetch_factor=4,
-        persistent_workers=True,
-        collate_fn=pack_rows(spec.seq_len, spec.micro_batch_size),
-    )
-    it = iter(loader)
     for step in range(cfg.train.steps):
         t0 = time.perf_counter()
-        batch = next(it)
-        t1 = time.perf_counter()
+        batch = next(batches)
+        wait = time.perf_counter() - t0
         for group in opt.param_groups:
             group["lr"] = cfg.optim.lr * lr_factor(step, cfg.train.steps, cfg.optim)
         logits = model(batch["input_ids"])
-        loss = torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100
-        )
+        loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        yield model, t1 - t0, time.perf_counter() - t0, batch["num_tokens"]
+        yield wait, batch["num_tokens"], model
 
 
-def run_plain(cfg, margin: float) -> tuple[float, float]:
-    tokens = wait = elapsed = 0.0
-    for step, (_, wait_s, step_s, num_tokens) in enumerate(plain_loop(cfg, margin)):
-        if step >= WARMUP:
-            tokens += num_tokens
-            wait += wait_s
-            elapsed += step_s
-    return tokens / elapsed, wait / elapsed
+def timed(cfg, batches) -> dict:
+    tokens = wait = 0.0
+    for step, (w, n, _) in enumerate(plain_steps(cfg, batches)):
+        if step == WARMUP - 1:
+            t0 = time.perf_counter()
+        elif step >= WARMUP:
+            tokens, wait = tokens + n, wait + w
+    wall = time.perf_counter() - t0
+    return {"tokens_per_s": tokens / wall, "data_wait": wait / wall}
 
 
-def run_one(pipeline: str, scenario: str, steps: int, workers: int) -> dict:
-    args = [
-        "--one",
-        pipeline,
-        "--scenario",
-        scenario,
-        "--steps",
-        str(steps),
-        "--workers",
-        str(workers),
-    ]
-    return run_isolated("benchmarks.train_step", args, timeout_s=900)
+def free_batches(cfg):
+    """Slipstream's own batches for every step, built before the clock starts."""
+    from slipstream.data import MixtureLoader
+
+    with MixtureLoader(cfg.data) as loader:
+        built = [next(loader).micro_batches[0] for _ in range(cfg.train.steps)]
+    for mb in built:
+        yield {
+            "input_ids": mb["input_ids"],
+            "labels": mb["labels"],
+            "num_tokens": mb["labels"].numel(),
+        }
+
+
+def memmap_batches(cfg, tmp: Path):
+    from benchmarks.peers import MemmapWindows, write_token_file
+
+    path = tmp / "train.bin"
+    t0 = time.perf_counter()
+    num = write_token_file(cfg.data, path, split=None)
+    prep_s = time.perf_counter() - t0
+    dtype = "uint16" if path.stat().st_size == 2 * num else "uint32"
+    spec = cfg.data
+    return MemmapWindows(path, dtype, spec.seq_len, spec.micro_batch_size), prep_s
+
+
+def token_buffer_batches(cfg, split: str | None = None):
+    from torch.utils.data import DataLoader
+
+    from benchmarks.peers import TokenBufferDocs, rows_to_batch
+
+    spec = cfg.data
+    loader = DataLoader(
+        TokenBufferDocs(spec, split=split),
+        batch_size=spec.micro_batch_size,
+        num_workers=spec.backend.num_workers,
+        prefetch_factor=4,
+        persistent_workers=True,
+        collate_fn=rows_to_batch,
+    )
+    return iter(loader)
+
+
+def run_one_local(pipeline: str, scenario: str, steps: int, workers: int) -> dict:
+    cfg = config(scenario, steps, workers)
+    if pipeline == "slipstream":
+        return run_slipstream(cfg)
+    if pipeline == "free-batches":
+        return timed(cfg, free_batches(cfg))
+    if pipeline == "nanogpt-memmap":
+        with tempfile.TemporaryDirectory() as tmp:
+            batches, prep_s = memmap_batches(cfg, Path(tmp))
+            return {**timed(cfg, batches), "prepare_s": prep_s}
+    return timed(cfg, token_buffer_batches(cfg))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--one", choices=PIPELINES)
-    ap.add_argument("--scenario", choices=tuple(SCENARIOS), default="compute-bound")
+    ap.add_argument("--one", default=None)
+    ap.add_argument("--scenario", choices=tuple(SCENARIOS), default="overhead")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.one:
-        cfg = config(args.scenario, args.steps, args.workers)
-        if args.one == "slipstream":
-            tps, wait = run_slipstream(cfg)
-        else:
-            tps, wait = run_plain(cfg, margin=PLAIN_MARGINS[args.one])
-        print(json.dumps({"tokens_per_s": tps, "data_wait": wait}))
+        print(json.dumps(run_one_local(args.one, args.scenario, args.steps, args.workers)))
         return
     results: dict = {}
-    for scenario in SCENARIOS:
-        runs: dict[str, list[dict]] = {p: [] for p in PIPELINES}
+    for scenario, pipelines in SCENARIOS.items():
+        runs: dict[str, list[dict]] = {p: [] for p in pipelines}
         for r in range(args.repeats):
-            for p in runs:
-                runs[p].append(run_one(p, scenario, args.steps, args.workers))
+            for p in pipelines:
+                res = run_isolated(
+                    "benchmarks.train_step",
+                    [
+                        *("--one", p, "--scenario", scenario),
+                        *("--steps", str(args.steps), "--workers", str(args.workers)),
+                    ],
+                    timeout_s=1800,
+                )
+                runs[p].append(res)
                 print(
-                    f"{scenario} repeat {r + 1}/{args.repeats} {p:>10}: "
-                    f"{runs[p][-1]['tokens_per_s']:,.0f} tokens/s",
+                    f"{scenario} repeat {r + 1}/{args.repeats} {p:>14}: "
+                    f"{res['tokens_per_s']:,.0f} tokens/s, data wait {res['data_wait']:.0%}",
                     file=sys.stderr,
                 )
-        results[scenario] = {
-            p: {k: statistics.median(x[k] for x in v) for k in v[0]} for p, v in runs.items()
-        }
+        results[scenario] = runs
+    med = {
+        sc: {p: {k: statistics.median(x[k] for x in v) for k in v[0]} for p, v in runs.items()}
+        for sc, runs in results.items()
+    }
     print(
         f"\n{args.steps} steps ({WARMUP} warm-up), {args.workers} data workers, "
-        f"median of {args.repeats}"
+        f"wall clock, median of {args.repeats}"
     )
-    print(f"{'scenario':<16}{'pipeline':<12}{'tokens/s':>12}{'data wait':>11}")
-    for scenario, res in results.items():
-        for p, m in res.items():
-            print(f"{scenario:<16}{p:<12}{m['tokens_per_s']:>12,.0f}{m['data_wait']:>10.0%}")
-
-    def best_plain(res: dict) -> float:
-        return max(res[p]["tokens_per_s"] for p in PLAIN_MARGINS)
-
-    cb, db = results["compute-bound"], results["data-bound"]
-    overhead = 1 - cb["slipstream"]["tokens_per_s"] / best_plain(cb)
+    print(f"{'scenario':<12}{'pipeline':<16}{'tokens/s':>10}{'data wait':>11}  runs (tokens/s)")
+    for sc, runs in results.items():
+        for p, v in runs.items():
+            m = med[sc][p]
+            each = ", ".join(f"{x['tokens_per_s']:,.0f}" for x in v)
+            print(f"{sc:<12}{p:<16}{m['tokens_per_s']:>10,.0f}{m['data_wait']:>10.0%}  {each}")
+    if "prepare_s" in med["overhead"]["nanogpt-memmap"]:
+        prep = med["overhead"]["nanogpt-memmap"]["prepare_s"]
+        print(f"nanoGPT memmap: the corpus was tokenized once beforehand in {prep:.0f} s")
+    ov = med["overhead"]
+    overhead = 1 - ov["slipstream"]["tokens_per_s"] / ov["free-batches"]["tokens_per_s"]
+    db = med["data-bound"]
+    print(f"overhead: Slipstream's whole loop vs free batches {overhead:+.1%} (target <= 3%)")
     print(
-        f"compute-bound: Slipstream overhead vs the best plain loop {overhead:+.1%} "
-        "(target <= 3%; negative = faster)"
-    )
-    print(
-        f"data-bound: Slipstream / best plain loop tokens/s: "
-        f"{db['slipstream']['tokens_per_s'] / best_plain(db):.2f}x"
+        "data-bound: Slipstream / token-buffer DataLoader tokens/s: "
+        f"{db['slipstream']['tokens_per_s'] / db['token-buffer']['tokens_per_s']:.2f}x "
+        f"(baseline data wait {db['token-buffer']['data_wait']:.0%})"
     )
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        out = {**provenance(("tokenizers", "numpy")), "runs": results, "medians": med}
+        args.json.write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

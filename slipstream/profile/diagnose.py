@@ -26,14 +26,15 @@ RULES = (
         "comm",
         0.15,
         "communication",
-        "overlap collectives with compute, larger micro-batches per rank, or fewer ranks",
+        "more rows per rank per step (data.micro_batch_size, or gradient accumulation with "
+        "data.num_micro_batches), so each all-reduce carries more tokens; or fewer ranks",
     ),
     ("h2d", 0.10, "copy", "pinned host memory and non-blocking copies"),
     (
         "optimizer",
         0.25,
         "optimizer",
-        "a fused AdamW; when memory is short, the offload engine's host AdamW",
+        "fewer optimizer steps per token (larger steps: more rows or micro-batches per rank)",
     ),
 )
 

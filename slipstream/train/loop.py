@@ -177,6 +177,7 @@ class Trainer:
             flops_per_token=flops if d.device.type == "cuda" else 0.0,
             world_size=d.world_size,
         )
+        t0 = time.perf_counter()
         try:
             with self.signals, progress:
                 while self.step < (cfg.stop_at_step or cfg.steps) and not self.stop:
@@ -187,6 +188,7 @@ class Trainer:
                     row = {"step": self.step, **row}
                     row.update({f"time/{k}_s": v for k, v in phases.items()})
                     row["tokens_per_s"] = row["tokens"] / phases["step"]
+                    row["time/elapsed_s"] = time.perf_counter() - t0  # wall clock of the run
                     if cfg.eval_every and self.step % cfg.eval_every == 0:
                         row.update(self.evaluate())
                     if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:

@@ -78,3 +78,16 @@ def test_resume_without_packing_gives_identical_batches(tmp_path, fmt):
 
 def test_resume_mixing_by_tokens_gives_identical_batches(tmp_path, fmt):
     check_resume(spec_for(tmp_path, fmt, "thread", mix_by="tokens"), split=3, total=7)
+
+
+def test_resume_with_a_larger_global_batch_continues_the_stream(tmp_path):
+    # 2 ranks x 4 rows, then 4 ranks x 4 rows: the global batch doubles at the resume. The
+    # stream is global, so it simply continues: each source's order is unchanged and every
+    # token is delivered once (checked inside check_resume).
+    spec = spec_for(tmp_path, "jsonl", "thread")
+    ref, first, second = check_resume(spec, split=3, total=7, after_world_size=4)
+    assert len(second[0]) == 4 and len(first[0]) == 2
+    rows = [mb["input_ids"].shape[0] for r in second[0] for mb in r.micro_batches]
+    assert sum(rows) == 2 * sum(
+        mb["input_ids"].shape[0] for r in first[0] for mb in r.micro_batches
+    )
