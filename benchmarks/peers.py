@@ -95,7 +95,7 @@ def docs_per_batch(spec, rows: int | None = None, margin: float = 1.0) -> int:
     return max(1, int(np.ceil(margin * rows * (spec.seq_len + 1) / mean)))
 
 
-class TokenBufferDocs:
+class TokenBufferDocs(torch.utils.data.IterableDataset):
     """An IterableDataset (the torch pattern for streams): each DataLoader worker draws
     documents by source weight (seeded per worker), reads and tokenizes them in batches of
     `chunk` (batched encoding, as a careful user writes it), appends them to a token buffer and
@@ -103,6 +103,7 @@ class TokenBufferDocs:
     read is trained on, once. Document boundaries are ignored (nanoGPT-style rows)."""
 
     def __init__(self, spec, split: str | None = "train", chunk: int = 8, seed: int = 0) -> None:
+        super().__init__()
         self.docs = MixtureDocs(spec, split)
         self.spec, self.chunk, self.seed = spec, chunk, seed
         self.weights = np.array(spec.weights_at(0), dtype=np.float64)
