@@ -195,7 +195,8 @@ def test_overrides_reach_the_mixture_spec_file():
     assert cfg.data.backend.num_workers == 3 and cfg.data.seq_len == 128
 
 
-def test_sigint_checkpoints_a_whole_step_and_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_stop_signal_checkpoints_a_whole_step_and_resume_continues_exactly(tmp_path, signame):
     import signal
     import time
 
@@ -225,7 +226,7 @@ def test_sigint_checkpoints_a_whole_step_and_resume_continues_exactly(tmp_path):
     ):
         assert time.monotonic() < deadline and proc.poll() is None, "training did not start"
         time.sleep(0.05)  # polling a file another process writes: nothing to await
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, signame))
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "continue with --resume" in out
