@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev,bench,hf]'
+	$(PY) -c "from slipstream.offload import kernel; print('host AdamW kernel:', kernel.build(verbose=True))"
 	touch $(STAMP)
 
 $(DEMO_DIR)/manifest.json: | $(STAMP)
@@ -61,6 +62,8 @@ bench: $(STAMP) $(TOKENIZER) $(DEMO_DIR)/tokenizer.json
 	$(PY) -m benchmarks.balance
 	$(PY) -m benchmarks.train_step
 	$(PY) -m benchmarks.demo_quality
+	$(PY) -c "import deepspeed" 2>/dev/null || $(PY) -m pip install -q -c constraints.txt deepspeed==0.19.8
+	$(PY) -m benchmarks.host_adam
 
 clean:
 	rm -rf $(VENV) build *.egg-info

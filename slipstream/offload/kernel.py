@@ -1,6 +1,6 @@
 """The host AdamW kernel (`kernels/adamw.c`), compiled once per machine with the system's C
 compiler and cached, so no run waits for a compiler twice (about 1 s the first time;
-`make` builds it with the environment). Loaded with ctypes: plain C, no torch headers, no
+`make` builds it with the environment: `kernel.build()`). Loaded with ctypes: plain C, no torch headers, no
 Python extension build. Returns None when no compiler is available; callers then use
 `torch_adamw_step`, the same math in torch ops."""
 
@@ -98,8 +98,3 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.access_probe.argtypes = [p, p, p, p, i64, i32]
     lib.access_probe.restype = None
     return lib
-
-
-if __name__ == "__main__":  # `python -m slipstream.offload.kernel`: build now (make does this)
-    path = build(verbose=True)
-    print(f"host AdamW kernel: {path}" if path else "no C compiler: torch ops will be used")

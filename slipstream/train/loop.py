@@ -29,7 +29,7 @@ from slipstream.train.build import autocast_dtype, build, sample
 from slipstream.train.distributed import Dist, all_reduce_sum, init_distributed, wrap_ddp
 from slipstream.train.evaluate import evaluate
 from slipstream.train.loss import num_targets, token_losses
-from slipstream.train.optim import build_optimizer, lr_factor
+from slipstream.train.optim import build_optimizer, clip_and_step, lr_factor
 from slipstream.train.progress import Progress, print_summary
 from slipstream.train.signals import StopSignals
 
@@ -47,8 +47,13 @@ class Trainer:
         self.out = Path(cfg.train.out_dir)
         self.built = build(cfg, self.d, self.out)
         self.model = self.built.model.to(self.d.device)
-        self.ddp, self._hook_times = wrap_ddp(self.model, self.d)
+        if cfg.optim.offload and self.d.enabled:
+            raise ValueError(
+                "optim.offload: runs in one process for now (sharding the host state across "
+                "data-parallel ranks, ZeRO-2, is next); run without torchrun or without offload"
+            )
         self.optimizer = build_optimizer(self.model, cfg.optim, self.d.device)
+        self.ddp, self._hook_times = wrap_ddp(self.model, self.d)
         self.loader = self._loader("train")
         self.tokenizer = self.loader.tokenizer
         self.step = 0
@@ -127,8 +132,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             clip = self.cfg.optim.grad_clip or float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
-            self.optimizer.step()
+            grad_norm = clip_and_step(self.optimizer, self.model, clip)
             self.optimizer.zero_grad(set_to_none=True)
         with timer.phase("comm"):  # the stop flag rides along, so all ranks stop at one step
             loss_value, stop = all_reduce_sum([loss_local, float(self.signals.requested)], self.d)

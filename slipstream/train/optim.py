@@ -1,5 +1,7 @@
-"""The baseline optimizer: AdamW (fused where the device has it) with decoupled weight decay on
-matrices only, and a linear warm-up followed by cosine decay to `min_lr_ratio * lr`."""
+"""The optimizer: AdamW with decoupled weight decay on matrices only, and a linear warm-up
+followed by cosine decay to `min_lr_ratio * lr`. Either torch's (fused where the device has it)
+or, with `optim.offload`, the memory engine's OffloadOptimizer (fp32 masters and moments on the
+host, the model in `optim.offload_dtype`)."""
 
 from __future__ import annotations
 
@@ -24,6 +26,13 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
+    offload: bool = False
+    """Keep fp32 master weights, Adam moments and the step on the host (the memory engine);
+    gradients move to the host during backward. One process for now."""
+    offload_dtype: str = "bf16"
+    """With offload: the dtype of the model's own (working) weights, `bf16` or `fp32`."""
+    offload_threads: int = 0
+    """With offload: threads of the host AdamW (0 = every CPU this process may use)."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -32,12 +41,18 @@ class OptimConfig:
             raise ValueError(f"optim.min_lr_ratio: {self.min_lr_ratio} must be in [0, 1]")
         if self.warmup_steps < 0 or self.grad_clip < 0:
             raise ValueError("optim.warmup_steps and optim.grad_clip must be >= 0")
+        if self.offload_dtype not in ("bf16", "fp32"):
+            raise ValueError(f"optim.offload_dtype: {self.offload_dtype!r}; use 'bf16' or 'fp32'")
+        if self.offload_threads < 0:
+            raise ValueError("optim.offload_threads: must be >= 0 (0 = all CPUs)")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device):
+    """torch's AdamW, or the OffloadOptimizer (which first casts the model's parameters to
+    `cfg.offload_dtype`)."""
     params = [p for p in model.parameters() if p.requires_grad]
     seen, decay, no_decay = set(), [], []
     for p in params:  # tied weights appear once
@@ -48,6 +63,17 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if cfg.offload:
+        from slipstream.offload.engine import OffloadOptimizer
+
+        model.to({"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.offload_dtype])
+        return OffloadOptimizer(
+            groups,
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps,
+            num_threads=cfg.offload_threads,
+        )
     return torch.optim.AdamW(
         groups,
         lr=cfg.lr,
@@ -64,3 +90,15 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
     span = max(1, total_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def clip_and_step(optimizer, model: nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm to `max_norm` and step; returns the norm before clipping.
+    The offload engine clips on the host, where the gradients are."""
+    from slipstream.offload.engine import OffloadOptimizer
+
+    if isinstance(optimizer, OffloadOptimizer):
+        return optimizer.step(max_norm)
+    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    optimizer.step()
+    return norm

@@ -253,18 +253,23 @@ def test_resume_under_torchrun_with_another_world_size_continues_the_run(
     assert losses(run) == pytest.approx(reference_losses, rel=1e-6)
 
 
+def stop_and_resume(tmp_path: Path, overrides: list[str], stop_at: int) -> tuple[list, list]:
+    """(losses uninterrupted, losses stopped at `stop_at` and resumed) under `overrides`."""
+    recipe = write_recipe(tmp_path)
+    ref = RunConfig.load(recipe, [*overrides, f"train.out_dir='{tmp_path / 'ref'}'"])
+    want = [r["loss"] for r in Trainer(ref).fit()]
+    run = [*overrides, f"train.out_dir='{tmp_path / 'b'}'"]
+    Trainer(RunConfig.load(recipe, [*run, f"train.stop_at_step={stop_at}"])).fit()
+    Trainer(RunConfig.load(recipe, run), resume=True).fit()
+    return want, losses(tmp_path / "b")
+
+
 def test_resume_with_dropout_on_gives_the_losses_of_an_uninterrupted_run(tmp_path):
     # Dropout draws from torch's RNG every step: a resume that restored the RNG wrongly would
     # give other masks, and other losses.
-    recipe = write_recipe(tmp_path)
-    common = ["model.dropout=0.3", "train.eval_every=0"]
-    ref = RunConfig.load(recipe, [*common, f"train.out_dir='{tmp_path / 'ref'}'"])
-    want = [r["loss"] for r in Trainer(ref).fit()]
-    run = [*common, f"train.out_dir='{tmp_path / 'b'}'"]
-    Trainer(RunConfig.load(recipe, [*run, "train.stop_at_step=4"])).fit()
-    Trainer(RunConfig.load(recipe, run), resume=True).fit()
-    got = losses(tmp_path / "b")
+    want, got = stop_and_resume(tmp_path, ["model.dropout=0.3", "train.eval_every=0"], 4)
     assert got == pytest.approx(want, rel=1e-6, abs=1e-6)  # same tolerance as resume above
+    recipe = write_recipe(tmp_path)
     # And dropout does change the run (so the equality above could have failed).
     plain = RunConfig.load(recipe, ["train.eval_every=0", f"train.out_dir='{tmp_path / 'p'}'"])
     assert [r["loss"] for r in Trainer(plain).fit()][1:] != pytest.approx(want[1:], rel=1e-3)

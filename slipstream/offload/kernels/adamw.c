@@ -31,32 +31,12 @@ void adamw_step(float *restrict p, const float *restrict g, float *restrict m,
     const float decay = 1.0f - lr * weight_decay;
     const float step_size = lr / bias_c1;
     const float one_b1 = 1.0f - beta1, one_b2 = 1.0f - beta2;
-    if (out_bf16) {
-        /* Chunks small enough to stay in L1: update, then convert the chunk just written, so
-         * the bf16 copy-out reads from cache instead of making a second pass over memory. */
+    /* Chunks small enough to stay in L1: update, then (bf16 models) convert the chunk just
+     * written, so the copy-out reads from cache instead of making a second pass over memory. */
 #pragma omp parallel for num_threads(num_threads) schedule(static)
-        for (int64_t c = 0; c < n; c += CHUNK) {
-            int64_t end = c + CHUNK < n ? c + CHUNK : n;
-            for (int64_t i = c; i < end; i++) {
-                float gi = g[i] * grad_scale;
-                float mi = m[i] + one_b1 * (gi - m[i]);
-                float vi = beta2 * v[i] + one_b2 * gi * gi;
-                m[i] = mi;
-                v[i] = vi;
-                p[i] = p[i] * decay - step_size * mi / (sqrtf(vi) / bias_c2_sqrt + eps);
-            }
-            int64_t i = c;
-#ifdef __AVX512BF16__
-            /* One instruction per 16 weights, round to nearest even (denormals become 0). */
-            for (; i + 16 <= end; i += 16)
-                _mm256_storeu_si256((__m256i *)(out_bf16 + i),
-                                    (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(p + i)));
-#endif
-            for (; i < end; i++) out_bf16[i] = to_bf16(p[i]);
-        }
-    } else {
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-        for (int64_t i = 0; i < n; i++) {
+    for (int64_t c = 0; c < n; c += CHUNK) {
+        int64_t end = c + CHUNK < n ? c + CHUNK : n;
+        for (int64_t i = c; i < end; i++) {
             float gi = g[i] * grad_scale;
             float mi = m[i] + one_b1 * (gi - m[i]);
             float vi = beta2 * v[i] + one_b2 * gi * gi;
@@ -64,6 +44,15 @@ void adamw_step(float *restrict p, const float *restrict g, float *restrict m,
             v[i] = vi;
             p[i] = p[i] * decay - step_size * mi / (sqrtf(vi) / bias_c2_sqrt + eps);
         }
+        if (!out_bf16) continue;
+        int64_t i = c;
+#ifdef __AVX512BF16__
+        /* One instruction per 16 weights, round to nearest even (denormals become 0). */
+        for (; i + 16 <= end; i += 16)
+            _mm256_storeu_si256((__m256i *)(out_bf16 + i),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(p + i)));
+#endif
+        for (; i < end; i++) out_bf16[i] = to_bf16(p[i]);
     }
 }
 
