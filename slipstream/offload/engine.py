@@ -1,19 +1,23 @@
 """OffloadOptimizer: fp32 master weights, Adam moments and the optimizer step on the host; the
-model keeps only its working copy (bf16, or fp32) and, briefly, each gradient.
+model keeps only its working copy (bf16, or fp32) and, briefly, each gradient. With a process
+group of W data-parallel ranks it is ZeRO-2: each rank keeps and steps 1/W of the masters and
+moments.
 
 - Parameters are grouped into flat buckets, in the reverse of registration order (about the
-  order backward produces their gradients), never mixing weight-decay groups.
+  order backward produces their gradients), never mixing weight-decay groups. A bucket is
+  padded to a multiple of W; rank r owns the r-th slice.
 - A post-accumulate-grad hook adds each parameter's gradient into its bucket's fp32 host
   buffer as soon as backward has produced it, and frees the model's gradient. Every micro-step
-  of gradient accumulation is added, none is dropped; the host buffers are cleared at
-  `zero_grad()`.
-- `step(max_norm)` clips by the global norm (computed on the host, the same for any thread
-  count), runs HostAdamW bucket by bucket with the clipping scale and the bf16 copy-out fused
-  in, and writes the new weights back into the model in its dtype.
+  of gradient accumulation is added, none is dropped; `zero_grad()` clears the buffers.
+- `step(max_norm)`: with W > 1, each bucket's gradient is reduce-scattered (summed, then
+  averaged like DDP) so a rank holds only its slice; the global norm is summed across ranks
+  (host sums in a fixed order, so the same for any thread count); HostAdamW steps each slice
+  with the clipping scale fused in; the slices' new weights are all-gathered and written back
+  into the model in its dtype.
+- `state_dict()` is the full state (slices gathered), so a run resumes on any number of ranks.
 
-This is the single-process engine on any device; on CUDA the copies are plain synchronous
-copies for now (a side stream with pinned buffers, ZeRO-2 sharding across ranks and a delayed
-update are the next steps). Not for use under DDP: DDP reduces gradients through its own hooks.
+On CUDA the copies are plain synchronous copies for now (a copy stream with pinned buffers and
+the delayed update are next). Not for use under DDP: this engine reduces the gradients itself.
 """
 
 from __future__ import annotations
@@ -22,19 +26,24 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from slipstream.configfile import VERSION_KEY, check_version
 from slipstream.offload.host_adam import HostAdamW
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 @dataclass(slots=True)
 class Bucket:
     params: list[nn.Parameter]
     offsets: list[int]
-    master: torch.Tensor  # fp32 host, flat; its .grad is the flat host gradient
-    working: torch.Tensor | None  # bf16 host staging of the new weights (bf16 models only)
+    numel: int  # real elements; the buffers are padded to a multiple of the world size
+    grad: torch.Tensor  # fp32 host, padded: this rank's gradients, summed over micro-steps
+    master: torch.Tensor  # fp32 host, this rank's slice; .grad is the slice's reduced gradient
+    working: torch.Tensor | None  # bf16 host staging of the slice's new weights (bf16 models)
+    full: torch.Tensor  # fp32 host, padded: all slices' new weights after the all-gather
 
     def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
         p = self.params[i]
@@ -50,17 +59,19 @@ class OffloadOptimizer:
         eps: float,
         num_threads: int = 0,
         bucket_numel: int = 16 * 2**20,
+        group: dist.ProcessGroup | None = None,
     ) -> None:
+        self.group = group
+        self.world = dist.get_world_size(group) if group is not None else 1
+        self.rank = dist.get_rank(group) if group is not None else 0
         self.buckets: list[Bucket] = []
         host_groups = []
-        for group in param_groups:
-            params = [p for p in group["params"] if p.requires_grad]
+        for g in param_groups:
+            params = [p for p in g["params"] if p.requires_grad]
             for chunk in _chunks(list(reversed(params)), bucket_numel):
                 bucket = self._make_bucket(chunk)
                 self.buckets.append(bucket)
-                host_groups.append(
-                    {"params": [bucket.master], "weight_decay": group["weight_decay"]}
-                )
+                host_groups.append({"params": [bucket.master], "weight_decay": g["weight_decay"]})
         self.host = HostAdamW(host_groups, lr=lr, betas=betas, eps=eps, num_threads=num_threads)
         self._handles = [
             p.register_post_accumulate_grad_hook(self._hook(b, i))
@@ -68,27 +79,36 @@ class OffloadOptimizer:
             for i, p in enumerate(b.params)
         ]
 
-    @staticmethod
-    def _make_bucket(params: list[nn.Parameter]) -> Bucket:
+    def _make_bucket(self, params: list[nn.Parameter]) -> Bucket:
+        if any(p.dtype != params[0].dtype for p in params):
+            raise ValueError("optim.offload: every parameter must have the same dtype")
         offsets, total = [], 0
         for p in params:
             offsets.append(total)
             total += p.numel()
-        master = torch.empty(total, dtype=torch.float32)
+        padded = -(-total // self.world) * self.world
+        full = torch.zeros(padded, dtype=torch.float32)
         for p, o in zip(params, offsets, strict=True):
-            master[o : o + p.numel()].copy_(p.detach().reshape(-1))
-        master.grad = torch.zeros_like(master)
+            full[o : o + p.numel()].copy_(p.detach().reshape(-1))
+        if self.world > 1:  # every rank starts from rank 0's weights, as DDP would make sure
+            dist.broadcast(full, src=dist.get_global_rank(self.group, 0), group=self.group)
+            with torch.no_grad():
+                for p, o in zip(params, offsets, strict=True):
+                    p.copy_(full[o : o + p.numel()].view(p.shape))
+        size = padded // self.world
+        master = full[self.rank * size : (self.rank + 1) * size].clone()
+        grad = torch.zeros(padded, dtype=torch.float32)
+        # One process: the slice is the whole bucket, and its gradient is the buffer itself.
+        master.grad = grad if self.world == 1 else torch.zeros(size, dtype=torch.float32)
         bf16 = params[0].dtype == torch.bfloat16
-        working = torch.empty(total, dtype=torch.bfloat16) if bf16 else None
-        if any(p.dtype != params[0].dtype for p in params):
-            raise ValueError("optim.offload: every parameter must have the same dtype")
-        return Bucket(params, offsets, master, working)
+        working = torch.empty(size, dtype=torch.bfloat16) if bf16 else None
+        return Bucket(params, offsets, total, grad, master, working, full)
 
     def _hook(self, bucket: Bucket, i: int):
         def move_to_host(p: nn.Parameter) -> None:
             # Runs inside backward as soon as p's gradient is complete: add it to the host
             # buffer (fp32) and free the model's copy.
-            bucket.view(bucket.master.grad, i).add_(p.grad.detach().to("cpu", torch.float32))
+            bucket.view(bucket.grad, i).add_(p.grad.detach().to("cpu", torch.float32))
             p.grad = None
 
         return move_to_host
@@ -100,46 +120,83 @@ class OffloadOptimizer:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for b in self.buckets:
-            b.master.grad.zero_()
+            b.grad.zero_()
             for p in b.params:
                 p.grad = None
 
     @torch.no_grad()
     def step(self, max_norm: float = float("inf")) -> float:
-        """Clip to `max_norm`, step on the host, write the new weights back. Returns the
-        gradient norm before clipping."""
-        norm = math.sqrt(self.host.grad_sq_norm())
-        scale = 1.0 if not math.isfinite(max_norm) else min(1.0, max_norm / (norm + 1e-6))
+        """Reduce, clip to `max_norm`, step this rank's slices, gather and write back the new
+        weights. Returns the global gradient norm before clipping."""
+        if self.world > 1:
+            for b in self.buckets:  # sum over ranks, this rank's slice only
+                dist.reduce_scatter_tensor(b.master.grad, b.grad, group=self.group)
+        sq = self.host.grad_sq_norm()
+        if self.world > 1:
+            t = torch.tensor([sq], dtype=torch.float64)
+            dist.all_reduce(t, group=self.group)
+            sq = float(t) / self.world**2  # of the averaged gradient, as DDP would give
+        norm = math.sqrt(sq)
+        clip = 1.0 if not math.isfinite(max_norm) else min(1.0, max_norm / (norm + 1e-6))
         outs = {b.master: b.working for b in self.buckets if b.working is not None}
-        self.host.step(grad_scale=scale, bf16_out=outs or None)
+        self.host.step(grad_scale=clip / self.world, bf16_out=outs or None)
         for b in self.buckets:
-            src = b.working if b.working is not None else b.master
+            if self.world > 1:  # fp32 on the wire: gloo has no bf16; the copy rounds once
+                dist.all_gather_into_tensor(b.full, b.master, group=self.group)
+                src = b.full
+            else:  # the kernel already wrote the bf16 weights in its pass
+                src = b.working if b.working is not None else b.master
             for i, p in enumerate(b.params):
                 p.copy_(b.view(src, i))
         return norm
 
+    # -- state: full (gathered), so it loads on any number of ranks -------------------------
+    def _gather(self, shard: torch.Tensor, b: Bucket) -> torch.Tensor:
+        if self.world == 1:
+            return shard.detach().clone()[: b.numel]
+        out = torch.empty(b.full.numel(), dtype=shard.dtype)
+        dist.all_gather_into_tensor(out, shard.contiguous(), group=self.group)
+        return out[: b.numel]
+
     def state_dict(self) -> dict:
-        return {
-            "version": STATE_VERSION,
-            "host": self.host.state_dict(),
-            "masters": [b.master.detach().clone() for b in self.buckets],
-        }
+        """Every rank must call this (it gathers the slices)."""
+        buckets = []
+        for b in self.buckets:
+            st = self.host.state.get(b.master, {})
+            entry = {"master": self._gather(b.master, b), "step": float(st.get("step", 0.0))}
+            for key in ("exp_avg", "exp_avg_sq"):
+                entry[key] = self._gather(st[key], b) if key in st else None
+            buckets.append(entry)
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.host.param_groups]
+        return {VERSION_KEY: STATE_VERSION, "buckets": buckets, "groups": groups}
 
     def load_state_dict(self, state: dict) -> None:
-        from slipstream.configfile import check_version
-
         check_version(state, STATE_VERSION, "offload optimizer state")
-        if [m.numel() for m in state["masters"]] != [b.master.numel() for b in self.buckets]:
+        if [e["master"].numel() for e in state["buckets"]] != [b.numel for b in self.buckets]:
             raise ValueError(
                 "offload optimizer state: its buckets do not match this model's; resume with "
                 "the model and bucket size it was saved with"
             )
-        self.host.load_state_dict(state["host"])
+        for g, saved in zip(self.host.param_groups, state["groups"], strict=True):
+            g.update(saved)
         with torch.no_grad():
-            for b, m in zip(self.buckets, state["masters"], strict=True):
-                b.master.copy_(m)
+            for b, e in zip(self.buckets, state["buckets"], strict=True):
+                b.full.zero_()
+                b.full[: b.numel].copy_(e["master"])
+                b.master.copy_(self._slice(b, b.full))
+                if e["exp_avg"] is not None:
+                    st = self.host.state[b.master]
+                    st["step"] = torch.tensor(e["step"])
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        padded = torch.zeros_like(b.full)
+                        padded[: b.numel].copy_(e[key])
+                        st[key] = self._slice(b, padded).clone()
                 for i, p in enumerate(b.params):
-                    p.copy_(b.view(b.master, i))
+                    p.copy_(b.view(b.full, i))
+
+    def _slice(self, b: Bucket, flat: torch.Tensor) -> torch.Tensor:
+        size = b.master.numel()
+        return flat[self.rank * size : (self.rank + 1) * size]
 
     def close(self) -> None:
         for h in self._handles:

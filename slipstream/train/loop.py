@@ -29,7 +29,7 @@ from slipstream.train.build import autocast_dtype, build, sample
 from slipstream.train.distributed import Dist, all_reduce_sum, init_distributed, wrap_ddp
 from slipstream.train.evaluate import evaluate
 from slipstream.train.loss import num_targets, token_losses
-from slipstream.train.optim import build_optimizer, clip_and_step, lr_factor
+from slipstream.train.optim import build_optimizer, check_parallel_optim, clip_and_step, lr_factor
 from slipstream.train.progress import Progress, print_summary
 from slipstream.train.signals import StopSignals
 
@@ -47,13 +47,12 @@ class Trainer:
         self.out = Path(cfg.train.out_dir)
         self.built = build(cfg, self.d, self.out)
         self.model = self.built.model.to(self.d.device)
-        if cfg.optim.offload and self.d.enabled:
-            raise ValueError(
-                "optim.offload: runs in one process for now (sharding the host state across "
-                "data-parallel ranks, ZeRO-2, is next); run without torchrun or without offload"
-            )
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.d.device)
-        self.ddp, self._hook_times = wrap_ddp(self.model, self.d)
+        check_parallel_optim(cfg.optim, self.d)
+        zero = cfg.optim.zero_stage == 2
+        group = torch.distributed.group.WORLD if zero else None
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.d.device, group)
+        # ZeRO-2 reduces gradients itself; DDP would reduce them a second time.
+        self.ddp, self._hook_times = (None, []) if zero else wrap_ddp(self.model, self.d)
         self.loader = self._loader("train")
         self.tokenizer = self.loader.tokenizer
         self.step = 0

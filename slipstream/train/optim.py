@@ -33,6 +33,10 @@ class OptimConfig:
     """With offload: the dtype of the model's own (working) weights, `bf16` or `fp32`."""
     offload_threads: int = 0
     """With offload: threads of the host AdamW (0 = every CPU this process may use)."""
+    zero_stage: int = 0
+    """2 = shard the host optimizer state across data-parallel ranks (ZeRO-2: gradients
+    reduce-scattered, each rank steps its slice, weights all-gathered); needs offload and
+    torchrun with more than one rank. 0 = every rank holds everything."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -43,6 +47,12 @@ class OptimConfig:
             raise ValueError("optim.warmup_steps and optim.grad_clip must be >= 0")
         if self.offload_dtype not in ("bf16", "fp32"):
             raise ValueError(f"optim.offload_dtype: {self.offload_dtype!r}; use 'bf16' or 'fp32'")
+        if self.zero_stage not in (0, 2):
+            raise ValueError(f"optim.zero_stage: {self.zero_stage}; use 0 or 2")
+        if self.zero_stage == 2 and not self.offload:
+            raise ValueError(
+                "optim.zero_stage: 2 is implemented by the offload engine; set optim.offload = true"
+            )
         if self.offload_threads < 0:
             raise ValueError("optim.offload_threads: must be >= 0 (0 = all CPUs)")
 
@@ -50,9 +60,9 @@ class OptimConfig:
         return asdict(self)
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device):
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device, group=None):
     """torch's AdamW, or the OffloadOptimizer (which first casts the model's parameters to
-    `cfg.offload_dtype`)."""
+    `cfg.offload_dtype`; with `group`, ZeRO-2 across its ranks)."""
     params = [p for p in model.parameters() if p.requires_grad]
     seen, decay, no_decay = set(), [], []
     for p in params:  # tied weights appear once
@@ -73,6 +83,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device):
             betas=(cfg.beta1, cfg.beta2),
             eps=cfg.eps,
             num_threads=cfg.offload_threads,
+            group=group,
         )
     return torch.optim.AdamW(
         groups,
@@ -102,3 +113,17 @@ def clip_and_step(optimizer, model: nn.Module, max_norm: float) -> float:
     norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
     optimizer.step()
     return norm
+
+
+def check_parallel_optim(cfg: OptimConfig, d) -> None:
+    """Offload and ZeRO-2 against the number of ranks: clear errors for what cannot run."""
+    if cfg.offload and d.enabled and cfg.zero_stage != 2:
+        raise ValueError(
+            "optim.offload: under torchrun the host state is sharded across ranks; set "
+            "optim.zero_stage = 2"
+        )
+    if cfg.zero_stage == 2 and not d.enabled:
+        raise ValueError(
+            "optim.zero_stage: 2 shards across data-parallel ranks, and this run has one; run "
+            "under torchrun with more than one process, or set optim.zero_stage = 0"
+        )
