@@ -50,6 +50,12 @@ def _train(args: argparse.Namespace) -> None:
         shutdown(trainer.d)
 
 
+def _memory(args: argparse.Namespace) -> None:
+    from slipstream.tools.memory import run_memory
+
+    run_memory(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slipstream", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -87,6 +93,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a recipe key, e.g. --set train.steps=50",
     )
     tr.set_defaults(func=_train)
+
+    m = sub.add_parser("memory", help="device and host memory per strategy; what fits")
+    m.add_argument("recipe", nargs="?", help="a recipe (GPT); or give --params etc.")
+    m.add_argument("--params", type=float, help="parameters, e.g. 7e9")
+    m.add_argument("--layers", type=int)
+    m.add_argument("--hidden", type=int)
+    m.add_argument("--vocab", type=int, default=50_257)
+    m.add_argument("--seq-len", type=int, default=2048)
+    m.add_argument("--micro-batch", type=int, default=1)
+    m.add_argument("--ranks", type=int, default=1, help="data-parallel ranks")
+    m.add_argument("--fp32", action="store_true", help="fp32 activations (default bf16)")
+    m.add_argument("--device-gib", type=float, default=80.0)
+    m.add_argument("--host-gib", type=float, default=256.0)
+    m.add_argument("--device-tflops", type=float, default=400.0, help="sustained, bf16")
+    m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    m.set_defaults(func=_memory)
     return p
 
 

@@ -43,7 +43,7 @@ class Bucket:
     grad: torch.Tensor  # fp32 host, padded: this rank's gradients, summed over micro-steps
     master: torch.Tensor  # fp32 host, this rank's slice; .grad is the slice's reduced gradient
     working: torch.Tensor | None  # bf16 host staging of the slice's new weights (bf16 models)
-    full: torch.Tensor  # fp32 host, padded: all slices' new weights after the all-gather
+    full: torch.Tensor  # fp32 host, padded: all slices' new weights (one process: `master`)
 
     def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
         p = self.params[i]
@@ -96,9 +96,11 @@ class OffloadOptimizer:
                 for p, o in zip(params, offsets, strict=True):
                     p.copy_(full[o : o + p.numel()].view(p.shape))
         size = padded // self.world
-        master = full[self.rank * size : (self.rank + 1) * size].clone()
+        # One process: the slice is the whole bucket, and `full` is not needed beside it.
+        master = (
+            full if self.world == 1 else full[self.rank * size : (self.rank + 1) * size].clone()
+        )
         grad = torch.zeros(padded, dtype=torch.float32)
-        # One process: the slice is the whole bucket, and its gradient is the buffer itself.
         master.grad = grad if self.world == 1 else torch.zeros(size, dtype=torch.float32)
         bf16 = params[0].dtype == torch.bfloat16
         working = torch.empty(size, dtype=torch.bfloat16) if bf16 else None

@@ -1,0 +1,136 @@
+"""Training with and without the offload engine on CPU: tokens/s and peak memory of the same
+GPT trained plain (fp32 weights, torch's fused AdamW) and with `optim.offload` (bf16 working
+weights, fp32 masters and moments stepped by HostAdamW), with the memory planner's estimate
+beside each measurement.
+
+On a CPU the "device" and the host are the same memory, so the measurement is the process's
+peak RSS growth from just before the model is built (the model, the optimizer state, the
+gradients, the activations and the allocator's slack), against the planner's device + host
+bytes. Each side runs in a fresh process, several times; the batch is random token ids (the
+data plane is not what is measured here).
+
+    python -m benchmarks.offload_train [--layers 8] [--width 512] [--steps 12] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+from benchmarks.harness import provenance, run_isolated
+
+SIDES = ("plain", "offload")
+VOCAB, SEQ_LEN, MICRO_BATCH = 2048, 128, 4
+WARMUP = 3
+
+
+def measure(side: str, layers: int, width: int, steps: int) -> dict:
+    import psutil
+    import torch
+    import torch.nn.functional as F
+
+    from slipstream.models import GPT, GPTConfig
+    from slipstream.offload.estimate import Hardware, Workload, estimate
+    from slipstream.tools.memory import saved_activation_bytes
+    from slipstream.train.optim import OptimConfig, build_optimizer, clip_and_step
+
+    me = psutil.Process()
+    base = me.memory_info().rss
+    peak, done = [base], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], me.memory_info().rss)
+            time.sleep(0.01)
+
+    threading.Thread(target=sample, daemon=True).start()
+    torch.manual_seed(0)
+    model_cfg = GPTConfig(
+        vocab_size=VOCAB, n_layer=layers, n_head=width // 64, d_model=width, max_seq_len=SEQ_LEN
+    )
+    model = GPT(model_cfg)
+    cfg = OptimConfig(lr=1e-3, offload=side == "offload")
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    x = torch.randint(0, VOCAB, (MICRO_BATCH, SEQ_LEN + 1))
+    times = []
+    for step in range(steps):
+        t0 = time.perf_counter()
+        logits = model(x[:, :-1]).float()
+        F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).backward()
+        clip_and_step(opt, model, 1.0)
+        opt.zero_grad(set_to_none=True)
+        if step >= WARMUP:
+            times.append(time.perf_counter() - t0)
+    done.set()
+    w = Workload(
+        num_params=model.num_params(),
+        num_layers=layers,
+        width=width,
+        vocab_size=VOCAB,
+        seq_len=SEQ_LEN,
+        micro_batch=MICRO_BATCH,
+        act_bytes=2 if side == "offload" else 4,
+        saved_bytes=saved_activation_bytes(
+            model_cfg, MICRO_BATCH, SEQ_LEN, torch.bfloat16 if side == "offload" else torch.float32
+        ),
+    )
+    # On a CPU gradients leave one parameter at a time: the largest is what is in flight.
+    largest = max(p.numel() for p in model.parameters()) * (2 if side == "offload" else 4)
+    hw = Hardware(device_bytes=1e12, host_bytes=1e12, device_flops=1e12, bucket_bytes=largest)
+    est = estimate(side, w, hw)
+    return {
+        "num_params": model.num_params(),
+        "tokens_per_s": MICRO_BATCH * SEQ_LEN / statistics.median(times),
+        "peak_mib": (peak[0] - base) / 2**20,
+        "estimate_mib": (est.device_bytes + est.host_bytes) / 2**20,
+        "estimate_device_mib": est.device_bytes / 2**20,
+        "estimate_host_mib": est.host_bytes / 2**20,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--one", choices=SIDES)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one, args.layers, args.width, args.steps)))
+        return
+    runs: dict[str, list[dict]] = {s: [] for s in SIDES}
+    for r in range(args.repeats):
+        for side in SIDES:
+            cmd = ["--one", side, "--layers", str(args.layers), "--width", str(args.width)]
+            res = run_isolated("benchmarks.offload_train", [*cmd, "--steps", str(args.steps)], 900)
+            runs[side].append(res)
+            print(
+                f"repeat {r + 1}/{args.repeats} {side:>8}: {res['tokens_per_s']:,.0f} tokens/s, "
+                f"peak +{res['peak_mib']:,.0f} MiB",
+                file=sys.stderr,
+            )
+    n = runs["plain"][0]["num_params"]
+    print(
+        f"\nGPT {args.layers} x {args.width} ({n / 1e6:.1f}M parameters), {MICRO_BATCH} x "
+        f"{SEQ_LEN} tokens per step, CPU, median of {args.repeats}"
+    )
+    print(f"{'side':<9}{'tokens/s':>10}{'peak MiB':>10}{'planner MiB':>13}{'error':>8}  runs (MiB)")
+    for side, rs in runs.items():
+        tps = statistics.median(x["tokens_per_s"] for x in rs)
+        peak = statistics.median(x["peak_mib"] for x in rs)
+        est = rs[0]["estimate_mib"]
+        each = ", ".join(f"{x['peak_mib']:,.0f}" for x in rs)
+        print(f"{side:<9}{tps:>10,.0f}{peak:>10,.0f}{est:>13,.0f}{est / peak - 1:>+8.0%}  {each}")
+    if args.json:
+        args.json.write_text(json.dumps({**provenance(("psutil",)), "runs": runs}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""`slipstream memory`: the memory planner's table for a model and hardware, and the fastest
+strategy that fits (see slipstream/offload/estimate.py for the model behind the numbers)."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+from rich.table import Table
+
+from slipstream.offload.estimate import GIB, Hardware, Workload, plan
+
+
+def workload_from_args(args: argparse.Namespace) -> Workload:
+    if args.recipe:
+        return workload_from_recipe(args)
+    missing = [k for k in ("params", "layers", "hidden") if getattr(args, k) is None]
+    if missing:
+        raise ValueError(
+            f"memory: give a recipe, or --params, --layers and --hidden (missing: "
+            f"{', '.join('--' + m for m in missing)})"
+        )
+    return Workload(
+        num_params=args.params,
+        num_layers=args.layers,
+        width=args.hidden,
+        vocab_size=args.vocab,
+        seq_len=args.seq_len,
+        micro_batch=args.micro_batch,
+        world_size=args.ranks,
+        act_bytes=4 if args.fp32 else 2,
+    )
+
+
+def saved_activation_bytes(model_cfg, micro_batch: int, seq_len: int, dtype) -> float:
+    """Bytes autograd saves for backward in one micro-batch of this GPT, found by running its
+    forward on the meta device (no memory, no compute) and adding the storages it saves,
+    parameters left out."""
+    import torch
+    import torch.nn.functional as F
+
+    from slipstream.models import GPT
+
+    with torch.device("meta"):
+        model = GPT(model_cfg).to(dtype)
+        x = torch.randint(0, model_cfg.vocab_size, (micro_batch, seq_len))
+    weights = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage._cdata not in weights:
+            saved[storage._cdata] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model(x).float()
+        F.cross_entropy(logits.flatten(0, 1), x.flatten())
+    return float(sum(saved.values()))
+
+
+def workload_from_recipe(args: argparse.Namespace) -> Workload:
+    """Counts a GPT recipe's parameters without allocating them (on the meta device)."""
+    import dataclasses
+
+    import torch
+
+    from slipstream.config import RunConfig
+    from slipstream.data import build_tokenizer
+    from slipstream.models import GPT, GPTConfig
+
+    cfg = RunConfig.load(args.recipe, args.set)
+    if not isinstance(cfg.model, GPTConfig):
+        raise ValueError(
+            "memory: a recipe with model.kind = 'hf'; give --params, --layers, --hidden"
+        )
+    m = cfg.model
+    if m.vocab_size == 0:
+        vocab = build_tokenizer(cfg.data.tokenizer, cfg.data.base_dir).vocab_size
+        m = dataclasses.replace(m, vocab_size=vocab)
+    with torch.device("meta"):
+        num = GPT(m).num_params()
+    fp32 = cfg.train.precision == "fp32"  # auto = bf16 on a GPU
+    seq, mb = cfg.data.seq_len, cfg.data.micro_batch_size
+    saved = saved_activation_bytes(m, mb, seq, torch.float32 if fp32 else torch.bfloat16)
+    return Workload(
+        num_params=num,
+        num_layers=m.n_layer,
+        width=m.d_model,
+        vocab_size=m.vocab_size,
+        seq_len=cfg.data.seq_len,
+        micro_batch=cfg.data.micro_batch_size,
+        world_size=args.ranks,
+        act_bytes=4 if fp32 else 2,
+        saved_bytes=saved,
+    )
+
+
+def run_memory(args: argparse.Namespace, console: Console | None = None) -> None:
+    console = console or Console()
+    for key in ("device_gib", "host_gib", "device_tflops"):
+        if getattr(args, key) <= 0:
+            raise ValueError(f"--{key.replace('_', '-')}: must be > 0")
+    if args.ranks < 1:
+        raise ValueError("--ranks: must be >= 1")
+    w = workload_from_args(args)
+    hw = Hardware(
+        device_bytes=args.device_gib * GIB,
+        host_bytes=args.host_gib * GIB,
+        device_flops=args.device_tflops * 1e12,
+    )
+    rows, best = plan(w, hw)
+    table = Table(
+        title=f"{w.num_params / 1e6:,.1f}M parameters, {w.tokens:,} tokens per micro-batch, "
+        f"{w.world_size} rank(s)"
+    )
+    for col in ("strategy", "device GiB", "host GiB", "step s (est.)", "fits", ""):
+        table.add_column(col, justify="left" if col in ("strategy", "") else "right")
+    for e in rows:
+        table.add_row(
+            e.strategy,
+            f"{e.device_bytes / GIB:,.2f}",
+            f"{e.host_bytes / GIB:,.2f}",
+            f"{e.step_s:.3f}",
+            "yes" if e.fits else "no",
+            "" if e.available else "next",
+        )
+    console.print(table)
+    if best is None:
+        console.print(
+            "nothing available today fits: more ranks, a shorter seq_len or a smaller micro-batch"
+        )
+    else:
+        console.print(f"recommended: [bold]{best.strategy}[/bold]")

@@ -1,0 +1,88 @@
+"""The memory planner's arithmetic, its recommendation, and `slipstream memory`."""
+
+from __future__ import annotations
+
+import pytest
+
+from slipstream.offload.estimate import GIB, Hardware, Workload, estimate, plan
+from tests.conftest import run_cli
+
+SEVEN_B = Workload(
+    num_params=7e9, num_layers=32, width=4096, vocab_size=32_000, seq_len=4096, micro_batch=1
+)
+H100 = Hardware(device_bytes=80 * GIB, host_bytes=512 * GIB, device_flops=400e12)
+
+
+def test_bytes_per_parameter_follow_the_table():
+    act = estimate("plain", SEVEN_B, H100).device_bytes - 16 * 7e9
+    assert act > 0
+    off = estimate("offload", SEVEN_B, H100)
+    assert off.device_bytes == pytest.approx(2 * 7e9 + H100.bucket_bytes + act)
+    assert off.host_bytes == pytest.approx(22 * 7e9)  # 4 (grads) + 18 (masters, moments, bf16)
+    four = estimate("offload", Workload(**{**_fields(SEVEN_B), "world_size": 4}), H100)
+    assert four.host_bytes == pytest.approx((4 + 18 / 4 + 4) * 7e9)
+
+
+def test_checkpointing_keeps_less_and_runs_the_forward_twice():
+    plain, ckpt = estimate("offload", SEVEN_B, H100), estimate("offload+ckpt", SEVEN_B, H100)
+    assert ckpt.device_bytes < plain.device_bytes and ckpt.step_s > plain.step_s
+
+
+def test_the_delayed_update_hides_the_host_step_under_compute():
+    a, b = estimate("offload", SEVEN_B, H100), estimate("offload+dpu", SEVEN_B, H100)
+    assert b.step_s < a.step_s and b.device_bytes == a.device_bytes
+
+
+def test_recommends_the_fastest_available_strategy_that_fits():
+    rows, best = plan(SEVEN_B, H100)
+    assert not rows[0].fits  # 7B x 16 bytes does not fit 80 GiB
+    assert best is not None and best.strategy == "offload"
+    small = Workload(
+        num_params=1e8, num_layers=12, width=768, vocab_size=50_257, seq_len=1024, micro_batch=8
+    )
+    assert plan(small, H100)[1].strategy == "plain"  # plain is fastest when it fits
+    tiny_host = Hardware(device_bytes=80 * GIB, host_bytes=1 * GIB, device_flops=400e12)
+    assert plan(SEVEN_B, tiny_host)[1] is None
+
+
+def test_cli_prints_the_table_and_the_choice():
+    out = run_cli("memory", "--params", "7e9", "--layers", "32", "--hidden", "4096")
+    assert out.returncode == 0, out.stderr
+    assert "offload" in out.stdout and "recommended: offload" in out.stdout
+    bad = run_cli("memory", "--params", "7e9")
+    assert bad.returncode == 2 and "missing: --layers, --hidden" in bad.stderr
+
+
+def _fields(w: Workload) -> dict:
+    return {k: getattr(w, k) for k in w.__dataclass_fields__}
+
+
+def test_a_recipe_is_counted_and_its_activations_measured_on_the_meta_device(tmp_path):
+    from tests.e2e.test_train import write_recipe
+
+    out = run_cli("memory", str(write_recipe(tmp_path)), "--device-gib", "1", "--host-gib", "1")
+    assert out.returncode == 0, out.stderr
+    # The recipe's GPT: 2 layers, 32 wide, byte vocabulary (257): its exact parameter count.
+    from slipstream.models import GPT, GPTConfig
+
+    n = GPT(GPTConfig(vocab_size=257, n_layer=2, n_head=2, d_model=32, max_seq_len=64)).num_params()
+    assert f"{n / 1e6:,.1f}M parameters" in out.stdout and "recommended: plain" in out.stdout
+
+
+def test_saved_activations_are_counted_without_the_weights():
+    import torch
+
+    from slipstream.models import GPTConfig
+    from slipstream.tools.memory import saved_activation_bytes
+
+    from slipstream.models import GPT
+
+    cfg = GPTConfig(vocab_size=100, n_layer=2, n_head=2, d_model=32, max_seq_len=16)
+    one, two, three = (saved_activation_bytes(cfg, b, 16, torch.float32) for b in (1, 2, 3))
+    # Activations grow with the batch (about linearly: a few saved buffers are padded).
+    assert two - one > 0 and abs((three - two) - (two - one)) < 0.1 * (two - one)
+    # What does not grow with the batch is small: the weights (which autograd also saves)
+    # are not counted.
+    weights = GPT(cfg).num_params() * 4
+    assert 0 <= 2 * one - two < weights / 4
+    assert saved_activation_bytes(cfg, 1, 16, torch.bfloat16) < one
