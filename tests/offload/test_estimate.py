@@ -72,10 +72,8 @@ def test_a_recipe_is_counted_and_its_activations_measured_on_the_meta_device(tmp
 def test_saved_activations_are_counted_without_the_weights():
     import torch
 
-    from slipstream.models import GPTConfig
+    from slipstream.models import GPT, GPTConfig
     from slipstream.tools.memory import saved_activation_bytes
-
-    from slipstream.models import GPT
 
     cfg = GPTConfig(vocab_size=100, n_layer=2, n_head=2, d_model=32, max_seq_len=16)
     one, two, three = (saved_activation_bytes(cfg, b, 16, torch.float32) for b in (1, 2, 3))
