@@ -1,6 +1,7 @@
 """Training with and without the offload engine on CPU: tokens/s and peak memory of the same
-GPT trained plain (fp32 weights, torch's fused AdamW) and with `optim.offload` (bf16 working
-weights, fp32 masters and moments stepped by HostAdamW), with the memory planner's estimate
+GPT trained plain (fp32 weights, torch's fused AdamW), with `optim.offload` (bf16 working
+weights, fp32 masters and moments stepped by HostAdamW), and with the delayed update as well
+(the host step overlaps the next forward and backward), with the memory planner's estimate
 beside each measurement.
 
 On a CPU the "device" and the host are the same memory, so the measurement is the process's
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from benchmarks.harness import provenance, run_isolated
 
-SIDES = ("plain", "offload")
+SIDES = ("plain", "offload", "offload+dpu")
 VOCAB, SEQ_LEN, MICRO_BATCH = 2048, 128, 4
 WARMUP = 3
 
@@ -54,7 +55,12 @@ def measure(side: str, layers: int, width: int, steps: int) -> dict:
         vocab_size=VOCAB, n_layer=layers, n_head=width // 64, d_model=width, max_seq_len=SEQ_LEN
     )
     model = GPT(model_cfg)
-    cfg = OptimConfig(lr=1e-3, offload=side == "offload")
+    cfg = OptimConfig(
+        lr=1e-3,
+        offload=side != "plain",
+        delayed_update=side == "offload+dpu",
+        delayed_update_start=WARMUP - 1,
+    )
     opt = build_optimizer(model, cfg, torch.device("cpu"))
     x = torch.randint(0, VOCAB, (MICRO_BATCH, SEQ_LEN + 1))
     times = []
@@ -74,13 +80,13 @@ def measure(side: str, layers: int, width: int, steps: int) -> dict:
         vocab_size=VOCAB,
         seq_len=SEQ_LEN,
         micro_batch=MICRO_BATCH,
-        act_bytes=2 if side == "offload" else 4,
+        act_bytes=4 if side == "plain" else 2,
         saved_bytes=saved_activation_bytes(
-            model_cfg, MICRO_BATCH, SEQ_LEN, torch.bfloat16 if side == "offload" else torch.float32
+            model_cfg, MICRO_BATCH, SEQ_LEN, torch.float32 if side == "plain" else torch.bfloat16
         ),
     )
     # On a CPU gradients leave one parameter at a time: the largest is what is in flight.
-    largest = max(p.numel() for p in model.parameters()) * (2 if side == "offload" else 4)
+    largest = max(p.numel() for p in model.parameters()) * (4 if side == "plain" else 2)
     hw = Hardware(device_bytes=1e12, host_bytes=1e12, device_flops=1e12, bucket_bytes=largest)
     est = estimate(side, w, hw)
     return {

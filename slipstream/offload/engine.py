@@ -15,14 +15,19 @@ moments.
   with the clipping scale fused in; the slices' new weights are all-gathered and written back
   into the model in its dtype.
 - `state_dict()` is the full state (slices gathered), so a run resumes on any number of ranks.
+- The delayed parameter update (DPU, opt-in, after `delay_start` ordinary steps): the host
+  step of step k runs in a background thread during step k + 1's forward and backward, so the
+  gradient of step k + 1 is taken one update behind. Checkpoints finish the step in flight,
+  so a resumed run equals an uninterrupted one that checkpointed at the same steps.
 
-On CUDA the copies are plain synchronous copies for now (a copy stream with pinned buffers and
-the delayed update are next). Not for use under DDP: this engine reduces the gradients itself.
+On CUDA the copies are plain synchronous copies for now (a copy stream with pinned buffers is
+next). Not for use under DDP: this engine reduces the gradients itself.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -60,8 +65,14 @@ class OffloadOptimizer:
         num_threads: int = 0,
         bucket_numel: int = 16 * 2**20,
         group: dist.ProcessGroup | None = None,
+        delayed_update: bool = False,
+        delay_start: int = 0,
     ) -> None:
         self.group = group
+        self.delayed_update, self.delay_start = delayed_update, delay_start
+        self._num_steps = 0
+        self._pending: threading.Thread | None = None
+        self._error: BaseException | None = None
         self.world = dist.get_world_size(group) if group is not None else 1
         self.rank = dist.get_rank(group) if group is not None else 0
         self.buckets: list[Bucket] = []
@@ -129,10 +140,42 @@ class OffloadOptimizer:
     @torch.no_grad()
     def step(self, max_norm: float = float("inf")) -> float:
         """Reduce, clip to `max_norm`, step this rank's slices, gather and write back the new
-        weights. Returns the global gradient norm before clipping."""
+        weights. Returns the global gradient norm before clipping.
+
+        With the delayed update (after `delay_start` ordinary steps), the host step of this
+        step's gradients runs in a background thread while the next forward and backward
+        run, and its weights reach the model at the next `step()`: the gradient of step k is
+        taken at the weights of step k - 2 (one update behind)."""
+        delayed = self.delayed_update and self._num_steps >= self.delay_start
+        self._num_steps += 1
+        if not delayed:
+            norm = self._launch(max_norm, background=False)
+            self._write_back()
+            return norm
+        self.flush()  # the previous step's update reaches the model now
+        return self._launch(max_norm, background=True)
+
+    def flush(self) -> None:
+        """Wait for a host step in flight and write its weights into the model (before a
+        checkpoint, an evaluation and at the end of training)."""
+        if self._pending is None:
+            return
+        self._pending.join()
+        self._pending = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        self._write_back()
+
+    def _launch(self, max_norm: float, background: bool) -> float:
         if self.world > 1:
             for b in self.buckets:  # sum over ranks, this rank's slice only
                 dist.reduce_scatter_tensor(b.master.grad, b.grad, group=self.group)
+        elif background:  # the host step reads one buffer while backward fills the other
+            for b in self.buckets:
+                if b.master.grad is b.grad:
+                    b.master.grad = torch.zeros_like(b.grad)
+                b.master.grad, b.grad = b.grad, b.master.grad
         sq = self.host.grad_sq_norm()
         if self.world > 1:
             t = torch.tensor([sq], dtype=torch.float64)
@@ -141,7 +184,26 @@ class OffloadOptimizer:
         norm = math.sqrt(sq)
         clip = 1.0 if not math.isfinite(max_norm) else min(1.0, max_norm / (norm + 1e-6))
         outs = {b.master: b.working for b in self.buckets if b.working is not None}
-        self.host.step(grad_scale=clip / self.world, bf16_out=outs or None)
+        kwargs = {"grad_scale": clip / self.world, "bf16_out": outs or None}
+        if not background:
+            self.host.step(**kwargs)
+            return norm
+        # The kernel is called through ctypes, which releases the GIL: it runs beside the
+        # next forward and backward. Collectives stay on the calling thread.
+        self._pending = threading.Thread(
+            target=self._run_host_step, kwargs=kwargs, name="slipstream-host-adam", daemon=True
+        )
+        self._pending.start()
+        return norm
+
+    def _run_host_step(self, **kwargs) -> None:
+        try:
+            self.host.step(**kwargs)
+        except BaseException as e:  # raised on the training thread at the next flush
+            self._error = e
+
+    @torch.no_grad()
+    def _write_back(self) -> None:
         for b in self.buckets:
             if self.world > 1:  # fp32 on the wire: gloo has no bf16; the copy rounds once
                 dist.all_gather_into_tensor(b.full, b.master, group=self.group)
@@ -150,7 +212,6 @@ class OffloadOptimizer:
                 src = b.working if b.working is not None else b.master
             for i, p in enumerate(b.params):
                 p.copy_(b.view(src, i))
-        return norm
 
     # -- state: full (gathered), so it loads on any number of ranks -------------------------
     def _gather(self, shard: torch.Tensor, b: Bucket) -> torch.Tensor:
@@ -161,7 +222,9 @@ class OffloadOptimizer:
         return out[: b.numel]
 
     def state_dict(self) -> dict:
-        """Every rank must call this (it gathers the slices)."""
+        """Every rank must call this (it gathers the slices). A host step in flight is
+        finished first."""
+        self.flush()
         buckets = []
         for b in self.buckets:
             st = self.host.state.get(b.master, {})
@@ -170,7 +233,12 @@ class OffloadOptimizer:
                 entry[key] = self._gather(st[key], b) if key in st else None
             buckets.append(entry)
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.host.param_groups]
-        return {VERSION_KEY: STATE_VERSION, "buckets": buckets, "groups": groups}
+        return {
+            VERSION_KEY: STATE_VERSION,
+            "buckets": buckets,
+            "groups": groups,
+            "num_steps": self._num_steps,  # where the delayed update's warm-up stands
+        }
 
     def load_state_dict(self, state: dict) -> None:
         check_version(state, STATE_VERSION, "offload optimizer state")
@@ -181,6 +249,7 @@ class OffloadOptimizer:
             )
         for g, saved in zip(self.host.param_groups, state["groups"], strict=True):
             g.update(saved)
+        self._num_steps = int(state["num_steps"])
         with torch.no_grad():
             for b, e in zip(self.buckets, state["buckets"], strict=True):
                 b.full.zero_()

@@ -29,7 +29,13 @@ from slipstream.train.build import autocast_dtype, build, sample
 from slipstream.train.distributed import Dist, all_reduce_sum, init_distributed, wrap_ddp
 from slipstream.train.evaluate import evaluate
 from slipstream.train.loss import num_targets, token_losses
-from slipstream.train.optim import build_optimizer, check_parallel_optim, clip_and_step, lr_factor
+from slipstream.train.optim import (
+    build_optimizer,
+    check_parallel_optim,
+    clip_and_step,
+    flush,
+    lr_factor,
+)
 from slipstream.train.progress import Progress, print_summary
 from slipstream.train.signals import StopSignals
 
@@ -150,11 +156,13 @@ class Trainer:
         """Held-out loss and bits per byte, overall and per source (see evaluate.py)."""
         if self.cfg.data.holdout_fraction == 0 or self.cfg.train.eval_steps == 0:
             return {}
+        flush(self.optimizer)
         with self._loader("eval") as loader:  # from its start: the same batches every time
             return evaluate(self.model, loader, self.cfg.train.eval_steps, self.d, self.autocast)
 
     # -- the run ----------------------------------------------------------------------------
     def save(self) -> None:
+        flush(self.optimizer)  # the weights saved are those the optimizer state continues
         ckpt.save_checkpoint(
             self.out,
             self.step,

@@ -33,6 +33,11 @@ class OptimConfig:
     """With offload: the dtype of the model's own (working) weights, `bf16` or `fp32`."""
     offload_threads: int = 0
     """With offload: threads of the host AdamW (0 = every CPU this process may use)."""
+    delayed_update: bool = False
+    """With offload: the host step of step k overlaps step k + 1's forward and backward, whose
+    gradient is then taken one update behind (DPU, ZeRO-Offload)."""
+    delayed_update_start: int = 40
+    """Ordinary steps before the delayed update begins (the paper's warm-up)."""
     zero_stage: int = 0
     """2 = shard the host optimizer state across data-parallel ranks (ZeRO-2: gradients
     reduce-scattered, each rank steps its slice, weights all-gathered); needs offload and
@@ -53,6 +58,10 @@ class OptimConfig:
             raise ValueError(
                 "optim.zero_stage: 2 is implemented by the offload engine; set optim.offload = true"
             )
+        if self.delayed_update and not self.offload:
+            raise ValueError("optim.delayed_update: needs optim.offload = true")
+        if self.delayed_update_start < 0:
+            raise ValueError("optim.delayed_update_start: must be >= 0")
         if self.offload_threads < 0:
             raise ValueError("optim.offload_threads: must be >= 0 (0 = all CPUs)")
 
@@ -84,6 +93,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device, gr
             eps=cfg.eps,
             num_threads=cfg.offload_threads,
             group=group,
+            delayed_update=cfg.delayed_update,
+            delay_start=cfg.delayed_update_start,
         )
     return torch.optim.AdamW(
         groups,
@@ -101,6 +112,12 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
     span = max(1, total_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def flush(optimizer) -> None:
+    """Let a delayed update in flight reach the model (before evaluating or saving)."""
+    if hasattr(optimizer, "flush"):
+        optimizer.flush()
 
 
 def clip_and_step(optimizer, model: nn.Module, max_norm: float) -> float:

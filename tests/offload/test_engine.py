@@ -100,3 +100,58 @@ def test_trainer_with_offload_resumes_exactly(tmp_path):
     # The masters and moments are in the checkpoint: the resumed run continues bit for bit.
     assert got == want
     assert want[-1] < want[0]
+
+
+def test_delayed_update_matches_a_one_step_delayed_torch_adamw():
+    import copy
+
+    start, steps = 3, 12
+    cfg = OptimConfig(
+        lr=1e-2, offload=True, offload_dtype="fp32", delayed_update=True, delayed_update_start=start
+    )
+    model = tiny()
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    got = train(model, opt, batches(steps))
+    opt.flush()
+    # The reference: torch AdamW steps a master copy; the model that computes gradients holds
+    # the master's weights until `start`, then the master's previous weights (one behind).
+    work, master = tiny(), tiny()
+    ref_opt = build_optimizer(master, OptimConfig(lr=1e-2), torch.device("cpu"))
+    want = []
+    for k, x in enumerate(batches(steps)):
+        logits = work(x[:, :-1]).float()
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        want.append(loss.item())
+        for pw, pm in zip(work.parameters(), master.parameters(), strict=True):
+            pm.grad, pw.grad = pw.grad, None
+        previous = copy.deepcopy(master.state_dict())
+        clip_and_step(ref_opt, master, 0.5)
+        ref_opt.zero_grad()
+        work.load_state_dict(master.state_dict() if k < start else previous)
+    assert got == pytest.approx(want, rel=1e-5)
+    # Without the delay the losses differ after `start` (so the check above can fail).
+    plain = tiny()
+    undelayed = train(
+        plain,
+        build_optimizer(
+            plain, OptimConfig(lr=1e-2, offload=True, offload_dtype="fp32"), torch.device("cpu")
+        ),
+        batches(steps),
+    )
+    # The first delayed step still sees current weights; the one after sees stale ones.
+    assert undelayed[: start + 1] == pytest.approx(got[: start + 1], rel=1e-5)
+    assert undelayed[start + 1 :] != pytest.approx(got[start + 1 :], rel=1e-3)
+    # After the flush the model holds the master's last weights.
+    for b in opt.buckets:
+        for i, p in enumerate(b.params):
+            assert torch.equal(p.detach(), b.view(b.master, i))
+
+
+def test_trainer_with_delayed_update_resumes_exactly(tmp_path):
+    args = ["optim.offload=true", "optim.delayed_update=true", "optim.delayed_update_start=1"]
+    # Checkpoints finish the update in flight: both runs checkpoint at step 3.
+    want, got = stop_and_resume(
+        tmp_path, [*args, "train.eval_every=0", "train.checkpoint_every=3"], 3
+    )
+    assert got == want

@@ -79,3 +79,16 @@ def test_bad_offload_settings_say_what_to_do(tmp_path, overrides, message):
     args = [a for o in overrides for a in ("--set", o)]
     out = slipstream("train", str(write_recipe(tmp_path)), *args)
     assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+def test_delayed_update_on_two_sharded_ranks_matches_one_process(tmp_path):
+    dpu = ["optim.offload=true", "optim.delayed_update=true", "optim.delayed_update_start=2"]
+    one = RunConfig.load(
+        write_recipe(tmp_path), [*dpu, "train.eval_every=0", f"train.out_dir='{tmp_path / 'one'}'"]
+    )
+    want = [r["loss"] for r in Trainer(one).fit()]
+    recipe = write_recipe(tmp_path, "two.toml", num_micro_batches=1)
+    args = [a for o in [*dpu, "optim.zero_stage=2", "train.eval_every=0"] for a in ("--set", o)]
+    out = torchrun(recipe, *args, "--set", f"train.out_dir='{tmp_path / 'z'}'")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert losses(tmp_path / "z") == pytest.approx(want, rel=1e-5)  # as in the test above
