@@ -16,6 +16,7 @@ data plane is not what is measured here).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import statistics
 import sys
@@ -62,6 +63,9 @@ def measure(side: str, layers: int, width: int, steps: int) -> dict:
         delayed_update_start=WARMUP - 1,
     )
     opt = build_optimizer(model, cfg, torch.device("cpu"))
+    # The fp32 model was cast to bf16 (offload): hand its freed pages back to the OS, so RSS
+    # measures live memory rather than glibc's leftovers.
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     x = torch.randint(0, VOCAB, (MICRO_BATCH, SEQ_LEN + 1))
     times = []
     for step in range(steps):
