@@ -31,10 +31,18 @@ RULES = (
     ),
     ("h2d", 0.10, "copy", "pinned host memory and non-blocking copies"),
     (
+        "grad_offload",
+        0.15,
+        "copy",
+        "larger micro-batches (data.micro_batch_size: gradients leave once per backward), or "
+        "no offload where `slipstream memory` says the model fits without it",
+    ),
+    (
         "optimizer",
         0.25,
         "optimizer",
-        "fewer optimizer steps per token (larger steps: more rows or micro-batches per rank)",
+        "with optim.offload, optim.delayed_update = true (the host step overlaps the next "
+        "step's compute); else fewer optimizer steps per token (more rows per step)",
     ),
 )
 
@@ -46,7 +54,7 @@ def diagnose(shares: dict[str, float]) -> Diagnosis:
             what = {
                 "data": "waiting for data",
                 "communication": "in exposed communication",
-                "copy": "copying host to device",
+                "copy": "copying between host and device",
                 "optimizer": "in the optimizer step",
             }[name]
             return Diagnosis(name, share, f"{name}-bound: {share:.0%} of each step {what}", lever)

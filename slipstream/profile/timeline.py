@@ -13,7 +13,8 @@ from contextlib import contextmanager
 
 import torch
 
-PHASES = ("data_wait", "h2d", "forward", "backward", "comm", "optimizer")
+# grad_offload: gradients leaving the model for the host during backward (the offload engine).
+PHASES = ("data_wait", "h2d", "forward", "backward", "grad_offload", "comm", "optimizer")
 
 
 class StepTimer:

@@ -125,8 +125,12 @@ class Trainer:
                     loss = token_losses(model, mb, self.autocast).sum() * scale
                 with timer.phase("backward"):
                     self._hook_times.clear()
+                    offload_before = getattr(self.optimizer, "offload_s", 0.0)
                     loss.backward()
                     end = time.perf_counter()
+                # The offload engine's gradient copies ran inside backward: their own phase.
+                offload_s = getattr(self.optimizer, "offload_s", 0.0) - offload_before
+                timer.move("backward", "grad_offload", offload_s)
             loss_local += loss.item() / self.d.world_size
         if self._hook_times:
             # Exposed communication: from the last gradient bucket handed to all-reduce (the

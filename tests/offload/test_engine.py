@@ -155,3 +155,17 @@ def test_trainer_with_delayed_update_resumes_exactly(tmp_path):
         tmp_path, [*args, "train.eval_every=0", "train.checkpoint_every=3"], 3
     )
     assert got == want
+
+
+def test_gradient_copies_are_their_own_phase_in_the_step_breakdown(tmp_path):
+    from slipstream.config import RunConfig
+    from slipstream.train import Trainer
+    from tests.e2e.test_train import write_recipe
+
+    recipe = write_recipe(tmp_path)
+    off = RunConfig.load(recipe, ["optim.offload=true", f"train.out_dir='{tmp_path / 'o'}'"])
+    rows = Trainer(off).fit()
+    assert all(r["time/grad_offload_s"] > 0 for r in rows)
+    assert all(r["time/grad_offload_s"] < r["time/step_s"] for r in rows)
+    plain = RunConfig.load(recipe, [f"train.out_dir='{tmp_path / 'p'}'"])
+    assert all(r["time/grad_offload_s"] == 0 for r in Trainer(plain).fit())
