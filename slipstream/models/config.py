@@ -32,6 +32,9 @@ class GPTConfig:
     init_std: float = 0.02
     dropout: float = 0.0
     """Dropout on attention and MLP outputs during training (0 = off)."""
+    activation_checkpointing: bool = False
+    """Keep only each block's input for backward and recompute the rest (less activation
+    memory, one more forward of compute)."""
 
     def __post_init__(self) -> None:
         if self.kind != "gpt":

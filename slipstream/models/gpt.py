@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from slipstream.models.attention import Layout, attend, plan_layout
 from slipstream.models.base import CausalLMBase
@@ -130,5 +131,10 @@ class GPT(CausalLMBase):
         cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
         layout = plan_layout(x, doc_ids, cu_seqlens, max_seqlen)
         for block in self.blocks:
-            x = block(x, cos, sin, layout)
+            if self.cfg.activation_checkpointing and torch.is_grad_enabled():
+                # Non-reentrant: works with DDP, hooks and inputs that need no grad; the RNG
+                # state is saved, so dropout draws the same masks in the recompute.
+                x = checkpoint(block, x, cos, sin, layout, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, layout)
         return self.head(self.norm(x))

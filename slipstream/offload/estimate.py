@@ -47,6 +47,8 @@ class Workload:
     saved_bytes: float | None = None
     """Activations autograd keeps per micro-batch, when measured for the model (`slipstream
     memory RECIPE` does, on the meta device); else the formula below."""
+    saved_bytes_ckpt: float | None = None
+    """The same with activation checkpointing."""
 
     @property
     def tokens(self) -> int:
@@ -74,14 +76,15 @@ class Estimate:
 
 
 STRATEGIES = ("plain", "zero2", "offload", "offload+ckpt", "offload+dpu")
-AVAILABLE = {"plain": True, "zero2": False, "offload": True, "offload+ckpt": False}
-AVAILABLE["offload+dpu"] = False
+AVAILABLE = {"plain": True, "zero2": False, "offload": True, "offload+ckpt": True}
+AVAILABLE["offload+dpu"] = True
 
 
 def activation_bytes(w: Workload, checkpointing: bool) -> float:
     """Activations kept for backward, plus the fp32 logits and their gradient."""
-    if w.saved_bytes is not None and not checkpointing:
-        return w.saved_bytes + w.vocab_size * 4 * w.tokens  # + the fp32 logits' gradient
+    measured = w.saved_bytes_ckpt if checkpointing else w.saved_bytes
+    if measured is not None:
+        return measured + w.vocab_size * 4 * w.tokens  # + the fp32 logits' gradient
     full = 17 * w.width * w.act_bytes  # per layer and token: 34 * width bytes in 16-bit
     # With checkpointing: each layer's input, and one layer's full set during its recompute.
     per_layer = w.width * w.act_bytes if checkpointing else full

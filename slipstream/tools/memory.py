@@ -82,7 +82,13 @@ def workload_from_recipe(args: argparse.Namespace) -> Workload:
         num = GPT(m).num_params()
     fp32 = cfg.train.precision == "fp32"  # auto = bf16 on a GPU
     seq, mb = cfg.data.seq_len, cfg.data.micro_batch_size
-    saved = saved_activation_bytes(m, mb, seq, torch.float32 if fp32 else torch.bfloat16)
+    dtype = torch.float32 if fp32 else torch.bfloat16
+    saved = saved_activation_bytes(
+        dataclasses.replace(m, activation_checkpointing=False), mb, seq, dtype
+    )
+    ckpt = saved_activation_bytes(
+        dataclasses.replace(m, activation_checkpointing=True), mb, seq, dtype
+    )
     return Workload(
         num_params=num,
         num_layers=m.n_layer,
@@ -93,6 +99,7 @@ def workload_from_recipe(args: argparse.Namespace) -> Workload:
         world_size=args.ranks,
         act_bytes=4 if fp32 else 2,
         saved_bytes=saved,
+        saved_bytes_ckpt=ckpt,
     )
 
 

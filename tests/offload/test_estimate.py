@@ -38,7 +38,7 @@ def test_the_delayed_update_hides_the_host_step_under_compute():
 def test_recommends_the_fastest_available_strategy_that_fits():
     rows, best = plan(SEVEN_B, H100)
     assert not rows[0].fits  # 7B x 16 bytes does not fit 80 GiB
-    assert best is not None and best.strategy == "offload"
+    assert best is not None and best.strategy == "offload+dpu"  # the host step hidden
     small = Workload(
         num_params=1e8, num_layers=12, width=768, vocab_size=50_257, seq_len=1024, micro_batch=8
     )
@@ -50,7 +50,7 @@ def test_recommends_the_fastest_available_strategy_that_fits():
 def test_cli_prints_the_table_and_the_choice():
     out = run_cli("memory", "--params", "7e9", "--layers", "32", "--hidden", "4096")
     assert out.returncode == 0, out.stderr
-    assert "offload" in out.stdout and "recommended: offload" in out.stdout
+    assert "offload" in out.stdout and "recommended: offload+dpu" in out.stdout
     bad = run_cli("memory", "--params", "7e9")
     assert bad.returncode == 2 and "missing: --layers, --hidden" in bad.stderr
 
