@@ -6,6 +6,7 @@ Also the end-of-run samples, which need the same model and tokenizer."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,7 +15,8 @@ import torch
 
 from slipstream.data.sources.tokenizers import build_tokenizer
 from slipstream.models import CausalLMBase, GPTConfig, ModelConfig, build_model
-from slipstream.train.distributed import Dist
+from slipstream.train.distributed import Dist, wrap_ddp
+from slipstream.train.optim import OptimConfig, build_optimizer, check_parallel_optim
 
 if TYPE_CHECKING:  # the root config imports this package's config: no import at run time
     from slipstream.config import RunConfig
@@ -69,6 +71,25 @@ def build(cfg: RunConfig, d: Dist, out_dir: Path) -> Built:
             "(data.tokenizer = 'model')"
         )
     return Built(model, model_cfg, tokenizer)
+
+
+def build_parallel(model, cfg: OptimConfig, d: Dist):
+    """The optimizer and the data-parallel wrapping: (optimizer, DDP or None, the DDP hook's
+    bucket times). ZeRO-2 reduces gradients itself, so it gets no DDP (which would reduce
+    them a second time)."""
+    check_parallel_optim(cfg, d)
+    zero = cfg.zero_stage == 2
+    group = torch.distributed.group.WORLD if zero else None
+    optimizer = build_optimizer(model, cfg, d.device, group)
+    ddp, hook_times = (None, []) if zero else wrap_ddp(model, d)
+    return optimizer, ddp, hook_times
+
+
+def write_run_files(out_dir: Path, cfg: RunConfig, resolved: dict) -> None:
+    """config.json (the recipe as loaded) and resolved.json (what the run resolved)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(out_dir / "config.json")
+    (out_dir / "resolved.json").write_text(json.dumps(resolved, indent=2) + "\n")
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -25,17 +25,11 @@ from rich.console import Console
 from slipstream.data.loader import MixtureLoader
 from slipstream.profile import StepTimer, diagnose
 from slipstream.train import checkpoint as ckpt
-from slipstream.train.build import autocast_dtype, build, sample
-from slipstream.train.distributed import Dist, all_reduce_sum, init_distributed, wrap_ddp
+from slipstream.train.build import autocast_dtype, build, build_parallel, sample, write_run_files
+from slipstream.train.distributed import Dist, all_reduce_sum, init_distributed
 from slipstream.train.evaluate import evaluate
 from slipstream.train.loss import num_targets, token_losses
-from slipstream.train.optim import (
-    build_optimizer,
-    check_parallel_optim,
-    clip_and_step,
-    flush,
-    lr_factor,
-)
+from slipstream.train.optim import clip_and_step, flush, lr_factor
 from slipstream.train.progress import Progress, print_summary
 from slipstream.train.signals import StopSignals
 
@@ -53,12 +47,7 @@ class Trainer:
         self.out = Path(cfg.train.out_dir)
         self.built = build(cfg, self.d, self.out)
         self.model = self.built.model.to(self.d.device)
-        check_parallel_optim(cfg.optim, self.d)
-        zero = cfg.optim.zero_stage == 2
-        group = torch.distributed.group.WORLD if zero else None
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.d.device, group)
-        # ZeRO-2 reduces gradients itself; DDP would reduce them a second time.
-        self.ddp, self._hook_times = (None, []) if zero else wrap_ddp(self.model, self.d)
+        self.optimizer, self.ddp, self._hook_times = build_parallel(self.model, cfg.optim, self.d)
         self.loader = self._loader("train")
         self.tokenizer = self.loader.tokenizer
         self.step = 0
@@ -68,11 +57,8 @@ class Trainer:
         if resume:
             self._resume()
         if self.d.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            cfg.save(self.out / "config.json")
             resolved = self.built.resolved(self.d, self.loader.planner.attention_cost)
-            text = json.dumps(resolved, indent=2)
-            (self.out / "resolved.json").write_text(text + "\n")
+            write_run_files(self.out, cfg, resolved)
 
     def _loader(self, split: str) -> MixtureLoader:
         """This rank's loader of `split`; eval loaders start from the beginning each time."""
