@@ -15,6 +15,9 @@ moments.
   with the clipping scale fused in; the slices' new weights are all-gathered and written back
   into the model in its dtype.
 - `state_dict()` is the full state (slices gathered), so a run resumes on any number of ranks.
+- fp16 models get dynamic loss scaling: the trainer multiplies the loss by `loss_scale`; a
+  step whose gradients overflow is skipped (no update, no Adam step) and the scale halved;
+  after 2,000 clean steps it doubles.
 - The delayed parameter update (DPU, opt-in, after `delay_start` ordinary steps): the host
   step of step k runs in a background thread during step k + 1's forward and backward, so the
   gradient of step k + 1 is taken one update behind. Checkpoints finish the step in flight,
@@ -72,6 +75,10 @@ class OffloadOptimizer:
         self.group = group
         self.delayed_update, self.delay_start = delayed_update, delay_start
         self._num_steps = 0
+        # fp16 models: dynamic loss scaling. The trainer multiplies the loss by loss_scale;
+        # a step whose gradients overflow is skipped and the scale halved; after
+        # `growth_interval` clean steps it doubles.
+        self.loss_scale, self.growth_interval, self._clean_steps = 1.0, 2000, 0
         self.offload_s = 0.0  # seconds spent moving gradients to the host (the profiler reads it)
         self._pending: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -86,6 +93,9 @@ class OffloadOptimizer:
                 self.buckets.append(bucket)
                 host_groups.append({"params": [bucket.master], "weight_decay": g["weight_decay"]})
         self.host = HostAdamW(host_groups, lr=lr, betas=betas, eps=eps, num_threads=num_threads)
+        self.fp16 = any(b.params[0].dtype == torch.float16 for b in self.buckets)
+        if self.fp16:
+            self.loss_scale = 2.0**16
         self._handles = [
             p.register_post_accumulate_grad_hook(self._hook(b, i))
             for b in self.buckets
@@ -185,10 +195,19 @@ class OffloadOptimizer:
             t = torch.tensor([sq], dtype=torch.float64)
             dist.all_reduce(t, group=self.group)
             sq = float(t) / self.world**2  # of the averaged gradient, as DDP would give
-        norm = math.sqrt(sq)
+        norm = math.sqrt(sq) / self.loss_scale
+        if self.fp16 and not math.isfinite(norm):  # overflow: skip this step, scale down
+            self.loss_scale, self._clean_steps = max(self.loss_scale / 2, 1.0), 0
+            return norm
         clip = 1.0 if not math.isfinite(max_norm) else min(1.0, max_norm / (norm + 1e-6))
+        # Unscale by the scale these gradients were made with (before any growth below).
+        scale = clip / (self.world * self.loss_scale)
+        if self.fp16:
+            self._clean_steps += 1
+            if self._clean_steps == self.growth_interval:
+                self.loss_scale, self._clean_steps = self.loss_scale * 2, 0
         outs = {b.master: b.working for b in self.buckets if b.working is not None}
-        kwargs = {"grad_scale": clip / self.world, "bf16_out": outs or None}
+        kwargs = {"grad_scale": scale, "bf16_out": outs or None}
         if not background:
             self.host.step(**kwargs)
             return norm
@@ -242,6 +261,8 @@ class OffloadOptimizer:
             "buckets": buckets,
             "groups": groups,
             "num_steps": self._num_steps,  # where the delayed update's warm-up stands
+            "loss_scale": self.loss_scale,
+            "clean_steps": self._clean_steps,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -254,6 +275,7 @@ class OffloadOptimizer:
         for g, saved in zip(self.host.param_groups, state["groups"], strict=True):
             g.update(saved)
         self._num_steps = int(state["num_steps"])
+        self.loss_scale, self._clean_steps = float(state["loss_scale"]), int(state["clean_steps"])
         with torch.no_grad():
             for b, e in zip(self.buckets, state["buckets"], strict=True):
                 b.full.zero_()

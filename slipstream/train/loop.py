@@ -100,7 +100,10 @@ class Trainer:
         with timer.phase("comm"):
             (total_targets,) = all_reduce_sum([float(sum(map(num_targets, mbs)))], self.d)
         # DDP averages gradients over ranks; scaling by world size turns that into the sum.
-        scale = self.d.world_size / max(total_targets, 1.0)
+        # fp16 under offload: the loss is scaled up so small gradients survive (the engine
+        # unscales them on the host, or skips the step if they overflowed).
+        loss_scale = getattr(self.optimizer, "loss_scale", 1.0)
+        scale = self.d.world_size / max(total_targets, 1.0) * loss_scale
         model = self.ddp or self.model
         loss_local = 0.0
         for i, mb in enumerate(mbs):
@@ -117,7 +120,7 @@ class Trainer:
                 # The offload engine's gradient copies ran inside backward: their own phase.
                 offload_s = getattr(self.optimizer, "offload_s", 0.0) - offload_before
                 timer.move("backward", "grad_offload", offload_s)
-            loss_local += loss.item() / self.d.world_size
+            loss_local += loss.item() / loss_scale / self.d.world_size
         if self._hook_times:
             # Exposed communication: from the last gradient bucket handed to all-reduce (the
             # end of backward compute) to backward's return (all buckets reduced).

@@ -30,7 +30,8 @@ class OptimConfig:
     """Keep fp32 master weights, Adam moments and the step on the host (the memory engine);
     gradients move to the host during backward. One process for now."""
     offload_dtype: str = "bf16"
-    """With offload: the dtype of the model's own (working) weights, `bf16` or `fp32`."""
+    """With offload: the dtype of the model's own (working) weights, `bf16`, `fp16` (with
+    dynamic loss scaling) or `fp32`."""
     offload_threads: int = 0
     """With offload: threads of the host AdamW (0 = every CPU this process may use)."""
     delayed_update: bool = False
@@ -50,8 +51,10 @@ class OptimConfig:
             raise ValueError(f"optim.min_lr_ratio: {self.min_lr_ratio} must be in [0, 1]")
         if self.warmup_steps < 0 or self.grad_clip < 0:
             raise ValueError("optim.warmup_steps and optim.grad_clip must be >= 0")
-        if self.offload_dtype not in ("bf16", "fp32"):
-            raise ValueError(f"optim.offload_dtype: {self.offload_dtype!r}; use 'bf16' or 'fp32'")
+        if self.offload_dtype not in ("bf16", "fp16", "fp32"):
+            raise ValueError(
+                f"optim.offload_dtype: {self.offload_dtype!r}; use 'bf16', 'fp16' or 'fp32'"
+            )
         if self.zero_stage not in (0, 2):
             raise ValueError(f"optim.zero_stage: {self.zero_stage}; use 0 or 2")
         if self.zero_stage == 2 and not self.offload:
@@ -85,7 +88,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device, gr
     if cfg.offload:
         from slipstream.offload.engine import OffloadOptimizer
 
-        model.to({"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.offload_dtype])
+        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+        model.to(dtypes[cfg.offload_dtype])
         return OffloadOptimizer(
             groups,
             lr=cfg.lr,
