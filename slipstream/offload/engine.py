@@ -32,31 +32,16 @@ from __future__ import annotations
 import math
 import threading
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from slipstream.configfile import VERSION_KEY, check_version
+from slipstream.offload.buckets import Bucket, chunk_params, make_bucket
 from slipstream.offload.host_adam import HostAdamW
 
 STATE_VERSION = 2
-
-
-@dataclass(slots=True)
-class Bucket:
-    params: list[nn.Parameter]
-    offsets: list[int]
-    numel: int  # real elements; the buffers are padded to a multiple of the world size
-    grad: torch.Tensor  # fp32 host, padded: this rank's gradients, summed over micro-steps
-    master: torch.Tensor  # fp32 host, this rank's slice; .grad is the slice's reduced gradient
-    working: torch.Tensor | None  # bf16 host staging of the slice's new weights (bf16 models)
-    full: torch.Tensor  # fp32 host, padded: all slices' new weights (one process: `master`)
-
-    def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
-        p = self.params[i]
-        return flat[self.offsets[i] : self.offsets[i] + p.numel()].view(p.shape)
 
 
 class OffloadOptimizer:
@@ -88,8 +73,8 @@ class OffloadOptimizer:
         host_groups = []
         for g in param_groups:
             params = [p for p in g["params"] if p.requires_grad]
-            for chunk in _chunks(list(reversed(params)), bucket_numel):
-                bucket = self._make_bucket(chunk)
+            for chunk in chunk_params(list(reversed(params)), bucket_numel):
+                bucket = make_bucket(chunk, self.world, self.rank, self.group)
                 self.buckets.append(bucket)
                 host_groups.append({"params": [bucket.master], "weight_decay": g["weight_decay"]})
         self.host = HostAdamW(host_groups, lr=lr, betas=betas, eps=eps, num_threads=num_threads)
@@ -101,33 +86,6 @@ class OffloadOptimizer:
             for b in self.buckets
             for i, p in enumerate(b.params)
         ]
-
-    def _make_bucket(self, params: list[nn.Parameter]) -> Bucket:
-        if any(p.dtype != params[0].dtype for p in params):
-            raise ValueError("optim.offload: every parameter must have the same dtype")
-        offsets, total = [], 0
-        for p in params:
-            offsets.append(total)
-            total += p.numel()
-        padded = -(-total // self.world) * self.world
-        full = torch.zeros(padded, dtype=torch.float32)
-        for p, o in zip(params, offsets, strict=True):
-            full[o : o + p.numel()].copy_(p.detach().reshape(-1))
-        if self.world > 1:  # every rank starts from rank 0's weights, as DDP would make sure
-            dist.broadcast(full, src=dist.get_global_rank(self.group, 0), group=self.group)
-            with torch.no_grad():
-                for p, o in zip(params, offsets, strict=True):
-                    p.copy_(full[o : o + p.numel()].view(p.shape))
-        size = padded // self.world
-        # One process: the slice is the whole bucket, and `full` is not needed beside it.
-        master = (
-            full if self.world == 1 else full[self.rank * size : (self.rank + 1) * size].clone()
-        )
-        grad = torch.zeros(padded, dtype=torch.float32)
-        master.grad = grad if self.world == 1 else torch.zeros(size, dtype=torch.float32)
-        bf16 = params[0].dtype == torch.bfloat16
-        working = torch.empty(size, dtype=torch.bfloat16) if bf16 else None
-        return Bucket(params, offsets, total, grad, master, working, full)
 
     def _hook(self, bucket: Bucket, i: int):
         def move_to_host(p: nn.Parameter) -> None:
@@ -299,15 +257,3 @@ class OffloadOptimizer:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-
-
-def _chunks(params: list[nn.Parameter], bucket_numel: int) -> list[list[nn.Parameter]]:
-    out: list[list[nn.Parameter]] = [[]]
-    size = 0
-    for p in params:
-        if out[-1] and size + p.numel() > bucket_numel:
-            out.append([])
-            size = 0
-        out[-1].append(p)
-        size += p.numel()
-    return [c for c in out if c]

@@ -1,0 +1,66 @@
+"""Flat host buckets: parameters grouped so the host steps a few large buffers, each padded to
+a multiple of the data-parallel world size so that every rank owns an equal slice (ZeRO-2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(slots=True)
+class Bucket:
+    params: list[nn.Parameter]
+    offsets: list[int]
+    numel: int  # real elements; the buffers are padded to a multiple of the world size
+    grad: torch.Tensor  # fp32 host, padded: this rank's gradients, summed over micro-steps
+    master: torch.Tensor  # fp32 host, this rank's slice; .grad is the slice's reduced gradient
+    working: torch.Tensor | None  # bf16 host staging of the slice's new weights (bf16 models)
+    full: torch.Tensor  # fp32 host, padded: all slices' new weights (one process: `master`)
+
+    def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
+        p = self.params[i]
+        return flat[self.offsets[i] : self.offsets[i] + p.numel()].view(p.shape)
+
+
+def make_bucket(
+    params: list[nn.Parameter], world: int, rank: int, group: dist.ProcessGroup | None
+) -> Bucket:
+    """A bucket over `params`, padded to a multiple of `world`, holding rank `rank`'s slice."""
+    if any(p.dtype != params[0].dtype for p in params):
+        raise ValueError("optim.offload: every parameter must have the same dtype")
+    offsets, total = [], 0
+    for p in params:
+        offsets.append(total)
+        total += p.numel()
+    padded = -(-total // world) * world
+    full = torch.zeros(padded, dtype=torch.float32)
+    for p, o in zip(params, offsets, strict=True):
+        full[o : o + p.numel()].copy_(p.detach().reshape(-1))
+    if world > 1:  # every rank starts from rank 0's weights, as DDP would make sure
+        dist.broadcast(full, src=dist.get_global_rank(group, 0), group=group)
+        with torch.no_grad():
+            for p, o in zip(params, offsets, strict=True):
+                p.copy_(full[o : o + p.numel()].view(p.shape))
+    size = padded // world
+    # One process: the slice is the whole bucket, and `full` is not needed beside it.
+    master = full if world == 1 else full[rank * size : (rank + 1) * size].clone()
+    grad = torch.zeros(padded, dtype=torch.float32)
+    master.grad = grad if world == 1 else torch.zeros(size, dtype=torch.float32)
+    bf16 = params[0].dtype == torch.bfloat16
+    working = torch.empty(size, dtype=torch.bfloat16) if bf16 else None
+    return Bucket(params, offsets, total, grad, master, working, full)
+
+
+def chunk_params(params: list[nn.Parameter], bucket_numel: int) -> list[list[nn.Parameter]]:
+    out: list[list[nn.Parameter]] = [[]]
+    size = 0
+    for p in params:
+        if out[-1] and size + p.numel() > bucket_numel:
+            out.append([])
+            size = 0
+        out[-1].append(p)
+        size += p.numel()
+    return [c for c in out if c]
