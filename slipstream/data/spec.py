@@ -11,7 +11,7 @@ from typing import Any
 
 from slipstream.configfile import apply_overrides, build_config, load_toml
 
-FORMATS = ("text", "jsonl", "parquet")  # the formats in slipstream/data/sources/
+FORMATS = ("text", "jsonl", "parquet")  # one file each in slipstream/data/sources/
 BALANCE_METHODS = ("none", "random", "greedy", "kk")
 # 12 layers x 768 / (85M weights + a 50k x 768 output projection): GPT-2 small.
 DEFAULT_ATTENTION_COST = 12 * 768 / (85_000_000 + 50_257 * 768)

@@ -17,7 +17,7 @@ class Bucket:
     numel: int  # real elements; the buffers are padded to a multiple of the world size
     grad: torch.Tensor  # fp32 host, padded: this rank's gradients, summed over micro-steps
     master: torch.Tensor  # fp32 host, this rank's slice; .grad is the slice's reduced gradient
-    working: torch.Tensor | None  # bf16 host staging of the slice's new weights (bf16 models)
+    working: torch.Tensor | None  # bf16 host copy of the new weights (bf16 models, W = 1)
     full: torch.Tensor  # fp32 host, padded: all slices' new weights (one process: `master`)
 
     def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
@@ -49,7 +49,9 @@ def make_bucket(
     master = full if world == 1 else full[rank * size : (rank + 1) * size].clone()
     grad = torch.zeros(padded, dtype=torch.float32)
     master.grad = grad if world == 1 else torch.zeros(size, dtype=torch.float32)
-    bf16 = params[0].dtype == torch.bfloat16
+    # One process writes bf16 weights back from here; with W > 1 the gather is fp32 (gloo
+    # has no bf16), so a staging copy would be written and never read.
+    bf16 = params[0].dtype == torch.bfloat16 and world == 1
     working = torch.empty(size, dtype=torch.bfloat16) if bf16 else None
     return Bucket(params, offsets, total, grad, master, working, full)
 

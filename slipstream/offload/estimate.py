@@ -7,13 +7,14 @@ Bytes per parameter (P parameters, W data-parallel ranks):
 |---|---|---|
 | plain (fp32 weights, grads, Adam m and v on the device) | 16 | - |
 | zero2 (bf16 weights and grads; fp32 masters and moments sharded) | 4 + 12/W | - |
-| offload (bf16 weights on the device; this engine's host buffers) | 2 + buckets | 18 (W = 1); 8 + 18/W |
-| offload + DPU | 2 + buckets | 22 (W = 1); 8 + 18/W |
+| offload (bf16 weights on the device; this engine's host buffers) | 2 + buckets | 18 (W = 1); 8 + 16/W |
+| offload + DPU | 2 + buckets | 22 (W = 1); 8 + 16/W |
 
 The host column is what `engine.py` allocates: a full fp32 gradient buffer (4), fp32 masters
-(4), two moments (8) and a bf16 staging copy (2) of its slice; with W > 1 also the slice's
-reduced gradient (4/W) and a full fp32 gather buffer (4); with the delayed update and W = 1 a
-second gradient buffer (4), which backward fills while the host steps the first.
+(4) and two moments (8) of its slice; with W = 1 a bf16 copy of the new weights (2), with
+W > 1 the slice's reduced gradient (4/W) and a full fp32 gather buffer (4) instead; with the
+delayed update and W = 1 a second gradient buffer (4), which backward fills while the host
+steps the first.
 Activations per layer and token (Korthikanti et al., 2022, without stored attention scores:
 fused attention recomputes them): 34 * width bytes in 16-bit, 68 in fp32; with activation
 checkpointing only each layer's input (2 or 4 * width bytes) is kept, plus one layer's full
@@ -76,8 +77,7 @@ class Estimate:
 
 
 STRATEGIES = ("plain", "zero2", "offload", "offload+ckpt", "offload+dpu")
-AVAILABLE = {"plain": True, "zero2": False, "offload": True, "offload+ckpt": True}
-AVAILABLE["offload+dpu"] = True
+NEXT = ("zero2",)  # strategies not in Slipstream yet
 
 
 def activation_bytes(w: Workload, checkpointing: bool) -> float:
@@ -103,7 +103,7 @@ def estimate(strategy: str, w: Workload, hw: Hardware) -> Estimate:
         device, host, step = (4 + 12 / W) * P + act, 0.0, compute_s
     elif strategy in ("offload", "offload+ckpt", "offload+dpu"):
         device = 2 * P + hw.bucket_bytes + act
-        per_param = (22 if strategy == "offload+dpu" else 18) if W == 1 else 8 + 18 / W
+        per_param = (22 if strategy == "offload+dpu" else 18) if W == 1 else 8 + 16 / W
         host = per_param * P
         host_step = P / W / hw.host_adam_params_per_s
         copies = 4 * P / hw.link_bytes_per_s
@@ -114,7 +114,7 @@ def estimate(strategy: str, w: Workload, hw: Hardware) -> Estimate:
     else:
         raise ValueError(f"strategy: {strategy!r}; use one of {', '.join(STRATEGIES)}")
     fits = device <= hw.device_bytes and host <= hw.host_bytes
-    return Estimate(strategy, device, host, step, fits, AVAILABLE[strategy])
+    return Estimate(strategy, device, host, step, fits, strategy not in NEXT)
 
 
 def plan(w: Workload, hw: Hardware) -> tuple[list[Estimate], Estimate | None]:

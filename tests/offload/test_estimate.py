@@ -22,7 +22,7 @@ def test_bytes_per_parameter_follow_the_table():
     dpu = estimate("offload+dpu", SEVEN_B, H100)
     assert dpu.host_bytes == pytest.approx(22 * 7e9)  # a second gradient buffer
     four = estimate("offload", Workload(**{**_fields(SEVEN_B), "world_size": 4}), H100)
-    assert four.host_bytes == pytest.approx((8 + 18 / 4) * 7e9)
+    assert four.host_bytes == pytest.approx((8 + 16 / 4) * 7e9)
 
 
 def test_checkpointing_keeps_less_and_runs_the_forward_twice():

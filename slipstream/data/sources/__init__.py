@@ -7,8 +7,7 @@ from slipstream.data.sources.base import ShardIndex, SourceFormat
 from slipstream.data.sources.jsonl import JsonlFormat
 from slipstream.data.sources.parquet import ParquetFormat
 from slipstream.data.sources.text import TextFormat
-
-FORMATS = ("text", "jsonl", "parquet")
+from slipstream.data.spec import FORMATS  # one list: the spec validates against it
 
 
 def make_format(fmt: str, *, text_field: str, separator: str | None, on_error: str) -> SourceFormat:

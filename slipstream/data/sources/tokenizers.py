@@ -74,6 +74,7 @@ class HFTokenizer:
         if eos is None:
             raise ValueError(f"tokenizer: {path} has no {EOS_TOKEN!r} token; retrain it with one")
         self.eos_id = eos
+        self._token_bytes: np.ndarray | None = None
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         # encode_batch runs in Rust and releases the GIL, so thread-pool loaders scale with it.
@@ -86,6 +87,8 @@ class HFTokenizer:
     def token_bytes(self) -> np.ndarray:
         """Byte-level BPE tokens are strings over a 256-character alphabet, one per byte;
         SentencePiece-style ones are text (with '\u2581' for a space) or byte tokens `<0xNN>`."""
+        if self._token_bytes is not None:  # the vocabulary is read once, not per evaluation
+            return self._token_bytes
         import json
 
         decoder = json.loads(self._tok.to_str()).get("decoder") or {}
@@ -101,6 +104,7 @@ class HFTokenizer:
                 out[i] = 1
             else:
                 out[i] = len(tok.replace("\u2581", " ").encode("utf-8"))
+        self._token_bytes = out
         return out
 
 
