@@ -1,0 +1,138 @@
+"""All-gather + matmul: y = all_gather(x_shard) @ w, where every rank holds `m` rows of x.
+
+Tile order (symmetric implementations): at step i, rank r puts its shard to rank r - i while
+it computes on the shard of rank r + i, which is the one rank r + i is putting to it at that
+very step; so each rank starts on its own shard at once and finds every later shard arriving
+in the order it needs them. The result is checked against `reference` (one blocking
+all-gather, then one matmul). Shapes: m rows per rank, K inner, N output columns.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from slipstream.overlap.group import OverlapGroup
+from slipstream.overlap.signals import DEFAULT_TIMEOUT_S, SignalTimeout
+
+# torch 2.13 renamed all_gather_into_tensor; older releases have only the old name.
+_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def all_gather_matmul(
+    x_shard: torch.Tensor, w: torch.Tensor, group: OverlapGroup, return_gathered: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(y [world * m, N], the gathered x [world * m, K] if asked). Every rank of the group
+    calls this with the same shapes."""
+    if x_shard.dim() != 2 or w.dim() != 2 or x_shard.shape[1] != w.shape[0]:
+        raise ValueError(
+            f"all_gather_matmul: x_shard {tuple(x_shard.shape)} @ w {tuple(w.shape)}: need "
+            "[m, K] @ [K, N]"
+        )
+    if group.world_size == 1:
+        return x_shard @ w, (x_shard if return_gathered else None)
+    if group.impl == "reference":
+        gathered = _all_gather(x_shard, group)
+        return gathered @ w, (gathered if return_gathered else None)
+    if group.impl == "collective":
+        return _collective(x_shard, w, group, return_gathered)
+    return _symmetric(x_shard.contiguous(), w, group, return_gathered)
+
+
+def _all_gather(x: torch.Tensor, group: OverlapGroup, async_op: bool = False):
+    out = x.new_empty((group.world_size * x.shape[0], *x.shape[1:]))
+    work = _GATHER(out, x.contiguous(), group=group.group, async_op=async_op)
+    return (out, work) if async_op else out
+
+
+def _collective(x_shard, w, group: OverlapGroup, return_gathered: bool):
+    """Row chunks of the shard gathered asynchronously, all issued at once; the matmul of
+    chunk c runs while chunks c+1... are in flight."""
+    world, m = group.world_size, x_shard.shape[0]
+    pieces = [p for p in torch.tensor_split(x_shard, min(group.chunks, max(m, 1))) if len(p)]
+    pending = [_all_gather(p, group, async_op=True) for p in pieces]
+    y = x_shard.new_empty((world, m, w.shape[1]))
+    gathered = x_shard.new_empty((world, m, x_shard.shape[1])) if return_gathered else None
+    row = 0
+    for piece, (out, work) in zip(pieces, pending):
+        work.wait()
+        rows = slice(row, row + piece.shape[0])
+        y[:, rows] = (out @ w).view(world, piece.shape[0], -1)
+        if gathered is not None:
+            gathered[:, rows] = out.view(world, piece.shape[0], -1)
+        row += piece.shape[0]
+    return y.view(world * m, -1), (gathered.view(world * m, -1) if return_gathered else None)
+
+
+def _symmetric(x_shard, w, group: OverlapGroup, return_gathered: bool):
+    world, rank, m = group.world_size, group.rank, x_shard.shape[0]
+    ws = group.workspace("ag", (world, m, x_shard.shape[1]), x_shard.dtype)
+    epoch = ws.next_epoch()
+    heap, nbytes = ws.heap, x_shard.numel() * x_shard.element_size()
+
+    def produce() -> None:
+        for i in range(1, world):
+            dst = (rank - i) % world
+            group.wait(ws, ws.ack + dst, epoch - 1)  # dst has read the last call's shard
+            group.record("put_issued", dst, epoch)
+            group.link.send(nbytes)
+            heap.put(dst, ws.buf, x_shard, index=rank)
+            heap.signal(dst, ws.ready + rank, epoch)  # after the data: see signals.py
+            group.record("put_done", dst, epoch)
+
+    sending = group.producer.submit(produce)
+    try:
+        if group.kernel == "triton":
+            y = _consume_triton(x_shard, w, group, ws, epoch)
+        else:
+            y = _consume_torch(x_shard, w, group, ws, epoch)
+        gathered = None
+        if return_gathered:  # the buffer is reused by the next call: copy out
+            gathered = heap.local(ws.buf).clone()
+            gathered[rank] = x_shard
+            gathered = gathered.view(world * m, -1)
+        for src in range(world):  # done reading every slot: producers may overwrite
+            if src != rank:
+                heap.signal(src, ws.ack + rank, epoch)
+    except BaseException:
+        if hasattr(heap, "flags"):
+            heap.flags.abort()
+        raise
+    finally:
+        sending.result()
+    return y, gathered
+
+
+def _consume_torch(x_shard, w, group: OverlapGroup, ws, epoch: int) -> torch.Tensor:
+    world, rank, m = group.world_size, group.rank, x_shard.shape[0]
+    y = x_shard.new_empty((world * m, w.shape[1]))
+    buf = ws.heap.local(ws.buf)
+    for i in range(world):
+        src = (rank + i) % world
+        if i:
+            group.wait(ws, ws.ready + src, epoch)
+            group.record("signal_seen", src, epoch)
+        group.record("tile_start", src, epoch)
+        torch.matmul(x_shard if i == 0 else buf[src], w, out=y[src * m : (src + 1) * m])
+        group.record("tile_done", src, epoch)
+    return y
+
+
+def _consume_triton(x_shard, w, group: OverlapGroup, ws, epoch: int) -> torch.Tensor:
+    """The Triton consumer reads every shard from the buffer, waiting on each tile's flag on
+    the device (or in the interpreter); this rank's own shard goes in first."""
+    from slipstream.overlap.kernels.consumer_gemm import consumer_gemm
+
+    heap, rank = ws.heap, group.rank
+    heap.put(rank, ws.buf, x_shard, index=rank)
+    heap.signal(rank, ws.ready + rank, epoch)
+    flags = heap.flag_tensor(ws.ready, group.world_size)
+    buf = heap.local(ws.buf)
+    timeout_s = group.timeout_s if group.timeout_s is not None else DEFAULT_TIMEOUT_S
+    y, timed_out = consumer_gemm(buf.view(-1, buf.shape[-1]), w, flags, rank, epoch, timeout_s)
+    if timed_out:
+        raise SignalTimeout(
+            f"rank {rank}: the consumer kernel gave up waiting on shard(s) {timed_out} of call "
+            f"{epoch}; flags: {flags.tolist()}"
+        )
+    return y

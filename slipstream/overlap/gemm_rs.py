@@ -1,0 +1,103 @@
+"""Matmul + reduce-scatter: out = reduce_scatter(x @ w) over rows, where every rank holds a
+slice of the inner dimension (x [M, K_local], w [K_local, N]) and receives the sum of rows
+[rank * m, (rank + 1) * m) of every rank's partial product, m = M / world.
+
+Tile order (symmetric implementations): rank r computes the partial rows of rank r + 1 first,
+hands them to its producer thread (which puts them while the next tile computes), then r + 2,
+..., and its own rows last; it adds what it receives in the order it arrives (r - 1, r - 2,
+...), the order the pairing above sends them in.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from slipstream.overlap.group import OverlapGroup
+
+# torch 2.13 renamed reduce_scatter_tensor; older releases have only the old name.
+_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def matmul_reduce_scatter(x: torch.Tensor, w: torch.Tensor, group: OverlapGroup) -> torch.Tensor:
+    """[M / world, N]; M must divide by the group's world size."""
+    world = group.world_size
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[0]:
+        raise ValueError(
+            f"matmul_reduce_scatter: x {tuple(x.shape)} @ w {tuple(w.shape)}: need [M, K] @ [K, N]"
+        )
+    if x.shape[0] % world:
+        raise ValueError(
+            f"matmul_reduce_scatter: {x.shape[0]} rows do not split over {world} ranks; pad the "
+            "rows to a multiple of the tensor-parallel size"
+        )
+    if world == 1:
+        return x @ w
+    if group.impl == "reference":
+        return _reduce_scatter(x @ w, group)
+    if group.impl == "collective":
+        return _collective(x, w, group)
+    return _symmetric(x, w, group)
+
+
+def _reduce_scatter(partial: torch.Tensor, group: OverlapGroup, async_op: bool = False):
+    out = partial.new_empty((partial.shape[0] // group.world_size, *partial.shape[1:]))
+    work = _SCATTER(out, partial, group=group.group, async_op=async_op)
+    return (out, work) if async_op else out
+
+
+def _collective(x, w, group: OverlapGroup) -> torch.Tensor:
+    """Column chunks: the reduce-scatter of chunk c runs while chunk c+1 is computed."""
+    cols = [c for c in torch.tensor_split(torch.arange(w.shape[1]), group.chunks) if len(c)]
+    pending = []
+    for c in cols:
+        partial = (x @ w[:, c[0] : c[-1] + 1]).contiguous()
+        pending.append(_reduce_scatter(partial, group, async_op=True))
+    for _, work in pending:
+        work.wait()
+    return torch.cat([out for out, _ in pending], dim=1)
+
+
+def _symmetric(x, w, group: OverlapGroup) -> torch.Tensor:
+    world, rank = group.world_size, group.rank
+    m = x.shape[0] // world
+    ws = group.workspace("rs", (world, m, w.shape[1]), torch.result_type(x, w))
+    epoch = ws.next_epoch()
+    heap = ws.heap
+
+    def send(dst: int, partial: torch.Tensor) -> None:
+        group.wait(ws, ws.ack + dst, epoch - 1)  # dst has summed the last call's slot
+        group.record("put_issued", dst, epoch)
+        group.link.send(partial.numel() * partial.element_size())
+        heap.put(dst, ws.buf, partial, index=rank)
+        heap.signal(dst, ws.ready + rank, epoch)  # after the data: see signals.py
+        group.record("put_done", dst, epoch)
+
+    sends = []
+    try:
+        for i in range(1, world):
+            dst = (rank + i) % world
+            group.record("tile_start", dst, epoch)
+            partial = x[dst * m : (dst + 1) * m] @ w
+            group.record("tile_done", dst, epoch)
+            sends.append(group.producer.submit(send, dst, partial))
+        group.record("tile_start", rank, epoch)
+        out = x[rank * m : (rank + 1) * m] @ w
+        group.record("tile_done", rank, epoch)
+        buf = heap.local(ws.buf)
+        for i in range(1, world):
+            src = (rank - i) % world
+            group.wait(ws, ws.ready + src, epoch)
+            group.record("signal_seen", src, epoch)
+            out += buf[src]
+        for src in range(world):  # every slot summed: producers may overwrite
+            if src != rank:
+                heap.signal(src, ws.ack + rank, epoch)
+    except BaseException:
+        if hasattr(heap, "flags"):
+            heap.flags.abort()
+        raise
+    finally:
+        for s in sends:
+            s.result()
+    return out

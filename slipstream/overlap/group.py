@@ -1,0 +1,103 @@
+"""OverlapGroup: a tensor-parallel group as the overlapped operations see it: which
+implementation they use, their symmetric workspaces (one per operation and shape, created on
+first use by every rank together), the producer thread that issues puts while the caller
+computes, and the optional simulated link and event trace.
+
+Implementations: `shm` and `cuda` (symmetric heap, tile-ordered put / signal / wait),
+`collective` (chunked async torch.distributed collectives, any backend), `reference` (one
+blocking collective, then the matmul: what the others are checked against)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from slipstream.overlap.symmetric import Region, SymmetricHeap, create_heap
+from slipstream.overlap.trace import SimLink, Trace
+
+IMPLEMENTATIONS = ("shm", "cuda", "collective", "reference")
+
+
+@dataclass(slots=True)
+class Workspace:
+    """One operation's symmetric buffer and flags: `ready + src` is raised on a rank when
+    src's data has landed in its buffer; `ack + dst` on a producer when dst has finished
+    reading what that producer put there (so the next call may overwrite it)."""
+
+    heap: SymmetricHeap
+    buf: Region
+    ready: int
+    ack: int
+    epoch: int = 0
+
+    def next_epoch(self) -> int:
+        self.epoch += 1
+        return self.epoch
+
+
+class OverlapGroup:
+    def __init__(
+        self,
+        group=None,
+        impl: str = "shm",
+        *,
+        link: SimLink | None = None,
+        trace: bool = False,
+        chunks: int = 4,
+        kernel: str = "torch",
+        timeout_s: float | None = None,
+    ) -> None:
+        if impl not in IMPLEMENTATIONS:
+            raise ValueError(f"overlap implementation {impl!r}: use one of {IMPLEMENTATIONS}")
+        if kernel not in ("torch", "triton"):
+            raise ValueError(f"overlap kernel {kernel!r}: use 'torch' or 'triton'")
+        if chunks < 1:
+            raise ValueError(f"overlap chunks {chunks}: use 1 or more")
+        self.group = group
+        self.impl, self.kernel, self.chunks = impl, kernel, chunks
+        self.rank = dist.get_rank(group) if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size(group) if dist.is_initialized() else 1
+        self.link = link or SimLink()
+        self.trace = Trace(self.rank) if trace else None
+        self.timeout_s = timeout_s
+        self._workspaces: dict[tuple, Workspace] = {}
+        self._producer: ThreadPoolExecutor | None = None
+
+    @property
+    def producer(self) -> ThreadPoolExecutor:
+        """One thread issues this rank's puts in order (a rank's link sends one at a time)."""
+        if self._producer is None:
+            self._producer = ThreadPoolExecutor(1, thread_name_prefix="slipstream-put")
+        return self._producer
+
+    def record(self, kind: str, peer: int, call: int) -> None:
+        if self.trace is not None:
+            self.trace.record(kind, peer, call)
+
+    def workspace(self, op: str, shape: tuple[int, ...], dtype: torch.dtype) -> Workspace:
+        """The symmetric buffer of `op` at `shape` ([world, rows, cols]); every rank of the
+        group reaches this at the same call, so creating it here is collective."""
+        key = (op, shape, dtype)
+        ws = self._workspaces.get(key)
+        if ws is None:
+            nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            heap = create_heap(self.impl, nbytes, 2 * self.world_size, self.group)
+            buf = heap.alloc(f"{op}.buf", shape, dtype)
+            ready = heap.add_flags([f"{op}.ready[src={r}]" for r in range(self.world_size)])
+            ack = heap.add_flags([f"{op}.ack[dst={r}]" for r in range(self.world_size)])
+            ws = self._workspaces[key] = Workspace(heap, buf, ready, ack)
+        return ws
+
+    def wait(self, ws: Workspace, flag: int, value: int) -> None:
+        ws.heap.wait_until(flag, value, self.timeout_s)
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.shutdown(wait=True)
+            self._producer = None
+        for ws in self._workspaces.values():
+            ws.heap.close()
+        self._workspaces.clear()
