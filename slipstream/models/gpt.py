@@ -4,6 +4,8 @@ of its own document (`attention.py` picks the path: varlen flash attention on CU
 bf16/fp16, one causal SDPA call per document elsewhere).
 
 Shapes: B batch rows, T tokens per row, D model width, H heads, K head size (D = H * K).
+Under tensor parallelism (`shard_tensor_parallel`) the attention and MLP projections are split
+across ranks by heads and hidden units and the residual stream by rows (sequence parallel).
 """
 
 from __future__ import annotations
@@ -18,6 +20,14 @@ from torch.utils.checkpoint import checkpoint
 from slipstream.models.attention import Layout, attend, plan_layout
 from slipstream.models.base import CausalLMBase
 from slipstream.models.config import GPTConfig
+from slipstream.overlap.group import OverlapGroup
+from slipstream.overlap.tp import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    TensorParallelPlan,
+    gather_rows,
+    scatter_rows,
+)
 
 
 class RMSNorm(nn.Module):
@@ -45,12 +55,18 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x_BTD, cos, sin, layout: Layout) -> torch.Tensor:
-        B, T, D = x_BTD.shape
-        q, k, v = self.qkv(x_BTD).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
+    def forward(self, x, cos, sin, layout: Layout) -> torch.Tensor:
+        """x: [B, T, D], or under tensor parallelism this rank's rows [R / tp, D] (R = B * T
+        padded to a multiple of tp); then qkv gives every row for this rank's heads."""
+        B, T = cos.shape[:2]
+        qkv = self.qkv(x)
+        rows = qkv.shape[0] if qkv.dim() == 2 else 0
+        q, k, v = qkv[: B * T].view(B, T, 3, -1, self.head_dim).unbind(2)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        y = attend(q, k, v, layout)
-        return self.dropout(self.proj(y.reshape(B, T, D)))
+        y = attend(q, k, v, layout).reshape(B, T, -1)
+        if rows:  # back to the padded rows the row-parallel projection splits
+            y = F.pad(y.view(B * T, -1), (0, 0, 0, rows - B * T))
+        return self.dropout(self.proj(y))
 
 
 class MLP(nn.Module):
@@ -99,6 +115,8 @@ class GPT(CausalLMBase):
         angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64), inv_freq)
         self.register_buffer("rope_cos", angles.cos().float(), persistent=False)
         self.register_buffer("rope_sin", angles.sin().float(), persistent=False)
+        self.tp: OverlapGroup | None = None
+        self.tp_plan: TensorParallelPlan | None = None
         self.apply(self._init)
         for block in self.blocks:  # residual projections scaled down with depth (GPT-2)
             for w in (block.attn.proj.weight, block.mlp.down.weight):
@@ -130,6 +148,9 @@ class GPT(CausalLMBase):
         x = self.embed(input_ids)
         cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
         layout = plan_layout(x, doc_ids, cu_seqlens, max_seqlen)
+        if self.tp is not None:  # the residual stream is split by rows across the group
+            x = F.pad(x.view(B * T, -1), (0, 0, 0, -(B * T) % self.tp.world_size))
+            x = scatter_rows(x, self.tp)
         for block in self.blocks:
             if self.cfg.activation_checkpointing and torch.is_grad_enabled():
                 # Non-reentrant: works with DDP, hooks and inputs that need no grad; the RNG
@@ -137,4 +158,28 @@ class GPT(CausalLMBase):
                 x = checkpoint(block, x, cos, sin, layout, use_reentrant=False)
             else:
                 x = block(x, cos, sin, layout)
+        if self.tp is not None:  # every rank computes the output layer on all rows
+            x = gather_rows(x, self.tp)[: B * T].view(B, T, -1)
         return self.head(self.norm(x))
+
+    def shard_tensor_parallel(self, group: OverlapGroup) -> TensorParallelPlan:
+        """Split the attention and MLP projections across `group` (heads and hidden units),
+        in place, keeping this rank's slices of the weights built so far (so a sharded model
+        starts from the same weights as the unsharded one)."""
+        tp = group.world_size
+        if self.cfg.n_head % tp:
+            raise ValueError(
+                f"parallel.tp: {tp} does not divide model.n_head {self.cfg.n_head}; choose a "
+                "tensor-parallel size that divides the number of heads"
+            )
+        plan = TensorParallelPlan(group)
+        for block in self.blocks:
+            attn, mlp = block.attn, block.mlp
+            attn.qkv = ColumnParallelLinear.from_linear(attn.qkv, group, parts=3)
+            attn.proj = RowParallelLinear.from_linear(attn.proj, group)
+            mlp.up = ColumnParallelLinear.from_linear(mlp.up, group, parts=2 if mlp.swiglu else 1)
+            mlp.down = RowParallelLinear.from_linear(mlp.down, group)
+            plan.sharded += [attn.qkv.weight, attn.proj.weight, mlp.up.weight, mlp.down.weight]
+            plan.partial += [block.norm1.weight, block.norm2.weight]  # see only local rows
+        self.tp, self.tp_plan = group, plan
+        return plan
