@@ -17,9 +17,10 @@ from slipstream.configfile import apply_overrides, build_config, load_toml, merg
 from slipstream.data.spec import MixtureSpec
 from slipstream.models.config import GPTConfig, ModelConfig, model_config_from_raw
 from slipstream.train.config import TrainConfig
+from slipstream.train.distributed import ParallelConfig
 from slipstream.train.optim import OptimConfig
 
-SECTIONS = ("model", "data", "optim", "train")
+SECTIONS = ("model", "data", "optim", "train", "parallel")
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -28,9 +29,15 @@ class RunConfig:
     data: MixtureSpec
     optim: OptimConfig
     train: TrainConfig
+    parallel: ParallelConfig = ParallelConfig()
     recipe_dir: str = "."
 
     def __post_init__(self) -> None:
+        if self.parallel.tp > 1 and not isinstance(self.model, GPTConfig):
+            raise ValueError(
+                "parallel.tp: tensor parallelism splits the GPT's layers; model.kind "
+                f"{self.model.kind!r} runs with parallel.tp = 1 (data parallel)"
+            )
         if isinstance(self.model, GPTConfig) and self.model.max_seq_len < self.data.seq_len:
             raise ValueError(
                 f"data.seq_len: {self.data.seq_len} is longer than model.max_seq_len "
@@ -61,6 +68,7 @@ class RunConfig:
             data=MixtureSpec.from_dict(raw["data"], base_dir=str(base_dir)),
             optim=build_config(OptimConfig, raw.get("optim", {}), "optim"),
             train=build_config(TrainConfig, raw.get("train", {}), "train"),
+            parallel=build_config(ParallelConfig, raw.get("parallel", {}), "parallel"),
             recipe_dir=str(recipe_dir),
         )
 
@@ -70,6 +78,7 @@ class RunConfig:
             "data": self.data.to_dict(),
             "optim": self.optim.to_dict(),
             "train": self.train.to_dict(),
+            "parallel": self.parallel.to_dict(),
             "recipe_dir": self.recipe_dir,
         }
 

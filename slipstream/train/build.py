@@ -15,7 +15,8 @@ import torch
 
 from slipstream.data.sources.tokenizers import build_tokenizer
 from slipstream.models import CausalLMBase, GPTConfig, ModelConfig, build_model
-from slipstream.train.distributed import Dist, wrap_ddp
+from slipstream.overlap import OverlapGroup
+from slipstream.train.distributed import Dist, ParallelConfig, wrap_ddp
 from slipstream.train.optim import OptimConfig, build_optimizer, check_parallel_optim
 
 if TYPE_CHECKING:  # the root config imports this package's config: no import at run time
@@ -36,10 +37,11 @@ class Built:
             "model": self.model_config.to_dict(),
             "data": {
                 "tokenizer": self.tokenizer,
-                "dp_world_size": d.world_size,
+                "dp_world_size": d.dp_size,
                 "balance.attention_cost": attention_cost,
             },
             "num_params": self.model.num_params(),
+            "tp": d.tp_size,
         }
 
 
@@ -73,13 +75,25 @@ def build(cfg: RunConfig, d: Dist, out_dir: Path) -> Built:
     return Built(model, model_cfg, tokenizer)
 
 
+def shard_model(model, parallel: ParallelConfig, d: Dist) -> None:
+    """Split the model's layers over this rank's tensor-parallel group (after it is on its
+    device: the symmetric workspaces live there)."""
+    if d.tp_size == 1:
+        return
+    impl = parallel.overlap
+    if impl == "auto":
+        impl = "cuda" if d.device.type == "cuda" else "shm"
+    group = OverlapGroup(d.tp_group, impl, chunks=parallel.overlap_chunks)
+    model.shard_tensor_parallel(group)
+
+
 def build_parallel(model, cfg: OptimConfig, d: Dist):
     """The optimizer and the data-parallel wrapping: (optimizer, DDP or None, the DDP hook's
     bucket times). ZeRO-2 reduces gradients itself, so it gets no DDP (which would reduce
     them a second time)."""
     check_parallel_optim(cfg, d)
     zero = cfg.zero_stage == 2
-    group = torch.distributed.group.WORLD if zero else None
+    group = (d.dp_group or torch.distributed.group.WORLD) if zero else None
     optimizer = build_optimizer(model, cfg, d.device, group)
     ddp, hook_times = (None, []) if zero else wrap_ddp(model, d)
     return optimizer, ddp, hook_times

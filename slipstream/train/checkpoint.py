@@ -26,6 +26,11 @@ CHECKPOINT_VERSION = 1
 PREFIX = "step_"
 
 
+def _suffix(d: Dist) -> str:
+    """Tensor-parallel slices are saved one file per slice."""
+    return f".tp{d.tp_rank}" if d.tp_size > 1 else ""
+
+
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
@@ -92,7 +97,9 @@ def save_checkpoint(
     data: dict,
     meta: dict,
 ) -> Path | None:
-    """Every rank calls this (each writes its RNG state); rank 0 writes the rest."""
+    """Every rank calls this (each writes its RNG state); rank 0 writes the rest, and under
+    tensor parallelism each rank of the first replica writes its slice of the model and
+    optimizer (`model.tp1.pt`, ...)."""
     root = checkpoint_dir(run_dir)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".tmp_{PREFIX}{step:08d}"
@@ -101,11 +108,18 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     barrier(d)
     torch.save(rng_state(), tmp / f"rng_rank{d.rank}.pt")
+    if d.dp_rank == 0:
+        torch.save(model, tmp / f"model{_suffix(d)}.pt")
+        torch.save(optimizer, tmp / f"optimizer{_suffix(d)}.pt")
     if d.is_main:
-        torch.save(model, tmp / "model.pt")
-        torch.save(optimizer, tmp / "optimizer.pt")
         (tmp / "data.json").write_text(json.dumps(data))
-        meta = {**meta, VERSION_KEY: CHECKPOINT_VERSION, "step": step, "world_size": d.world_size}
+        meta = {
+            **meta,
+            VERSION_KEY: CHECKPOINT_VERSION,
+            "step": step,
+            "world_size": d.world_size,
+            "tp": d.tp_size,
+        }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     barrier(d)
     if d.is_main:
@@ -131,12 +145,18 @@ def load_checkpoint(path: Path, d: Dist, model_config: dict) -> dict[str, Any]:
             f"{path}: the checkpoint's model differs from the recipe's ({items}); resume with "
             "the recipe it was trained with, or start a new run (another train.out_dir)"
         )
+    if meta.get("tp", 1) != d.tp_size:
+        raise ValueError(
+            f"{path}: saved with parallel.tp = {meta.get('tp', 1)}, this run has "
+            f"{d.tp_size}; resume with parallel.tp = {meta.get('tp', 1)} (the data-parallel "
+            "size may change)"
+        )
     rng = path / f"rng_rank{d.rank}.pt"
     if rng.is_file():  # absent when resuming with more ranks than were saved
         set_rng_state(safe_load(rng))
     return {
         "meta": meta,
-        "model": safe_load(path / "model.pt", d.device),
-        "optimizer": safe_load(path / "optimizer.pt", d.device),
+        "model": safe_load(path / f"model{_suffix(d)}.pt", d.device),
+        "optimizer": safe_load(path / f"optimizer{_suffix(d)}.pt", d.device),
         "data": json.loads((path / "data.json").read_text()),
     }

@@ -1,16 +1,50 @@
 """Process groups from torchrun's environment, and data-parallel wrapping. One process and no
-group by default; under `torchrun` a data-parallel group over all ranks (gloo on CPU, NCCL on
-CUDA), with DDP whose communication hook notes when each gradient bucket is ready, so the
-trainer can measure exposed communication. A 2-D mesh (data x tensor parallel) goes here."""
+group by default; under `torchrun` a 2-D mesh of data x tensor parallel ranks (gloo on CPU,
+NCCL on CUDA). Tensor-parallel groups are consecutive ranks (rank = dp_rank * tp + tp_rank),
+so they stay inside a machine; DDP runs over the data-parallel groups, with a communication
+hook that notes when each gradient bucket is ready, so the trainer can measure exposed
+communication."""
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
+
+OVERLAP_CHOICES = ("auto", "shm", "cuda", "collective", "reference")
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class ParallelConfig:
+    """How the ranks of a job split the work."""
+
+    tp: int = 1
+    """Tensor-parallel ranks per model replica (consecutive ranks); must divide the number of
+    processes and model.n_head."""
+    dp: int = 0
+    """Data-parallel replicas; 0 = processes / tp. A value that disagrees with the launch is
+    an error (a check that the job started as intended)."""
+    overlap: str = "auto"
+    """How tensor-parallel layers communicate: `shm` (symmetric memory across the processes
+    of one machine, tile-ordered put/signal/wait), `cuda` (torch symmetric memory), `collective`
+    (chunked async collectives, any backend), `reference` (blocking collectives, no overlap),
+    or `auto` (cuda on GPUs, shm on CPUs)."""
+    overlap_chunks: int = 4
+    """Chunks per operation for the `collective` implementation."""
+
+    def __post_init__(self) -> None:
+        if self.tp < 1 or self.dp < 0:
+            raise ValueError(f"parallel: tp {self.tp} must be >= 1 and dp {self.dp} >= 0")
+        if self.overlap not in OVERLAP_CHOICES:
+            raise ValueError(f"parallel.overlap: {self.overlap!r}; use one of {OVERLAP_CHOICES}")
+        if self.overlap_chunks < 1:
+            raise ValueError("parallel.overlap_chunks: must be >= 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass(slots=True)
@@ -19,6 +53,11 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    tp_size: int = 1
+    tp_group: object = None
+    """The tensor-parallel process group of this rank (None without tensor parallelism)."""
+    dp_group: object = None
+    """The data-parallel process group (None = all ranks)."""
 
     @property
     def is_main(self) -> bool:
@@ -27,6 +66,18 @@ class Dist:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.tp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp_size
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp_size
 
 
 def pick_device(name: str, local_rank: int) -> torch.device:
@@ -41,17 +92,37 @@ def pick_device(name: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device: str = "auto") -> Dist:
-    """Reads RANK / WORLD_SIZE / LOCAL_RANK (set by torchrun) and joins the group."""
+def init_distributed(device: str = "auto", parallel: ParallelConfig | None = None) -> Dist:
+    """Reads RANK / WORLD_SIZE / LOCAL_RANK (set by torchrun), joins the group and builds the
+    data x tensor parallel mesh."""
+    parallel = parallel or ParallelConfig()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    tp = parallel.tp
+    if world % tp or (parallel.dp and parallel.dp * tp != world):
+        raise ValueError(
+            f"parallel: tp {tp} x dp {parallel.dp or 'auto'} does not fit {world} process(es); "
+            f"launch tp x dp processes (torchrun --nproc_per_node {tp * max(parallel.dp, 1)})"
+        )
     dev = pick_device(device, local)
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Dist(rank, world, local, dev)
+    d = Dist(rank, world, local, dev, tp_size=tp)
+    if tp > 1:
+        # new_group is collective over all ranks: every rank creates every group, in order.
+        for i in range(world // tp):
+            group = dist.new_group(list(range(i * tp, (i + 1) * tp)))
+            if d.dp_rank == i:
+                d.tp_group = group
+        if world > tp:
+            for j in range(tp):
+                group = dist.new_group(list(range(j, world, tp)))
+                if d.tp_rank == j:
+                    d.dp_group = group
+    return d
 
 
 def all_reduce_sum(values: list[float], d: Dist) -> list[float]:
@@ -74,10 +145,10 @@ def shutdown(d: Dist) -> None:
 
 
 def wrap_ddp(model: torch.nn.Module, d: Dist):
-    """DDP around `model` with a timed all-reduce hook, or None on one process. Returns
-    (ddp or None, the list the hook appends bucket-ready times to)."""
+    """DDP over the data-parallel group with a timed all-reduce hook, or None with one
+    replica. Returns (ddp or None, the list the hook appends bucket-ready times to)."""
     times: list[float] = []
-    if not d.enabled:
+    if d.dp_size == 1:
         return None, times
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -86,14 +157,17 @@ def wrap_ddp(model: torch.nn.Module, d: Dist):
         model,
         broadcast_buffers=False,
         device_ids=[d.device] if d.device.type == "cuda" else None,
+        process_group=d.dp_group,
     )
-    ddp.register_comm_hook(times, timed_allreduce)
+    ddp.register_comm_hook((times, d.dp_group), timed_allreduce)
     return ddp, times
 
 
-def timed_allreduce(times: list[float], bucket):
-    """DDP comm hook: the default all-reduce (averaged), noting when each bucket is ready."""
+def timed_allreduce(state: tuple[list[float], object], bucket):
+    """DDP comm hook: the default all-reduce (averaged over the data-parallel group), noting
+    when each bucket is ready."""
+    times, group = state
     times.append(time.perf_counter())
-    world = dist.get_world_size()
-    fut = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
+    world = dist.get_world_size(group)
+    fut = dist.all_reduce(bucket.buffer(), group=group, async_op=True).get_future()
     return fut.then(lambda f: f.value()[0].div_(world))

@@ -49,9 +49,11 @@ def evaluate(
                 sums[3] += torch.bincount(src, weights=nbytes, minlength=n)
     finally:
         model.train(was_training)
-    loss_sum, count, byte_loss, num_bytes = torch.tensor(
-        all_reduce_sum(sums.flatten().tolist(), d), dtype=torch.float64
-    ).view(4, n)
+    # Tensor-parallel ranks evaluate the same batch: the sum over all ranks counts it tp times.
+    loss_sum, count, byte_loss, num_bytes = (
+        torch.tensor(all_reduce_sum(sums.flatten().tolist(), d), dtype=torch.float64).view(4, n)
+        / d.tp_size
+    )
     out = {
         "eval_loss": float(loss_sum.sum() / max(float(count.sum()), 1.0)),
         "eval_bpb": float(byte_loss.sum() / math.log(2) / max(float(num_bytes.sum()), 1.0)),

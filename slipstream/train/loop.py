@@ -25,7 +25,14 @@ from rich.console import Console
 from slipstream.data.loader import MixtureLoader
 from slipstream.profile import StepTimer, diagnose
 from slipstream.train import checkpoint as ckpt
-from slipstream.train.build import autocast_dtype, build, build_parallel, sample, write_run_files
+from slipstream.train.build import (
+    autocast_dtype,
+    build,
+    build_parallel,
+    sample,
+    shard_model,
+    write_run_files,
+)
 from slipstream.train.distributed import Dist, all_reduce_sum, init_distributed
 from slipstream.train.evaluate import evaluate
 from slipstream.train.loss import num_targets, token_losses
@@ -40,13 +47,17 @@ if TYPE_CHECKING:
 class Trainer:
     def __init__(self, cfg: RunConfig, resume: bool = False, console: Console | None = None):
         self.cfg = cfg
-        self.d: Dist = init_distributed(cfg.train.device)
+        self.d: Dist = init_distributed(cfg.train.device, cfg.parallel)
         self.console = console or Console()
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
         self.out = Path(cfg.train.out_dir)
         self.built = build(cfg, self.d, self.out)
         self.model = self.built.model.to(self.d.device)
+        # The whole model's costs, taken before its layers are split across ranks.
+        self.attention_cost = self.model.attention_cost()
+        self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
+        shard_model(self.model, cfg.parallel, self.d)
         self.optimizer, self.ddp, self._hook_times = build_parallel(self.model, cfg.optim, self.d)
         self.loader = self._loader("train")
         self.tokenizer = self.loader.tokenizer
@@ -64,12 +75,12 @@ class Trainer:
         """This rank's loader of `split`; eval loaders start from the beginning each time."""
         return MixtureLoader(
             self.cfg.data,
-            self.d.rank,
-            self.d.world_size,
+            self.d.dp_rank,
+            self.d.dp_size,
             split=split,
             tokenizer=self.built.tokenizer,
             prefetch_steps=1 if split == "eval" else None,
-            attention_cost=self.model.attention_cost(),
+            attention_cost=self.attention_cost,
         )
 
     def _resume(self) -> None:
@@ -97,13 +108,15 @@ class Trainer:
                 {k: v.to(self.d.device, non_blocking=True) for k, v in mb.items()}
                 for mb in batch.micro_batches
             ]
+        tp = self.d.tp_size  # tensor-parallel ranks hold the same batch: sums count it tp times
         with timer.phase("comm"):
             (total_targets,) = all_reduce_sum([float(sum(map(num_targets, mbs)))], self.d)
-        # DDP averages gradients over ranks; scaling by world size turns that into the sum.
-        # fp16 under offload: the loss is scaled up so small gradients survive (the engine
-        # unscales them on the host, or skips the step if they overflowed).
+            total_targets /= tp
+        # DDP averages gradients over data-parallel ranks; scaling by their number turns that
+        # into the sum. fp16 under offload: the loss is scaled up so small gradients survive
+        # (the engine unscales them on the host, or skips the step if they overflowed).
         loss_scale = getattr(self.optimizer, "loss_scale", 1.0)
-        scale = self.d.world_size / max(total_targets, 1.0) * loss_scale
+        scale = self.d.dp_size / max(total_targets, 1.0) * loss_scale
         model = self.ddp or self.model
         loss_local = 0.0
         for i, mb in enumerate(mbs):
@@ -120,11 +133,15 @@ class Trainer:
                 # The offload engine's gradient copies ran inside backward: their own phase.
                 offload_s = getattr(self.optimizer, "offload_s", 0.0) - offload_before
                 timer.move("backward", "grad_offload", offload_s)
-            loss_local += loss.item() / loss_scale / self.d.world_size
+            loss_local += loss.item() / loss_scale / self.d.dp_size
         if self._hook_times:
             # Exposed communication: from the last gradient bucket handed to all-reduce (the
             # end of backward compute) to backward's return (all buckets reduced).
             timer.move("backward", "comm", end - max(self._hook_times))
+        plan = getattr(self.model, "tp_plan", None)
+        if plan is not None:
+            with timer.phase("comm"):  # norms that saw only this rank's rows
+                plan.reduce_partial_grads()
         with timer.phase("optimizer"):
             lr = self.cfg.optim.lr * lr_factor(self.step, self.cfg.train.steps, self.cfg.optim)
             for group in self.optimizer.param_groups:
@@ -134,6 +151,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         with timer.phase("comm"):  # the stop flag rides along, so all ranks stop at one step
             loss_value, stop = all_reduce_sum([loss_local, float(self.signals.requested)], self.d)
+            loss_value /= tp
         self.stop = stop > 0
         stats = batch.stats
         return {
@@ -172,7 +190,7 @@ class Trainer:
         timer = StepTimer(d.device)
         history: list[dict] = []
         metrics = open(self.out / "metrics.jsonl", "a") if d.is_main else None  # noqa: SIM115
-        flops = self.model.flops_per_token(self.cfg.data.seq_len)
+        flops = self.flops_per_token
         progress = Progress(
             self.console,
             cfg,
@@ -208,17 +226,23 @@ class Trainer:
             if metrics:
                 metrics.close()
             self.loader.close()
-        if d.is_main and self.step == cfg.steps and not self.stop:
+        if self.step == cfg.steps and not self.stop:
             self._finish(timer, history)
         elif d.is_main:
             self.console.print(f"stopped at step {self.step}; continue with --resume")
         return history
 
     def _finish(self, timer: StepTimer, history: list[dict]) -> None:
+        """Samples (every tensor-parallel rank of the first replica takes part) and, on rank
+        0, the summary."""
+        if self.d.dp_rank != 0:
+            return
         train = self.cfg.train
         samples = sample(
             self.model, self.tokenizer, train.sample_prompts, train.sample_tokens, train.seed
         )
+        if not self.d.is_main:
+            return
         shares = timer.shares()
         diagnosis = diagnose(shares) if shares else None
         print_summary(self.console, history, shares, diagnosis, samples, self.model)

@@ -131,19 +131,28 @@ def clip_and_step(optimizer, model: nn.Module, max_norm: float) -> float:
 
     if isinstance(optimizer, OffloadOptimizer):
         return optimizer.step(max_norm)
-    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    plan = getattr(model, "tp_plan", None)
+    if plan is not None:  # split parameters' norms are summed over the tensor-parallel group
+        norm = plan.clip_grad_norm(model.parameters(), max_norm)
+    else:
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
     optimizer.step()
     return norm
 
 
 def check_parallel_optim(cfg: OptimConfig, d) -> None:
     """Offload and ZeRO-2 against the number of ranks: clear errors for what cannot run."""
-    if cfg.offload and d.enabled and cfg.zero_stage != 2:
+    if d.tp_size > 1 and (cfg.offload or cfg.zero_stage):
+        raise ValueError(
+            "optim.offload / optim.zero_stage: not combined with parallel.tp > 1 yet; use "
+            "tensor parallelism with the device optimizer, or offload with parallel.tp = 1"
+        )
+    if cfg.offload and d.dp_size > 1 and cfg.zero_stage != 2:
         raise ValueError(
             "optim.offload: under torchrun the host state is sharded across ranks; set "
             "optim.zero_stage = 2"
         )
-    if cfg.zero_stage == 2 and not d.enabled:
+    if cfg.zero_stage == 2 and d.dp_size == 1:
         raise ValueError(
             "optim.zero_stage: 2 shards across data-parallel ranks, and this run has one; run "
             "under torchrun with more than one process, or set optim.zero_stage = 0"
