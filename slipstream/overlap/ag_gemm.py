@@ -65,27 +65,33 @@ def _collective(x_shard, w, group: OverlapGroup, return_gathered: bool):
 
 
 def _symmetric(x_shard, w, group: OverlapGroup, return_gathered: bool):
+    """Each shard travels in row chunks, each with its own count on the shard's flag, so the
+    consumer starts on a shard's first rows while the rest are in flight: only the last
+    chunk's transfer is left exposed."""
     world, rank, m = group.world_size, group.rank, x_shard.shape[0]
     ws = group.workspace("ag", (world, m, x_shard.shape[1]), x_shard.dtype)
     epoch = ws.next_epoch()
-    heap, nbytes = ws.heap, x_shard.numel() * x_shard.element_size()
+    heap, chunks = ws.heap, group.row_chunks(m)
+    base = (epoch - 1) * len(chunks)  # the flag counts chunks over all calls, never reset
 
     def produce() -> None:
         for i in range(1, world):
             dst = (rank - i) % world
             group.wait(ws, ws.ack + dst, epoch - 1)  # dst has read the last call's shard
-            group.record("put_issued", dst, epoch)
-            group.link.send(nbytes)
-            heap.put(dst, ws.buf, x_shard, index=rank)
-            heap.signal(dst, ws.ready + rank, epoch)  # after the data: see signals.py
-            group.record("put_done", dst, epoch)
+            for c, rows in enumerate(chunks):
+                group.record("put_issued", dst, epoch)
+                piece = x_shard[rows]
+                group.link.send(piece.numel() * piece.element_size())
+                heap.put(dst, ws.buf, piece, index=(rank, rows))
+                heap.signal(dst, ws.ready + rank, base + c + 1)  # after the data: signals.py
+                group.record("put_done", dst, epoch)
 
     sending = group.producer.submit(produce)
     try:
         if group.kernel == "triton":
-            y = _consume_triton(x_shard, w, group, ws, epoch)
+            y = _consume_triton(x_shard, w, group, ws, base + len(chunks))
         else:
-            y = _consume_torch(x_shard, w, group, ws, epoch)
+            y = _consume_torch(x_shard, w, group, ws, epoch, chunks)
         gathered = None
         if return_gathered:  # the buffer is reused by the next call: copy out
             gathered = heap.local(ws.buf).clone()
@@ -103,36 +109,48 @@ def _symmetric(x_shard, w, group: OverlapGroup, return_gathered: bool):
     return y, gathered
 
 
-def _consume_torch(x_shard, w, group: OverlapGroup, ws, epoch: int) -> torch.Tensor:
+def _consume_torch(x_shard, w, group: OverlapGroup, ws, epoch: int, chunks) -> torch.Tensor:
     world, rank, m = group.world_size, group.rank, x_shard.shape[0]
     y = x_shard.new_empty((world * m, w.shape[1]))
     buf = ws.heap.local(ws.buf)
-    for i in range(world):
+    base = (epoch - 1) * len(chunks)
+    group.record("tile_start", rank, epoch)  # this rank's own shard: no wait, one matmul
+    torch.matmul(x_shard, w, out=y[rank * m : (rank + 1) * m])
+    group.record("tile_done", rank, epoch)
+    for i in range(1, world):
         src = (rank + i) % world
-        if i:
-            group.wait(ws, ws.ready + src, epoch)
+        done = 0
+        while done < len(chunks):
+            # Wait for the next chunk, then take every chunk that has landed in one matmul:
+            # small pieces only when the link is the bottleneck (they cost matmul efficiency).
+            group.wait(ws, ws.ready + src, base + done + 1)
+            have = min(len(chunks), ws.heap.value(ws.ready + src) - base)
             group.record("signal_seen", src, epoch)
-        group.record("tile_start", src, epoch)
-        torch.matmul(x_shard if i == 0 else buf[src], w, out=y[src * m : (src + 1) * m])
-        group.record("tile_done", src, epoch)
+            rows = slice(chunks[done].start, chunks[have - 1].stop)
+            group.record("tile_start", src, epoch)
+            out = y[src * m + rows.start : src * m + rows.stop]
+            torch.matmul(buf[src, rows], w, out=out)
+            group.record("tile_done", src, epoch)
+            done = have
     return y
 
 
-def _consume_triton(x_shard, w, group: OverlapGroup, ws, epoch: int) -> torch.Tensor:
-    """The Triton consumer reads every shard from the buffer, waiting on each tile's flag on
-    the device (or in the interpreter); this rank's own shard goes in first."""
+def _consume_triton(x_shard, w, group: OverlapGroup, ws, target: int) -> torch.Tensor:
+    """The Triton consumer reads every shard from the buffer, waiting on each shard's flag
+    (until it reaches `target`: all its chunks of this call) on the device, or in the
+    interpreter; this rank's own shard goes in first."""
     from slipstream.overlap.kernels.consumer_gemm import consumer_gemm
 
     heap, rank = ws.heap, group.rank
     heap.put(rank, ws.buf, x_shard, index=rank)
-    heap.signal(rank, ws.ready + rank, epoch)
+    heap.signal(rank, ws.ready + rank, target)
     flags = heap.flag_tensor(ws.ready, group.world_size)
     buf = heap.local(ws.buf)
     timeout_s = group.timeout_s if group.timeout_s is not None else DEFAULT_TIMEOUT_S
-    y, timed_out = consumer_gemm(buf.view(-1, buf.shape[-1]), w, flags, rank, epoch, timeout_s)
+    y, timed_out = consumer_gemm(buf.view(-1, buf.shape[-1]), w, flags, rank, target, timeout_s)
     if timed_out:
         raise SignalTimeout(
-            f"rank {rank}: the consumer kernel gave up waiting on shard(s) {timed_out} of call "
-            f"{epoch}; flags: {flags.tolist()}"
+            f"rank {rank}: the consumer kernel gave up waiting on shard(s) {timed_out} (flag "
+            f"target {target}); flags [shard, writer]: {flags.tolist()}"
         )
     return y

@@ -59,37 +59,43 @@ def _collective(x, w, group: OverlapGroup) -> torch.Tensor:
 
 
 def _symmetric(x, w, group: OverlapGroup) -> torch.Tensor:
+    """Partial rows are computed and sent in growing row chunks (a count per chunk on the
+    sender's flag): the first put starts after a small matmul, and the last one travels while
+    this rank computes its own rows."""
     world, rank = group.world_size, group.rank
     m = x.shape[0] // world
     ws = group.workspace("rs", (world, m, w.shape[1]), torch.result_type(x, w))
     epoch = ws.next_epoch()
-    heap = ws.heap
+    heap, chunks = ws.heap, group.row_chunks(m, geometric=True)
+    base = (epoch - 1) * len(chunks)  # the flag counts chunks over all calls, never reset
 
-    def send(dst: int, partial: torch.Tensor) -> None:
+    def send(dst: int, c: int, rows: slice, partial: torch.Tensor) -> None:
         group.wait(ws, ws.ack + dst, epoch - 1)  # dst has summed the last call's slot
         group.record("put_issued", dst, epoch)
         group.link.send(partial.numel() * partial.element_size())
-        heap.put(dst, ws.buf, partial, index=rank)
-        heap.signal(dst, ws.ready + rank, epoch)  # after the data: see signals.py
+        heap.put(dst, ws.buf, partial, index=(rank, rows))
+        heap.signal(dst, ws.ready + rank, base + c + 1)  # after the data: see signals.py
         group.record("put_done", dst, epoch)
 
     sends = []
     try:
         for i in range(1, world):
             dst = (rank + i) % world
-            group.record("tile_start", dst, epoch)
-            partial = x[dst * m : (dst + 1) * m] @ w
-            group.record("tile_done", dst, epoch)
-            sends.append(group.producer.submit(send, dst, partial))
+            for c, rows in enumerate(chunks):
+                group.record("tile_start", dst, epoch)
+                partial = x[dst * m + rows.start : dst * m + rows.stop] @ w
+                group.record("tile_done", dst, epoch)
+                sends.append(group.producer.submit(send, dst, c, rows, partial))
         group.record("tile_start", rank, epoch)
         out = x[rank * m : (rank + 1) * m] @ w
         group.record("tile_done", rank, epoch)
         buf = heap.local(ws.buf)
         for i in range(1, world):
             src = (rank - i) % world
-            group.wait(ws, ws.ready + src, epoch)
-            group.record("signal_seen", src, epoch)
-            out += buf[src]
+            for c, rows in enumerate(chunks):
+                group.wait(ws, ws.ready + src, base + c + 1)
+                group.record("signal_seen", src, epoch)
+                out[rows] += buf[src, rows]
         for src in range(world):  # every slot summed: producers may overwrite
             if src != rank:
                 heap.signal(src, ws.ack + rank, epoch)

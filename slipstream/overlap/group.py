@@ -3,9 +3,10 @@ implementation they use, their symmetric workspaces (one per operation and shape
 first use by every rank together), the producer thread that issues puts while the caller
 computes, and the optional simulated link and event trace.
 
-Implementations: `shm` and `cuda` (symmetric heap, tile-ordered put / signal / wait),
-`collective` (chunked async torch.distributed collectives, any backend), `reference` (one
-blocking collective, then the matmul: what the others are checked against)."""
+Implementations: `shm` and `cuda` (symmetric heap, tile-ordered put / signal / wait, each
+shard sent in `chunks` row pieces), `collective` (`chunks` async torch.distributed collectives,
+any backend), `reference` (one blocking collective, then the matmul: what the others are
+checked against)."""
 
 from __future__ import annotations
 
@@ -72,6 +73,17 @@ class OverlapGroup:
         if self._producer is None:
             self._producer = ThreadPoolExecutor(1, thread_name_prefix="slipstream-put")
         return self._producer
+
+    def row_chunks(self, rows: int, geometric: bool = False) -> list[slice]:
+        """The same split of `rows` on every rank, in `chunks` pieces (fewer if rows are few):
+        equal, or `geometric` (each piece twice the one before, the first two equal: 1/8,
+        1/8, 1/4, 1/2), so that a producer that computes what it sends gets the link busy
+        after a small first matmul and does the rest in large, efficient ones."""
+        n = min(self.chunks, max(rows, 1))
+        weights = [1.0] + [2.0 ** max(i - 1, 0) for i in range(1, n)] if geometric else [1.0] * n
+        cuts = torch.tensor([0.0, *weights]).cumsum(0) / sum(weights) * rows
+        bounds = cuts.round().long().tolist()
+        return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
     def record(self, kind: str, peer: int, call: int) -> None:
         if self.trace is not None:

@@ -111,7 +111,7 @@ class FlagTable:
         while row.sum() < value:
             spins += 1
             if spins > 64:
-                sleep_s = min(max(sleep_s * 2, 2e-6), 2e-4)
+                sleep_s = min(max(sleep_s * 2, 2e-6), 5e-5)  # <= 50 us late on a signal
                 time.sleep(sleep_s)
             if on_spin is not None:
                 on_spin()

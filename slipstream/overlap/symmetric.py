@@ -52,6 +52,7 @@ class SymmetricHeap(Protocol):
     def put(self, rank: int, region: Region, src: torch.Tensor, index=...) -> None: ...
     def signal(self, rank: int, flag: int, value: int, op: str = "set") -> None: ...
     def wait_until(self, flag: int, value: int, timeout_s: float | None = None) -> float: ...
+    def value(self, flag: int) -> int: ...
     def barrier(self) -> None: ...
     def close(self) -> None: ...
 
@@ -212,6 +213,9 @@ class ShmHeap:
     def wait_until(self, flag: int, value: int, timeout_s: float | None = None) -> float:
         return self.flags.wait_until(flag, value, timeout_s)
 
+    def value(self, flag: int) -> int:
+        return self.flags.value(flag)
+
     def flag_tensor(self, first: int, count: int) -> torch.Tensor:
         """This rank's flags [first, first + count) as an int64 tensor [count, world] over the
         shared words, for a kernel that waits on them itself."""
@@ -304,6 +308,9 @@ class CudaHeap:
                     f"{self.pads[self.rank].tolist()}"
                 )
         return time.monotonic() - t0
+
+    def value(self, flag: int) -> int:
+        return int(self.pads[self.rank][flag].sum())
 
     def flag_tensor(self, first: int, count: int) -> torch.Tensor:
         return self.pads[self.rank][first : first + count]

@@ -34,13 +34,16 @@ class Trace:
         self.events.clear()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SimLink:
     """One rank's outgoing link: puts leave one after another, each taking
-    `latency_s + nbytes / bandwidth_bytes_per_s` seconds, slept rather than spent."""
+    `latency_s + nbytes / bandwidth_bytes_per_s` seconds, slept rather than spent. Each put
+    sleeps until an absolute deadline on the link's schedule, so a sleep that overshoots does
+    not push back the puts after it (as a real link's transfers do not)."""
 
     latency_s: float = 0.0
     bandwidth_bytes_per_s: float = math.inf
+    _free_at: float = 0.0
 
     def __post_init__(self) -> None:
         if self.latency_s < 0 or self.bandwidth_bytes_per_s <= 0:
@@ -54,8 +57,11 @@ class SimLink:
 
     def send(self, nbytes: int) -> None:
         delay = self.transfer_s(nbytes)
-        if delay > 0:
-            time.sleep(delay)
+        if delay <= 0:
+            return
+        now = time.perf_counter()
+        self._free_at = max(now, self._free_at) + delay
+        time.sleep(max(0.0, self._free_at - now))
 
 
 def tiles_before_last_put(events: list[Event], rank: int, call: int) -> int:

@@ -107,7 +107,8 @@ def test_consumer_tiles_start_before_the_last_put_completes(tmp_path):
             assert tiles_before_last_put(events, rank, call) >= 2, (rank, call)
             order = [e.peer for e in events if e.rank == rank and e.call == call
                      and e.kind == "tile_start"]  # fmt: skip
-            assert order == [(rank + i) % world for i in range(world)]  # rank + i order
+            shards = [p for i, p in enumerate(order) if i == 0 or order[i - 1] != p]
+            assert shards == [(rank + i) % world for i in range(world)]  # rank + i order
 
 
 def _triton_consumer(rank: int, world: int, drop: bool) -> list[float]:
