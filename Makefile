@@ -7,7 +7,7 @@ DEMO_DIR ?= data/demo
 DEMO_SPEC := recipes/data/demo.toml
 TOKENIZER := $(DEMO_DIR)/tokenizer-2k.json
 
-.PHONY: demo preview test lint format bench bench-gpu-offload finetune gpt125m clean
+.PHONY: demo preview test lint format bench bench-gpu-offload bench-gpu-overlap finetune gpt125m clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -64,10 +64,16 @@ bench: $(STAMP) $(TOKENIZER) $(DEMO_DIR)/tokenizer.json
 	$(PY) -m benchmarks.demo_quality
 	$(PY) -c "import deepspeed" 2>/dev/null || $(PY) -m pip install -q -c constraints.txt deepspeed==0.19.8
 	$(PY) -m benchmarks.host_adam
+	$(PY) -m benchmarks.overlap
 
 # Everything the offload engine claims on an accelerator, in one run (needs CUDA for numbers).
 bench-gpu-offload: $(STAMP)
 	$(PY) -m benchmarks.gpu_offload --json benchmarks/results/gpu-offload.json
+
+# Overlap on GPUs: the flag-waiting kernel's cost on one GPU; with several, AG+GEMM and
+# GEMM+RS against NCCL and torch's fused symmetric-memory ops.
+bench-gpu-overlap: $(STAMP)
+	$(PY) -m benchmarks.gpu_overlap --json benchmarks/results/gpu-overlap.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

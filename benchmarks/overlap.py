@@ -15,7 +15,7 @@ takes `ratio` times one tile's matmul. Per operation and ratio, medians of --cal
   efficiency  (serial - overlapped) / (serial - ideal); 1 = perfect, 0 = no overlap
 
     python -m benchmarks.overlap [--world 2] [--rows 512 --inner 1024 --cols 1024]
-        [--ratios 0.5,1,2] [--calls 12] [--chunks 4] [--json out.json]
+        [--ratios 0.5,1,2] [--calls 12] [--chunks 2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def _rank_main(rank: int, world: int, port: int, args: dict, queue) -> None:
 
 def _measure(op: str, group, x, w, x_rs, w_rs, calls: int) -> dict:
     from slipstream.overlap import all_gather_matmul, matmul_reduce_scatter
-    from slipstream.overlap.trace import tiles_before_last_put
+    from slipstream.overlap.trace import compute_busy_s, tiles_before_last_put
 
     world = group.world_size
     if op == "ag":
@@ -130,6 +130,7 @@ def _measure(op: str, group, x, w, x_rs, w_rs, calls: int) -> dict:
         "comm_s": t_comm,
         "overlapped_s": t_over,
         "tiles_before_last_put": [tiles_before_last_put(events, group.rank, c) for c in calls_seen],
+        "busy_s": [compute_busy_s(events, group.rank, c) for c in calls_seen],
     }
 
 
@@ -153,6 +154,10 @@ def summarize(res: dict) -> dict:
         "overlapped_ms": over * 1e3,
         "efficiency": (serial - over) / (serial - ideal),
         "min_tiles_before_last_put": min(res["tiles_before_last_put"]),
+        # From the trace: time in tiles inside overlapped calls (longer than `compute` when
+        # the puts' copies and wake-ups slow the matmuls), and the rest of the call.
+        "busy_in_call_ms": statistics.median(res["busy_s"]) * 1e3,
+        "not_computing_ms": (over - statistics.median(res["busy_s"])) * 1e3,
     }
 
 
@@ -164,7 +169,7 @@ def main() -> None:
     ap.add_argument("--cols", type=int, default=1024, help="N")
     ap.add_argument("--ratios", default="0.5,1,2", help="transfer time of a shard / a tile")
     ap.add_argument("--calls", type=int, default=12)
-    ap.add_argument("--chunks", type=int, default=4, help="row chunks per shard")
+    ap.add_argument("--chunks", type=int, default=2, help="row chunks per shard")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     cfg = {
@@ -215,6 +220,12 @@ def main() -> None:
             + f"{r['efficiency']:>12.2f}{r['min_tiles_before_last_put']:>12d}"
         )
     print("* fewest tiles any call started before its last incoming put completed (trace)")
+    print("\nfrom the trace, per overlapped call: time in matmuls / the rest (waits, overhead)")
+    for key, r in rows.items():
+        print(
+            f"{key:>12}  in matmuls {r['busy_in_call_ms']:.1f} ms (alone {r['compute_ms']:.1f})"
+            f", not computing {r['not_computing_ms']:.1f} ms of {r['comm_ms']:.1f} ms comm"
+        )
     ones = [r["efficiency"] for key, r in rows.items() if key.endswith("/1.0")]
     print(
         f"overlap efficiency at transfer = compute: {', '.join(f'{e:.2f}' for e in ones)} (AG, RS)"

@@ -47,7 +47,7 @@ class OverlapGroup:
         *,
         link: SimLink | None = None,
         trace: bool = False,
-        chunks: int = 4,
+        chunks: int = 2,
         kernel: str = "torch",
         timeout_s: float | None = None,
     ) -> None:

@@ -77,3 +77,13 @@ def tiles_before_last_put(events: list[Event], rank: int, call: int) -> int:
         for e in events
         if e.kind == "tile_start" and e.rank == rank and e.call == call and e.t_ns < last
     )
+
+
+def compute_busy_s(events: list[Event], rank: int, call: int) -> float:
+    """Seconds `rank` spent inside tiles during `call`: the rest of the call's time on that
+    rank is waiting or overhead."""
+    starts = [
+        e.t_ns for e in events if e.rank == rank and e.call == call and e.kind == "tile_start"
+    ]
+    dones = [e.t_ns for e in events if e.rank == rank and e.call == call and e.kind == "tile_done"]
+    return sum(b - a for a, b in zip(starts, dones)) / 1e9

@@ -32,7 +32,7 @@ class ParallelConfig:
     of one machine, tile-ordered put/signal/wait), `cuda` (torch symmetric memory), `collective`
     (chunked async collectives, any backend), `reference` (blocking collectives, no overlap),
     or `auto` (cuda on GPUs, shm on CPUs)."""
-    overlap_chunks: int = 4
+    overlap_chunks: int = 2
     """Chunks per operation for the `collective` implementation."""
 
     def __post_init__(self) -> None:

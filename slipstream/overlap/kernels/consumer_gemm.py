@@ -32,7 +32,7 @@ def _consumer_gemm(
     m_shard, N, K, world, rank, epoch, max_spins,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_f0, stride_f1,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, ACQUIRE: tl.constexpr,
+    UPCAST: tl.constexpr, ACQUIRE: tl.constexpr, WAIT: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -40,18 +40,20 @@ def _consumer_gemm(
     src = (rank + pid_m // tiles_per_shard) % world
     # Shard src's ready flag is written only by rank src, into its own slot [src, src].
     flag = flag_ptr + src * stride_f0 + src * stride_f1
-    if ACQUIRE:  # GPU: an acquire load orders the data loads below after the flag
-        seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
-    else:
-        seen = tl.load(flag, volatile=True)
-    spins = 0
-    while (seen < epoch) & (spins < max_spins):
-        if ACQUIRE:
+    ok = True
+    if WAIT:  # off only to measure what the waits cost
+        if ACQUIRE:  # GPU: an acquire load orders the data loads below after the flag
             seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
         else:
             seen = tl.load(flag, volatile=True)
-        spins += 1
-    ok = seen >= epoch
+        spins = 0
+        while (seen < epoch) & (spins < max_spins):
+            if ACQUIRE:
+                seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
+            else:
+                seen = tl.load(flag, volatile=True)
+            spins += 1
+        ok = seen >= epoch
     tl.store(status_ptr + pid_m * tl.num_programs(1) + pid_n, tl.where(ok, 0, 1))
 
     valid_end = (src + 1) * m_shard
@@ -85,6 +87,7 @@ def consumer_gemm(
     epoch: int,
     timeout_s: float = 30.0,
     block: tuple[int, int, int] | None = None,
+    wait: bool = True,
 ) -> tuple[torch.Tensor, list[int]]:
     """(y = a @ b, the shards whose flags never reached `epoch`). a: [world * m, K], the
     gather buffer; flags: int64 [world, world], row src = shard src's ready flag."""
@@ -107,6 +110,7 @@ def consumer_gemm(
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         UPCAST=a.dtype == torch.bfloat16 or b.dtype == torch.bfloat16,
         ACQUIRE=a.is_cuda,
+        WAIT=wait,
     )  # fmt: skip
     failed = status.amax(dim=1).view(world, tiles_per_shard).amax(dim=1).nonzero().flatten()
     steps = failed.tolist()
