@@ -14,8 +14,15 @@ takes `ratio` times one tile's matmul. Per operation and ratio, medians of --cal
   overlapped  the tile-ordered operation as the library runs it
   efficiency  (serial - overlapped) / (serial - ideal); 1 = perfect, 0 = no overlap
 
+Then, end to end (--train-steps, 0 to skip): `make demo`'s recipe for that many steps under
+`torchrun --nproc_per_node 2` with parallel.tp = 2 and each implementation (shm, collective,
+reference), beside tp = 1 on one process with 2 threads: median step time after 5 steps, and
+the final loss (the same run up to rounding). Real gloo and shared memory here, no simulated
+link: on 2 cores the two ranks' matmuls and copies share the cores, so this measures what each
+implementation costs, not the overlap a GPU pair would show.
+
     python -m benchmarks.overlap [--world 2] [--rows 512 --inner 1024 --cols 1024]
-        [--ratios 0.5,1,2] [--calls 12] [--chunks 2] [--json out.json]
+        [--ratios 0.5,1,2] [--calls 12] [--chunks 2] [--train-steps 30] [--json out.json]
 """
 
 from __future__ import annotations
@@ -161,6 +168,43 @@ def summarize(res: dict) -> dict:
     }
 
 
+def train_runs(steps: int) -> dict:
+    """The demo recipe under each implementation; {name: {step_ms, runs_ms, final_loss}}."""
+    import subprocess
+    import tempfile
+
+    from benchmarks.harness import ROOT
+
+    base = ["recipes/demo.toml", "--set", f"train.steps={steps}", "--set", "train.eval_every=0"]
+    base += ["--set", "train.checkpoint_every=0", "--set", "train.sample_tokens=0"]
+    sides = {"tp1 (1 process, 2 threads)": (1, ["--set", "train.num_threads=2"])}
+    for impl in ("shm", "collective", "reference"):
+        sides[f"tp2 {impl}"] = (
+            2,
+            ["--set", "parallel.tp=2", "--set", f"parallel.overlap='{impl}'"],
+        )
+    out = {}
+    for name, (nproc, extra) in sides.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            run = ["--set", f"train.out_dir='{tmp}'", *extra]
+            launch = [sys.executable, "-m", "slipstream", "train"]
+            if nproc > 1:
+                launch = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+                launch += [f"--nproc_per_node={nproc}", "-m", "slipstream", "train"]
+            done = subprocess.run([*launch, *base, *run], capture_output=True, text=True, cwd=ROOT)
+            if done.returncode:
+                raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
+            rows = [json.loads(x) for x in Path(tmp, "metrics.jsonl").read_text().splitlines()]
+        times = [r["time/step_s"] * 1e3 for r in rows[5:]]
+        out[name] = {
+            "step_ms": statistics.median(times),
+            "runs_ms": times,
+            "final_loss": rows[-1]["loss"],
+        }
+        print(f"{name:>28}: {out[name]['step_ms']:.1f} ms/step", file=sys.stderr)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--world", type=int, default=2)
@@ -170,6 +214,7 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.5,1,2", help="transfer time of a shard / a tile")
     ap.add_argument("--calls", type=int, default=12)
     ap.add_argument("--chunks", type=int, default=2, help="row chunks per shard")
+    ap.add_argument("--train-steps", type=int, default=30)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     cfg = {
@@ -230,8 +275,14 @@ def main() -> None:
     print(
         f"overlap efficiency at transfer = compute: {', '.join(f'{e:.2f}' for e in ones)} (AG, RS)"
     )
+    train = train_runs(args.train_steps) if args.train_steps else {}
+    if train:
+        print(f"\nthe demo recipe, {args.train_steps} steps: median step time after 5 steps")
+        for name, r in train.items():
+            print(f"{name:>28}: {r['step_ms']:8.1f} ms   final loss {r['final_loss']:.4f}")
     if args.json:
         out = {**provenance(), "config": cfg, "world": args.world, "raw": raw, "summary": rows}
+        out["train"] = train
         args.json.write_text(json.dumps(out, indent=2))
 
 
