@@ -74,17 +74,21 @@ def _symmetric(x_shard, w, group: OverlapGroup, return_gathered: bool):
     heap, chunks = ws.heap, group.row_chunks(m)
     base = (epoch - 1) * len(chunks)  # the flag counts chunks over all calls, never reset
 
+    on_copy_stream = group.copy_stream(x_shard)
+
     def produce() -> None:
-        for i in range(1, world):
-            dst = (rank - i) % world
-            group.wait(ws, ws.ack + dst, epoch - 1)  # dst has read the last call's shard
-            for c, rows in enumerate(chunks):
-                group.record("put_issued", dst, epoch)
-                piece = x_shard[rows]
-                group.link.send(piece.numel() * piece.element_size())
-                heap.put(dst, ws.buf, piece, index=(rank, rows))
-                heap.signal(dst, ws.ready + rank, base + c + 1)  # after the data: signals.py
-                group.record("put_done", dst, epoch)
+        with on_copy_stream():
+            for i in range(1, world):
+                dst = (rank - i) % world
+                group.wait(ws, ws.ack + dst, epoch - 1)  # dst has read the last call's shard
+                for c, rows in enumerate(chunks):
+                    group.record("put_issued", dst, epoch)
+                    piece = x_shard[rows]
+                    group.link.send(piece.numel() * piece.element_size())
+                    heap.put(dst, ws.buf, piece, index=(rank, rows))
+                    # After the data (signals.py; on CUDA, stream order).
+                    heap.signal(dst, ws.ready + rank, base + c + 1)
+                    group.record("put_done", dst, epoch)
 
     sending = group.producer.submit(produce)
     try:

@@ -69,13 +69,15 @@ def _symmetric(x, w, group: OverlapGroup) -> torch.Tensor:
     heap, chunks = ws.heap, group.row_chunks(m, geometric=True)
     base = (epoch - 1) * len(chunks)  # the flag counts chunks over all calls, never reset
 
-    def send(dst: int, c: int, rows: slice, partial: torch.Tensor) -> None:
+    def send(dst: int, c: int, rows: slice, partial: torch.Tensor, on_copy_stream) -> None:
         group.wait(ws, ws.ack + dst, epoch - 1)  # dst has summed the last call's slot
-        group.record("put_issued", dst, epoch)
-        group.link.send(partial.numel() * partial.element_size())
-        heap.put(dst, ws.buf, partial, index=(rank, rows))
-        heap.signal(dst, ws.ready + rank, base + c + 1)  # after the data: see signals.py
-        group.record("put_done", dst, epoch)
+        with on_copy_stream():
+            group.record("put_issued", dst, epoch)
+            group.link.send(partial.numel() * partial.element_size())
+            heap.put(dst, ws.buf, partial, index=(rank, rows))
+            # After the data (signals.py; on CUDA, stream order).
+            heap.signal(dst, ws.ready + rank, base + c + 1)
+            group.record("put_done", dst, epoch)
 
     sends = []
     try:
@@ -85,7 +87,8 @@ def _symmetric(x, w, group: OverlapGroup) -> torch.Tensor:
                 group.record("tile_start", dst, epoch)
                 partial = x[dst * m + rows.start : dst * m + rows.stop] @ w
                 group.record("tile_done", dst, epoch)
-                sends.append(group.producer.submit(send, dst, c, rows, partial))
+                stream = group.copy_stream(partial)
+                sends.append(group.producer.submit(send, dst, c, rows, partial, stream))
         group.record("tile_start", rank, epoch)
         out = x[rank * m : (rank + 1) * m] @ w
         group.record("tile_done", rank, epoch)

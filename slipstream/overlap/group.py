@@ -10,6 +10,8 @@ checked against)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -66,6 +68,7 @@ class OverlapGroup:
         self.timeout_s = timeout_s
         self._workspaces: dict[tuple, Workspace] = {}
         self._producer: ThreadPoolExecutor | None = None
+        self._copy_stream = None
 
     @property
     def producer(self) -> ThreadPoolExecutor:
@@ -73,6 +76,26 @@ class OverlapGroup:
         if self._producer is None:
             self._producer = ThreadPoolExecutor(1, thread_name_prefix="slipstream-put")
         return self._producer
+
+    def copy_stream(self, tensor: torch.Tensor) -> Callable[[], contextlib.AbstractContextManager]:
+        """For the put thread: on CUDA, a context that runs its copies on a side stream (so
+        they overlap the caller's matmuls) after the caller's stream has produced `tensor`
+        (an event recorded now, in the caller's thread); elsewhere, nothing."""
+        if not tensor.is_cuda:
+            return contextlib.nullcontext
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(tensor.device)
+        stream = self._copy_stream
+        ready = torch.cuda.current_stream(tensor.device).record_event()
+        tensor.record_stream(stream)  # the allocator keeps it until the side stream is done
+
+        @contextlib.contextmanager
+        def on_side_stream():
+            with torch.cuda.stream(stream):
+                stream.wait_event(ready)
+                yield
+
+        return on_side_stream
 
     def row_chunks(self, rows: int, geometric: bool = False) -> list[slice]:
         """The same split of `rows` on every rank, in `chunks` pieces (fewer if rows are few):
