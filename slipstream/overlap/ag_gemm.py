@@ -101,12 +101,9 @@ def _symmetric(x_shard, w, group: OverlapGroup, return_gathered: bool):
             gathered = heap.local(ws.buf).clone()
             gathered[rank] = x_shard
             gathered = gathered.view(world * m, -1)
-        for src in range(world):  # done reading every slot: producers may overwrite
-            if src != rank:
-                heap.signal(src, ws.ack + rank, epoch)
+        ws.acknowledge(rank, world)  # done reading every slot: producers may overwrite
     except BaseException:
-        if hasattr(heap, "flags"):
-            heap.flags.abort()
+        ws.abort()
         raise
     finally:
         sending.result()

@@ -99,12 +99,9 @@ def _symmetric(x, w, group: OverlapGroup) -> torch.Tensor:
                 group.wait(ws, ws.ready + src, base + c + 1)
                 group.record("signal_seen", src, epoch)
                 out[rows] += buf[src, rows]
-        for src in range(world):  # every slot summed: producers may overwrite
-            if src != rank:
-                heap.signal(src, ws.ack + rank, epoch)
+        ws.acknowledge(rank, world)  # every slot summed: producers may overwrite
     except BaseException:
-        if hasattr(heap, "flags"):
-            heap.flags.abort()
+        ws.abort()
         raise
     finally:
         for s in sends:

@@ -40,6 +40,18 @@ class Workspace:
         self.epoch += 1
         return self.epoch
 
+    def acknowledge(self, rank: int, world_size: int) -> None:
+        """This rank is done with every slot of the current call: producers may overwrite."""
+        for src in range(world_size):
+            if src != rank:
+                self.heap.signal(src, self.ack + rank, self.epoch)
+
+    def abort(self) -> None:
+        """Fail every rank's waits at once (the shm heap; the cuda one has no abort flag)."""
+        flags = getattr(self.heap, "flags", None)
+        if flags is not None:
+            flags.abort()
+
 
 class OverlapGroup:
     def __init__(
