@@ -68,7 +68,7 @@ def doc_lengths(spec: MixtureSpec) -> list[np.ndarray]:
 
 def run(spec: MixtureSpec, lengths: list[np.ndarray], steps: int, ranks: int) -> dict[str, float]:
     backend = InlineBackend([LengthSource(x, None) for x in lengths])
-    planner = Planner(spec, backend.num_docs, backend.submit, dp_world_size=ranks)
+    planner = Planner(spec, backend.lengths(), dp_world_size=ranks)
     result = {m: [] for m in METHODS}
     for step in range(steps):
         plan = planner.plan_step()

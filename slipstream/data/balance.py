@@ -134,3 +134,22 @@ def assign_rows(
         micro = partition(costs[rank_rows], num_micro, micro_batch_size, method, seed)
         out.append([sorted(int(rank_rows[j]) for j in m) for m in micro])
     return out
+
+
+def colocate_whole_rows(
+    assignment: list[list[list[int]]], row_docs: list[tuple | None]
+) -> list[list[list[int]]]:
+    """Gather the rows that are one piece of one long document onto as few ranks as possible.
+    Such rows all cost the same (a full row of one document), so handing them out again among
+    the places they hold changes no rank's or micro-batch's cost; sorted by document, each
+    long document's rows land next to each other, and fewer ranks have to load it.
+    `row_docs[i]` is the document filling row i whole, or None."""
+    slots = [(r, m, j) for r, mbs in enumerate(assignment) for m, mb in enumerate(mbs)
+             for j, i in enumerate(mb) if row_docs[i] is not None]  # fmt: skip
+    if len(slots) < 2:
+        return assignment
+    rows = sorted((assignment[r][m][j] for r, m, j in slots), key=lambda i: (row_docs[i], i))
+    out = [[list(mb) for mb in mbs] for mbs in assignment]
+    for (r, m, j), i in zip(slots, rows, strict=True):
+        out[r][m][j] = i
+    return [[sorted(mb) for mb in mbs] for mbs in out]

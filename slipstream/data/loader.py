@@ -1,7 +1,10 @@
 """MixtureLoader: the per-rank client. An iterator of steps; each step is this rank's list of
-micro-batches (dicts of tensors). A background thread plans and loads `prefetch_steps` ahead so
-the training thread does not wait while loaders keep up. Run-time facts (this rank, the number
-of ranks, the split, the resolved tokenizer) are arguments: the spec is never changed.
+micro-batches (dicts of tensors). Every rank plans the whole step from token counts alone (the
+same plan everywhere) and loads only the documents of its own rows: a document is tokenized
+by the rank whose rows hold it, so a job's data work does not grow with its ranks. A
+background thread plans `prefetch_steps` ahead and keeps those steps' loads in flight, so the
+training thread does not wait while loaders keep up. Run-time facts (this rank, the number of
+ranks, the split, the resolved tokenizer) are arguments: the spec is never changed.
 
 `state_dict()` is the planner state right after the last step handed out (a few counters), so
 resuming yields exactly the steps an uninterrupted run would have, whatever was prefetched.
@@ -12,6 +15,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +25,7 @@ from slipstream.configfile import VERSION_KEY, check_version
 from slipstream.data.backends import Backend, build_backend
 from slipstream.data.balance import imbalance, partition
 from slipstream.data.batch import LABELS, build_micro_batch
+from slipstream.data.packing import DocKey
 from slipstream.data.planner import Planner, StepPlan
 from slipstream.data.spec import MixtureSpec
 
@@ -77,7 +82,10 @@ class MixtureLoader:
         prefetch_steps: int | None = None,
         labels: str = "next",
         attention_cost: float | None = None,
+        load_all_rows: bool = False,
     ) -> None:
+        """load_all_rows: load every row of the step, not only this rank's (each rank then does
+        the whole job's data work, as before the plan was shared; for comparisons only)."""
         if not 0 <= dp_rank < dp_world_size:
             raise ValueError(f"dp_rank: {dp_rank} is outside [0, {dp_world_size})")
         if labels not in LABELS:
@@ -88,13 +96,12 @@ class MixtureLoader:
         self.prefetch_steps = prefetch_steps or spec.backend.prefetch_steps
         self.backend: Backend = build_backend(spec, tokenizer)
         self.tokenizer = self.backend.tokenizer
+        self.load_all_rows = load_all_rows
         self.planner = Planner(
             spec,
-            self.backend.num_docs,
-            self.backend.submit,
+            self.backend.lengths(),
             dp_world_size=dp_world_size,
             split=split,
-            read_ahead_steps=self.prefetch_steps,
             attention_cost=attention_cost,
         )
         self._state = self.planner.state_dict()
@@ -132,13 +139,19 @@ class MixtureLoader:
         self._thread.start()
 
     def _produce(self) -> None:
+        """Plans run `prefetch_steps` ahead, their loads in flight; the oldest is built when its
+        loads are done. The planner state after each step travels with it."""
         assert self._queue is not None
         q = self._queue
+        pending: deque = deque()
         try:
             while not self._stop.is_set():
-                plan = self.planner.plan_step()
-                item = self._build(plan)
-                item.state_after = self.planner.state_dict()
+                while len(pending) < self.prefetch_steps:
+                    plan = self.planner.plan_step()
+                    pending.append((plan, self._load(plan), self.planner.state_dict()))
+                plan, loads, state_after = pending.popleft()
+                item = self._build(plan, self._collect(plan, loads))
+                item.state_after = state_after
                 while not self._stop.is_set():
                     try:
                         q.put(item, timeout=0.1)
@@ -148,13 +161,45 @@ class MixtureLoader:
         except BaseException as e:  # handed to the consumer, raised at its next step
             q.put(e)
 
-    def _build(self, plan: StepPlan) -> StepBatch:
+    def _load(self, plan: StepPlan) -> list[tuple[int, list[int], object]]:
+        """Submit the loads of this rank's documents in `plan`, per source in up to
+        `num_workers` tasks: [(source, ids, task)]."""
+        if self.load_all_rows:
+            rows = plan.rows
+        else:
+            rows = [plan.rows[i] for mb in plan.assignment[self.dp_rank] for i in mb]
+        by_source: dict[int, set[int]] = defaultdict(set)
+        for row in rows:
+            for p in row:
+                by_source[p.source].add(p.doc)
+        loads = []
+        for s in sorted(by_source):
+            ids = sorted(by_source[s])
+            for chunk in np.array_split(ids, min(len(ids), self.spec.backend.num_workers)):
+                chunk = [int(d) for d in chunk]
+                loads.append((s, chunk, self.backend.submit(s, chunk)))
+        return loads
+
+    def _collect(self, plan: StepPlan, loads) -> dict[DocKey, np.ndarray]:
+        tokens = {}
+        for s, ids, task in loads:
+            for d, t in zip(ids, task.result(), strict=True):
+                expected = int(self.planner.lengths[s][d])
+                if len(t) != expected:
+                    raise RuntimeError(
+                        f"source {self.spec.sources[s].name!r}, document {d}: the token-count "
+                        f"cache says {expected} tokens, the loader gave {len(t)}; its files or "
+                        "tokenizer changed under a running job. Restart the job (the cache is "
+                        "rebuilt when files change)"
+                    )
+                tokens[(s, d)] = t
+        return tokens
+
+    def _build(self, plan: StepPlan, tokens: dict[DocKey, np.ndarray]) -> StepBatch:
         spec = self.spec
         pad = self.tokenizer.eos_id
         micro = [
-            build_micro_batch(
-                [plan.rows[i] for i in rows], plan.tokens, spec.seq_len, pad, self.labels
-            )
+            build_micro_batch([plan.rows[i] for i in rows], tokens, spec.seq_len, pad, self.labels)
             for rows in plan.assignment[self.dp_rank]
         ]
         stats = step_stats(spec, plan, self.dp_world_size)

@@ -1,6 +1,11 @@
 """Planner: the global document stream, and each step's plan (which token ranges go in which
 row, which rows go to which rank and micro-batch).
 
+It plans from metadata only: the token count of every document (`lengths`, from the per-shard
+cache), never the tokens. Planning a step is cheap, so every rank computes the same plan and
+then loads only the documents of its own rows: the data work of a job does not grow with its
+number of ranks.
+
 It owns all logical data state: the step, per-source cursors and epochs, the mixing credits
 and the carried remainder of a document cut at a step boundary. That state is a few numbers,
 so a checkpoint is tiny, and the stream it yields is a pure function of (spec, seed, step):
@@ -17,14 +22,14 @@ schedule or at resume): cursors never move back, so nothing is lost or repeated.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from slipstream.configfile import VERSION_KEY, check_version
-from slipstream.data.balance import assign_rows, row_cost
+from slipstream.data.balance import assign_rows, colocate_whole_rows, row_cost
 from slipstream.data.packing import DocKey, Piece, pack_best_fit
-from slipstream.data.readahead import ReadAhead, SubmitFn, advance
 from slipstream.data.spec import DEFAULT_ATTENTION_COST, MixtureSpec
 
 STATE_VERSION = 1
@@ -40,7 +45,6 @@ class StepPlan:
     rows: list[list[Piece]]
     row_costs: np.ndarray
     assignment: list[list[list[int]]]  # [dp_rank][micro_batch] -> row indices
-    tokens: dict[DocKey, np.ndarray]  # every document this step touches
     docs_drawn: np.ndarray  # new documents started per source in this step
     stream: list[DocKey]  # documents this step takes, in stream order (carried one first)
     state_before: dict  # the planner state that reproduces this step
@@ -58,19 +62,25 @@ class _Cursor:
         self.num_drawn = 0
 
 
+def advance(epoch: int, cursor: int, num_docs: int) -> tuple[int, int]:
+    """The position after (epoch, cursor) in a source of `num_docs`: the next epoch starts
+    when the cursor reaches the end."""
+    cursor += 1
+    return (epoch + 1, 0) if cursor == num_docs else (epoch, cursor)
+
+
 class Planner:
     """Plans the whole step for `dp_world_size` ranks from documents of one `split`
-    (`train`, or the held-out `eval` documents)."""
+    (`train`, or the held-out `eval` documents). `lengths[s][d]` is the token count of
+    document d of source s (all splits)."""
 
     def __init__(
         self,
         spec: MixtureSpec,
-        num_docs: list[int],
-        submit: SubmitFn,
+        lengths: Sequence[np.ndarray],
         *,
         dp_world_size: int = 1,
         split: str = "train",
-        read_ahead_steps: int | None = None,
         attention_cost: float | None = None,
     ) -> None:
         if dp_world_size < 1:
@@ -86,19 +96,16 @@ class Planner:
             if c is not None
         )
         self.names = [s.name for s in spec.sources]
-        self._ids = [split_ids(n, name, spec, split) for n, name in zip(num_docs, self.names)]
+        self.lengths = [np.asarray(x) for x in lengths]
+        self._ids = [
+            split_ids(len(x), name, spec, split) for x, name in zip(self.lengths, self.names)
+        ]
         self.num_docs = [len(ids) for ids in self._ids]  # documents in this split
         self.by_tokens = spec.mix_by == "tokens"
-        self.read_ahead_steps = read_ahead_steps or spec.backend.prefetch_steps
-        self.num_workers = spec.backend.num_workers
-        self._submit = submit
-        self._ahead = ReadAhead(submit, self._doc_at, self.num_docs)
-        self._tokens: dict[DocKey, np.ndarray] = {}  # this step's documents and the carried one
         self.step = 0
         self.carry: Piece | None = None
         self._pos = _Cursor(len(self.names))
         self._perms: dict[tuple[int, int], np.ndarray] = {}  # (source, epoch) -> doc ids
-        self._mean_len = 512.0  # running estimate of tokens per document, for look-ahead
         self._step_draws: list[DocKey] = []
 
     # -- the stream -------------------------------------------------------------------------
@@ -108,8 +115,7 @@ class Planner:
             key = [self.spec.seed, zlib.crc32(self.names[s].encode()), epoch]
             perm = self._ids[s][np.random.default_rng(key).permutation(self.num_docs[s])]
             self._perms[(s, epoch)] = perm
-            # Read-ahead may run an epoch ahead of the draws: keep two epochs per source.
-            self._perms.pop((s, epoch - 2), None)
+            self._perms.pop((s, epoch - 1), None)  # draws only move forward
         return int(perm[cursor])
 
     def _draw(self, pos: _Cursor, weights: list[float]) -> DocKey:
@@ -133,9 +139,8 @@ class Planner:
 
     def _next_doc(self, weights: list[float]) -> DocKey:
         s, d = self._draw(self._pos, weights)
-        self._tokens[(s, d)] = self._ahead.pop(s, d)
-        if self.by_tokens:  # a document's tokens are known only once it is loaded
-            self._credit(self._pos, weights, s, float(len(self._tokens[(s, d)])))
+        if self.by_tokens:  # credit in tokens, once the drawn document's length is known
+            self._credit(self._pos, weights, s, float(self.lengths[s][d]))
         self._step_draws.append((s, d))
         return s, d
 
@@ -143,26 +148,12 @@ class Planner:
         """The next piece of at most `max_len` tokens: the carried remainder first."""
         if self.carry is not None:
             s, d, start = self.carry.source, self.carry.doc, self.carry.start
-            if (s, d) not in self._tokens:  # carried over a resume: load it again
-                self._tokens[(s, d)] = self._submit(s, [d]).result()[0]
         else:
-            s, d = self._next_doc(weights)
-            start = 0
-            self._mean_len = 0.95 * self._mean_len + 0.05 * len(self._tokens[(s, d)])
-        total = len(self._tokens[(s, d)])
+            (s, d), start = self._next_doc(weights), 0
+        total = int(self.lengths[s][d])
         length = min(total - start, max_len)
         self.carry = Piece(s, d, start + length, 0) if start + length < total else None
         return Piece(s, d, start, length)
-
-    def _read_ahead(self, weights: list[float]) -> None:
-        """Keep about `read_ahead_steps` steps of each source's documents loading."""
-        docs_per_step = self.rows_per_step * self.spec.seq_len / self._mean_len
-        for s, w in enumerate(weights):
-            if w > 0:
-                per_step = w * docs_per_step
-                chunk = max(1, int(np.ceil(per_step / self.num_workers)))
-                depth = int(np.ceil(per_step * self.read_ahead_steps)) + chunk
-                self._ahead.top_up(s, depth, chunk)
 
     @property
     def rows_per_step(self) -> int:
@@ -177,7 +168,6 @@ class Planner:
         num_rows, seq_len = self.rows_per_step, spec.seq_len
         stream = [] if self.carry is None else [(self.carry.source, self.carry.doc)]
         self._step_draws = stream
-        self._read_ahead(weights)
         if spec.packing:
             pieces, budget = [], num_rows * seq_len
             while budget > 0:
@@ -187,10 +177,6 @@ class Planner:
         else:
             rows = [[self._take(weights, seq_len)] for _ in range(num_rows)]
         drawn_after = np.array(self._pos.cursors) + np.array(self._pos.epochs) * self.num_docs
-        keys = {(p.source, p.doc) for row in rows for p in row}
-        tokens = {k: self._tokens[k] for k in keys}
-        carried = None if self.carry is None else (self.carry.source, self.carry.doc)
-        self._tokens = {} if carried is None else {carried: self._tokens[carried]}
         costs = np.array(
             [
                 row_cost([p.length for p in r], spec.balance.linear_cost, self.attention_cost)
@@ -205,8 +191,12 @@ class Planner:
             spec.balance.method,
             seed=spec.seed * 1_000_003 + self.step,
         )
+        if self.dp_world_size > 1:  # fewer ranks load each long document; no cost moves
+            whole = [(r[0].source, r[0].doc) if len(r) == 1 and r[0].length == seq_len else None
+                     for r in rows]  # fmt: skip
+            assignment = colocate_whole_rows(assignment, whole)
         plan = StepPlan(
-            self.step, rows, costs, assignment, tokens, drawn_after - drawn_before, stream, state
+            self.step, rows, costs, assignment, drawn_after - drawn_before, stream, state
         )
         self.step += 1
         return plan
@@ -247,8 +237,6 @@ class Planner:
             if name in self.names:  # a removed source's half-document is dropped
                 self.carry = Piece(self.names.index(name), int(doc), int(start), 0)
         self._pos, self.step = pos, int(state[STEP])
-        self._tokens = {}
-        self._ahead.reset(pos.epochs, pos.cursors)
 
 
 def split_ids(num_docs: int, name: str, spec: MixtureSpec, split: str) -> np.ndarray:

@@ -18,10 +18,16 @@ from tests.conftest import WORLD_SIZE, corpus_spec
 
 
 def make_planner(spec: MixtureSpec, **kw) -> tuple[Planner, list]:
-    """A planner over the inline backend (loads when asked, in this thread)."""
+    """A planner over the token counts of the inline backend's loaders (and the loaders, to
+    check what it plans against the real tokens)."""
     backend = InlineBackend(build_source_loaders(spec))
     kw.setdefault("dp_world_size", WORLD_SIZE)
-    return Planner(spec, backend.num_docs, backend.submit, **kw), backend.loaders
+    return Planner(spec, backend.lengths(), **kw), backend.loaders
+
+
+def plan_tokens(plan, loaders) -> dict[tuple[int, int], np.ndarray]:
+    keys = {(p.source, p.doc) for row in plan.rows for p in row}
+    return {(s, d): loaders[s].get_many([d])[0] for s, d in keys}
 
 
 def spec_of(tmp_path, **kw) -> MixtureSpec:
@@ -70,7 +76,7 @@ def test_packing_keeps_every_token_and_boundary(tmp_path):
             for p in r:
                 seen.setdefault((p.source, p.doc), []).append(p)
                 plan_of[id(p)] = plan.step
-        check_micro_batches(plan, spec)
+        check_micro_batches(plan, spec, plan_tokens(plan, loaders))
     # Reassembled from its pieces, each document is its tokens: no gap, no overlap, and whole,
     # except the one still in flight at the last step boundary (its rest is carried).
     in_flight = None if planner.carry is None else (planner.carry.source, planner.carry.doc)
@@ -90,15 +96,15 @@ def test_packing_keeps_every_token_and_boundary(tmp_path):
     assert cut_at_boundary > 0  # documents did cross step boundaries: the carry was exercised
 
 
-def check_micro_batches(plan, spec) -> None:
+def check_micro_batches(plan, spec, tokens) -> None:
     """Tensors agree with the plan: tokens, labels, restarting positions, document ids."""
     for rank in plan.assignment:
         for rows in rank:
-            mb = build_micro_batch([plan.rows[i] for i in rows], plan.tokens, spec.seq_len, 0)
+            mb = build_micro_batch([plan.rows[i] for i in rows], tokens, spec.seq_len, 0)
             for b, i in enumerate(rows):
                 pos = 0
                 for j, p in enumerate(plan.rows[i]):
-                    doc = plan.tokens[(p.source, p.doc)]
+                    doc = tokens[(p.source, p.doc)]
                     sl = slice(pos, pos + p.length)
                     assert (
                         mb["input_ids"][b, sl].tolist()

@@ -34,6 +34,9 @@ class InlineBackend:
         self.num_loaded[source] += len(ids)
         return Loaded(self.loaders[source].get_many(ids))
 
+    def lengths(self) -> list[np.ndarray]:
+        return [ldr.lengths() for ldr in self.loaders]
+
     def close(self) -> None:
         for ldr in self.loaders:
             ldr.close()

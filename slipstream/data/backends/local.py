@@ -37,6 +37,10 @@ def _load_task(spec_dict: dict, tokenizer: str, source: int, ids: list[int]) -> 
     return _loaders(spec_dict, tokenizer)[source].get_many(ids)
 
 
+def _lengths_task(spec_dict: dict, tokenizer: str, source: int, shard: int) -> np.ndarray:
+    return _loaders(spec_dict, tokenizer)[source].shard_lengths(shard)
+
+
 class _Task:
     """A submitted load that, if its worker process dies, is issued again on a fresh pool."""
 
@@ -68,6 +72,8 @@ class LocalBackend:
         loaders = build_source_loaders(spec, self._tokenizer)
         self.num_docs = [ldr.num_docs for ldr in loaders]
         self.num_bad = [ldr.num_bad for ldr in loaders]
+        self._num_shards = [len(ldr.shards) for ldr in loaders]
+        self.num_loaded = [0] * len(loaders)
         self.tokenizer = loaders[0].tokenizer
         for ldr in loaders:
             ldr.close()
@@ -83,16 +89,26 @@ class LocalBackend:
 
     def submit(self, source: int, ids: list[int]) -> _Task:
         """Start loading documents `ids` of `source`; `.result()` gives their token arrays."""
+        self.num_loaded[source] += len(ids)
         return _Task(self, source, list(ids))
 
-    def _run(self, source: int, ids: list[int]) -> tuple[Executor, Future]:
+    def lengths(self) -> list[np.ndarray]:
+        """Every shard's token counts, shards in parallel on the pool (cached after the first
+        time on this machine)."""
+        tasks = [
+            [self._run(s, shard, fn=_lengths_task)[1] for shard in range(n)]
+            for s, n in enumerate(self._num_shards)
+        ]
+        return [np.concatenate([t.result() for t in shards]) for shards in tasks]
+
+    def _run(self, source: int, ids, fn=_load_task) -> tuple[Executor, Future]:
         with self._lock:
             for _ in range(MAX_RETRIES + 1):
                 if self._pool is None:
                     self._pool = self._make_pool()
                 try:
                     return self._pool, self._pool.submit(
-                        _load_task, self._spec_dict, self._tokenizer, source, ids
+                        fn, self._spec_dict, self._tokenizer, source, ids
                     )
                 except BrokenProcessPool:
                     self._pool.shutdown(wait=False, cancel_futures=True)

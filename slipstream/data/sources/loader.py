@@ -15,6 +15,7 @@ import numpy as np
 from slipstream.data.sources import make_format
 from slipstream.data.sources.base import ShardIndex, list_shards
 from slipstream.data.sources.index import load_index
+from slipstream.data.sources.lengths import shard_lengths
 from slipstream.data.sources.tokenizers import Tokenizer, build_tokenizer
 from slipstream.data.spec import MixtureSpec, SourceSpec
 
@@ -23,6 +24,7 @@ class SourceLoader:
     def __init__(self, source: SourceSpec, tokenizer: Tokenizer, resolve) -> None:
         self.name = source.name
         self.tokenizer = tokenizer
+        self.transform_ref = source.transform
         self._transform = load_transform(source.transform, source.name)
         self._format = make_format(
             source.format,
@@ -33,8 +35,8 @@ class SourceLoader:
         paths = list_shards(source.paths, resolve, f"sources.{source.name}")
         self.shards: list[ShardIndex] = [load_index(self._format, p) for p in paths]
         counts = np.array([len(s) for s in self.shards], dtype=np.int64)
-        self._starts = np.concatenate([[0], np.cumsum(counts)])
-        self.num_docs = int(self._starts[-1])
+        self.shard_starts = np.concatenate([[0], np.cumsum(counts)])
+        self.num_docs = int(self.shard_starts[-1])
         self.num_bad = sum(s.num_bad for s in self.shards)
         if self.num_docs == 0:
             raise ValueError(
@@ -48,11 +50,11 @@ class SourceLoader:
         ids = np.asarray(ids, dtype=np.int64)
         if len(ids) and (ids.min() < 0 or ids.max() >= self.num_docs):
             raise IndexError(f"{self.name}: document id out of range [0, {self.num_docs})")
-        shard_of = np.searchsorted(self._starts, ids, side="right") - 1
+        shard_of = np.searchsorted(self.shard_starts, ids, side="right") - 1
         out: list[str | None] = [None] * len(ids)
         for s in np.unique(shard_of):
             where = np.nonzero(shard_of == s)[0]
-            texts = self._format.read(self.shards[s], ids[where] - self._starts[s])
+            texts = self._format.read(self.shards[s], ids[where] - self.shard_starts[s])
             for w, t in zip(where, texts, strict=True):
                 out[w] = t if self._transform is None else self._transform(t)
         return out  # type: ignore[return-value]
@@ -60,6 +62,14 @@ class SourceLoader:
     def get_many(self, ids: np.ndarray | list[int]) -> list[np.ndarray]:
         """Token ids (int32, ending with EOS) of documents `ids`."""
         return self.tokenizer.encode_batch(self.read_texts(ids))
+
+    def shard_lengths(self, shard: int) -> np.ndarray:
+        """Token counts of one shard's documents (cached per tokenizer: `lengths.py`)."""
+        return shard_lengths(self, shard)
+
+    def lengths(self) -> np.ndarray:
+        """Token counts of every document, by source-global id."""
+        return np.concatenate([self.shard_lengths(i) for i in range(len(self.shards))])
 
     def close(self) -> None:
         self._format.close()

@@ -7,6 +7,7 @@ a loss can be reported in bits per byte whatever the tokenizer. (Training a BPE 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
@@ -17,6 +18,9 @@ EOS_TOKEN = "<|endoftext|>"
 
 
 class Tokenizer(Protocol):
+    fingerprint: str
+    """Changes when the tokenization would (keys the cache of token counts)."""
+
     vocab_size: int
     eos_id: int
 
@@ -33,6 +37,8 @@ class Tokenizer(Protocol):
 
 class ByteTokenizer:
     """UTF-8 bytes as tokens 0..255; 256 is the end of a document."""
+
+    fingerprint = "byte"
 
     vocab_size = 257
     eos_id = 256
@@ -69,6 +75,8 @@ class HFTokenizer:
                 "`slipstream data train-tokenizer`"
             )
         self._tok = _Tok.from_file(str(path))
+        # What caches of token counts are keyed by: the vocabulary and rules, not the path.
+        self.fingerprint = hashlib.sha1(path.read_bytes()).hexdigest()[:16]
         self.vocab_size = self._tok.get_vocab_size()
         eos = self._tok.token_to_id(EOS_TOKEN)
         if eos is None:
