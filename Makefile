@@ -12,7 +12,7 @@ TOKENIZER := $(DEMO_DIR)/tokenizer-2k.json
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,bench,hf,overlap]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,bench,hf,overlap,ray]'
 	$(PY) -c "from slipstream.offload import kernel; print('host AdamW kernel:', kernel.build(verbose=True))"
 	touch $(STAMP)
 

@@ -12,6 +12,7 @@ resuming yields exactly the steps an uninterrupted run would have, whatever was 
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -47,6 +48,7 @@ class StepStats:
     imbalance_random: float  # max/mean rank cost with rows in a random order
     max_rank_cost: float  # the costliest rank's cost as assigned: predicts the step's time
     wait_s: float = 0.0  # how long the consumer waited for this step
+    replicas: list[int] | None = None  # ray: loader actors serving each source
 
 
 @dataclass(slots=True)
@@ -147,6 +149,7 @@ class MixtureLoader:
         try:
             while not self._stop.is_set():
                 while len(pending) < self.prefetch_steps:
+                    self._maintain(self.planner.step)
                     plan = self.planner.plan_step()
                     pending.append((plan, self._load(plan), self.planner.state_dict()))
                 plan, loads, state_after = pending.popleft()
@@ -160,6 +163,17 @@ class MixtureLoader:
                         continue
         except BaseException as e:  # handed to the consumer, raised at its next step
             q.put(e)
+
+    def _maintain(self, step: int) -> None:
+        """Ray: every `autoscale_every` planned steps the owner (rank 0) has the replicas sized
+        for the schedule ahead; the other ranks take the new layout."""
+        every = self.spec.backend.autoscale_every
+        if not hasattr(self.backend, "autoscale") or not every or step % every:
+            return
+        if self.dp_rank == 0 and int(os.environ.get("RANK", "0")) == 0:
+            self.backend.autoscale(step)
+        else:
+            self.backend.refresh()
 
     def _load(self, plan: StepPlan) -> list[tuple[int, list[int], object]]:
         """Submit the loads of this rank's documents in `plan`, per source in up to
@@ -203,6 +217,8 @@ class MixtureLoader:
             for rows in plan.assignment[self.dp_rank]
         ]
         stats = step_stats(spec, plan, self.dp_world_size)
+        if hasattr(self.backend, "replicas"):
+            stats.replicas = self.backend.replicas()
         return StepBatch(plan.step, micro, stats, plan.stream)
 
     # -- state ------------------------------------------------------------------------------

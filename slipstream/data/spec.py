@@ -16,6 +16,7 @@ BALANCE_METHODS = ("none", "random", "greedy", "kk")
 # 12 layers x 768 / (85M weights + a 50k x 768 output projection): GPT-2 small.
 DEFAULT_ATTENTION_COST = 12 * 768 / (85_000_000 + 50_257 * 768)
 POOL_KINDS = ("thread", "process")
+BACKEND_KINDS = ("local", "ray", "inline")
 ON_ERROR = ("skip", "raise")
 
 
@@ -154,19 +155,35 @@ class BackendSpec:
     """Where source loaders run. The stream does not depend on any of these settings."""
 
     kind: str = "local"
-    """`local`: a pool inside this process; `inline`: loads in the planner's thread (tests,
-    debugging)."""
+    """`local`: a pool inside this process; `ray`: each source's loaders are Ray actors shared
+    by every rank of the job; `inline`: loads in the caller's thread (tests, debugging)."""
     pool: str = "thread"
-    """`thread` or `process` (for Python-heavy preprocessing)."""
+    """`thread` or `process` (for Python-heavy preprocessing); local only."""
     num_workers: int = 2
-    """Loader workers in the pool."""
+    """Loader workers in the pool (local); load tasks per source per step (all kinds)."""
     prefetch_steps: int = 4
     """Steps planned and loaded ahead of the consumer."""
+    ray_address: str = ""
+    """ray: the cluster to join (`auto`, `ray://host:10001`, ...); empty = the one this process
+    is already connected to, else $RAY_ADDRESS, else a local Ray started for the job."""
+    job: str = ""
+    """ray: the name under which the job's loader actors are found by every rank; empty =
+    derived from torchrun's run id (or this process) and the spec."""
+    replicas: int = 1
+    """ray: loader actors per source at the start (the autoscaler moves it)."""
+    shadow: int = 1
+    """ray: idle hot-standby actors per source that take over a failed one's requests."""
+    cpu_budget: int = 0
+    """ray: loader actors in all sources together, shadows aside; 0 = the cluster's CPUs."""
+    autoscale_every: int = 10
+    """ray: steps between replica re-evaluations (0 = fixed replicas)."""
+    lookahead_steps: int = 50
+    """ray: how far ahead on the weight schedule replicas are sized for."""
 
     def __post_init__(self) -> None:
-        if self.kind not in ("local", "inline"):
+        if self.kind not in BACKEND_KINDS:
             raise ValueError(
-                f"backend.kind: {self.kind!r} is not available; use 'local' or 'inline'"
+                f"backend.kind: {self.kind!r} is not available; use one of {BACKEND_KINDS}"
             )
         if self.pool not in POOL_KINDS:
             raise ValueError(f"backend.pool: use 'thread' or 'process', not {self.pool!r}")
@@ -174,6 +191,10 @@ class BackendSpec:
             raise ValueError(f"backend.num_workers: {self.num_workers} must be >= 1")
         if self.prefetch_steps < 1:
             raise ValueError(f"backend.prefetch_steps: {self.prefetch_steps} must be >= 1")
+        if self.replicas < 1 or self.shadow < 0 or self.cpu_budget < 0:
+            raise ValueError("backend: replicas must be >= 1, shadow and cpu_budget >= 0")
+        if self.autoscale_every < 0 or self.lookahead_steps < 0:
+            raise ValueError("backend: autoscale_every and lookahead_steps must be >= 0")
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)

@@ -1,5 +1,6 @@
-"""Backends run the source loaders: `inline` (in the planner's thread), `local` (a thread or
-process pool in this process). Each implements the `Backend` protocol of `base.py`."""
+"""Backends run the source loaders: `inline` (in the caller's thread), `local` (a thread or
+process pool in this process), `ray` (actors shared by every rank of the job). Each implements
+the `Backend` protocol of `base.py`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,15 @@ def build_backend(spec: MixtureSpec, tokenizer: str | None = None) -> Backend:
     """The backend `spec.backend.kind` names; `tokenizer` overrides `spec.tokenizer`."""
     if spec.backend.kind == "inline":
         return InlineBackend(build_source_loaders(spec, tokenizer))
+    if spec.backend.kind == "ray":
+        try:
+            from slipstream.data.backends.ray import RayBackend
+        except ImportError as e:
+            raise ValueError(
+                f"backend.kind: 'ray' needs Ray ({e}); pip install 'slipstream[ray]', or use "
+                "'local'"
+            ) from None
+        return RayBackend(spec, tokenizer)
     return LocalBackend(spec, tokenizer)
 
 

@@ -1,0 +1,192 @@
+"""Ray backend: each source's loaders are Ray actors shared by every rank of the job, found by
+name (`JobDirectory`, `SourceActor` in `ray_actors.py`). A trainer process keeps no source's
+files, index or text: only the tokenizer (to decode and pad) and actor handles.
+
+Each rank asks for the documents of its own rows; a request for document d of a source goes to
+serving replica d mod R (so ranks sharing a long document hit one actor's cache). When an actor
+dies, the request is issued again to the replica that took its slot (a hot standby promoted by
+the directory): loaders hold no logical state, so nothing is lost or repeated. Token arrays
+come back as numpy arrays through the object store (far faster there than torch tensors).
+
+Starting: `backend.ray_address`, else $RAY_ADDRESS, else the Ray this process already joined,
+else a local one (under torchrun: rank 0 starts it, the other ranks join it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+import numpy as np
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+from slipstream.data.sources.tokenizers import build_tokenizer
+from slipstream.data.spec import MixtureSpec
+
+MAX_RETRIES = 5
+JOIN_TIMEOUT_S = 120.0
+_open: dict[str, int] = {}  # job -> backends open in this process (the last one cleans up)
+
+
+def connect(address: str = "") -> None:
+    """Join (or start) Ray for this process."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    opts = {"log_to_driver": False, "include_dashboard": False}
+    if address:
+        ray.init(address=address, **{k: v for k, v in opts.items() if k != "include_dashboard"})
+    elif int(os.environ.get("RANK", "0")) == 0:
+        ray.init(**opts)
+    else:  # torchrun's rank 0 starts the local Ray; the others join it when it is up
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        while True:
+            try:
+                ray.init(address="auto", log_to_driver=False)
+                return
+            except ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+
+def job_name(spec: MixtureSpec, tokenizer: str) -> str:
+    if spec.backend.job:
+        return spec.backend.job
+    run = os.environ.get("TORCHELASTIC_RUN_ID") or f"pid{os.getpid()}"
+    digest = hashlib.sha1(
+        json.dumps([spec.to_dict(), tokenizer], sort_keys=True, default=str).encode()
+    )
+    return f"{run}-{digest.hexdigest()[:10]}"
+
+
+class _Load:
+    """One submit: per replica a request, re-issued on failure; `result()` in the order asked."""
+
+    def __init__(self, backend: RayBackend, source: int, ids: list[int]) -> None:
+        self.backend, self.source, self.ids = backend, source, ids
+        self.parts = backend._send(source, ids)
+
+    def result(self) -> list[np.ndarray]:
+        got: dict[int, np.ndarray] = {}
+        parts = self.parts
+        for attempt in range(MAX_RETRIES + 1):
+            failed: list[int] = []
+            for name, ids, ref in parts:
+                try:
+                    got.update(zip(ids, ray.get(ref), strict=True))
+                except (RayActorError, ActorDiedError, ActorUnavailableError):
+                    self.backend._report_dead(name)
+                    failed.extend(ids)
+            if not failed:
+                return [got[d] for d in self.ids]
+            if attempt == MAX_RETRIES:
+                break
+            self.backend.num_reissued += len(failed)
+            parts = self.backend._send(self.source, failed)
+        raise RuntimeError(
+            f"source {self.backend.names[self.source]!r}: loader actors keep failing "
+            f"({MAX_RETRIES} retries); see the Ray logs"
+        )
+
+
+class RayBackend:
+    def __init__(self, spec: MixtureSpec, tokenizer: str | None = None) -> None:
+        from slipstream.data.backends.ray_actors import NAMESPACE, JobDirectory
+
+        connect(spec.backend.ray_address)
+        self.spec = spec
+        tok = tokenizer or spec.tokenizer
+        self.tokenizer = build_tokenizer(tok, spec.base_dir)
+        self.names = [s.name for s in spec.sources]
+        self.job = job_name(spec, tok)
+        self._ns = NAMESPACE
+        self.directory = JobDirectory.options(
+            name=f"{self.job}:directory", namespace=NAMESPACE, get_if_exists=True
+        ).remote(self.job, spec.to_dict(), tok)
+        self._version, self._layout = ray.get(self.directory.get.remote())
+        self._handles: dict[str, object] = {}
+        metas = ray.get(
+            [
+                self._actor(self._layout[s]["serving"][0]).meta.remote()
+                for s in range(len(self.names))
+            ]
+        )
+        self.num_docs = [m[0] for m in metas]
+        self.num_bad = [m[1] for m in metas]
+        self._num_shards = [m[2] for m in metas]
+        self.num_loaded = [0] * len(self.names)
+        self.num_reissued = 0
+        _open[self.job] = _open.get(self.job, 0) + 1
+
+    # -- the layout -----------------------------------------------------------------------------
+    def _actor(self, name: str):
+        handle = self._handles.get(name)
+        if handle is None:
+            handle = self._handles[name] = ray.get_actor(name, namespace=self._ns)
+        return handle
+
+    def _report_dead(self, name: str) -> None:
+        self._handles.pop(name, None)
+        self._version, self._layout = ray.get(self.directory.report_dead.remote(name))
+
+    def refresh(self) -> None:
+        """Take the directory's current layout (after autoscaling)."""
+        self._version, self._layout = ray.get(self.directory.get.remote())
+
+    def autoscale(self, step: int) -> None:
+        """Ask the directory to size replicas for the schedule ahead of `step` (owner rank)."""
+        self._version, self._layout = ray.get(self.directory.autoscale.remote(step))
+
+    def replicas(self) -> list[int]:
+        return [len(self._layout[s]["serving"]) for s in range(len(self.names))]
+
+    def _send(self, source: int, ids: list[int]) -> list[tuple[str, list[int], object]]:
+        serving = self._layout[source]["serving"]
+        by_name: dict[str, list[int]] = {}
+        for d in ids:
+            by_name.setdefault(serving[d % len(serving)], []).append(d)
+        parts = []
+        for name, part in by_name.items():
+            try:
+                parts.append((name, part, self._actor(name).get_many.remote(part)))
+            except ValueError:  # the name is gone (removed by the autoscaler): take the new layout
+                self.refresh()
+                return self._send(source, ids)
+        return parts
+
+    # -- the Backend protocol --------------------------------------------------------------------
+    def submit(self, source: int, ids: list[int]) -> _Load:
+        self.num_loaded[source] += len(ids)
+        return _Load(self, source, list(ids))
+
+    def lengths(self) -> list[np.ndarray]:
+        refs = [
+            [self._actor(self._layout[s]["serving"][0]).shard_lengths.remote(i) for i in range(n)]
+            for s, n in enumerate(self._num_shards)
+        ]
+        return [np.concatenate(ray.get(r)) for r in refs]
+
+    def actor_stats(self) -> dict[str, dict]:
+        """Every serving and standby actor's counters (documents tokenized, cache hits, busy
+        seconds, process id), by name."""
+        names = [n for lay in self._layout.values() for n in lay["serving"] + lay["shadows"]]
+        out = {}
+        for n in names:
+            try:
+                out[n] = ray.get(self._actor(n).stats.remote())
+            except Exception:  # noqa: BLE001 - a dead actor reports nothing
+                continue
+        return out
+
+    def close(self) -> None:
+        _open[self.job] = _open.get(self.job, 1) - 1
+        if _open[self.job] <= 0 and int(os.environ.get("RANK", "0")) == 0:
+            try:
+                ray.get(self.directory.shutdown.remote())
+                ray.kill(self.directory)
+            except Exception:  # noqa: BLE001 - already gone with Ray
+                pass

@@ -1,0 +1,176 @@
+"""The Ray actors of the `ray` backend: a source's loader (`SourceActor`) and the job's
+directory (`JobDirectory`), which knows which actors serve each source, promotes a hot-standby
+actor when one fails, and sizes each source's replicas from its measured cost and its weight
+ahead on the schedule. Imported only where Ray is installed."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections import OrderedDict
+
+import numpy as np
+import ray
+
+from slipstream.data.sources.loader import SourceLoader
+from slipstream.data.sources.tokenizers import build_tokenizer
+from slipstream.data.spec import MixtureSpec
+
+NAMESPACE = "slipstream"
+CACHE_DOCS = 4096
+"""Documents each loader keeps after tokenizing them: requests for one document are routed to
+one actor, so ranks whose rows share a long document find it tokenized once."""
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class SourceActor:
+    """One source's loader: documents by id, tokenized, as numpy arrays (through the object
+    store). Holds files, the index and the tokenizer, never the stream's state: any replica
+    can serve any request, and a failed request is simply issued again elsewhere."""
+
+    def __init__(self, spec_dict: dict, tokenizer: str, source: int) -> None:
+        spec = MixtureSpec.from_dict(spec_dict)
+        tok = build_tokenizer(tokenizer, spec.base_dir)
+        self.loader = SourceLoader(spec.sources[source], tok, spec.resolve)
+        self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.num_tokenized, self.num_hits, self.busy_s = 0, 0, 0.0
+
+    def meta(self) -> tuple[int, int, int]:
+        return self.loader.num_docs, self.loader.num_bad, len(self.loader.shards)
+
+    def shard_lengths(self, shard: int) -> np.ndarray:
+        return self.loader.shard_lengths(shard)
+
+    def get_many(self, ids: list[int]) -> list[np.ndarray]:
+        t0 = time.perf_counter()
+        missing = [d for d in dict.fromkeys(ids) if d not in self.cache]
+        for d, tokens in zip(missing, self.loader.get_many(missing) if missing else []):
+            self.cache[d] = tokens
+        self.num_tokenized += len(missing)
+        self.num_hits += len(ids) - len(missing)
+        out = []
+        for d in ids:
+            self.cache.move_to_end(d)
+            out.append(self.cache[d])
+        while len(self.cache) > CACHE_DOCS:
+            self.cache.popitem(last=False)
+        self.busy_s += time.perf_counter() - t0
+        return out
+
+    def stats(self) -> dict:
+        return {
+            "tokenized": self.num_tokenized,
+            "hits": self.num_hits,
+            "busy_s": self.busy_s,
+            "pid": os.getpid(),
+        }
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class JobDirectory:
+    """Which actors serve each source (`serving`, requests routed by document id) and which
+    wait as hot standbys (`shadows`); a version that changes with the layout."""
+
+    def __init__(self, job: str, spec_dict: dict, tokenizer: str) -> None:
+        self.job, self.spec_dict, self.tokenizer = job, spec_dict, tokenizer
+        self.spec = MixtureSpec.from_dict(spec_dict)
+        b = self.spec.backend
+        n = len(self.spec.sources)
+        self.handles: dict[str, object] = {}
+        self.next_index = [0] * n
+        self.layout = {
+            s: {"serving": [self._new(s) for _ in range(b.replicas)],
+                "shadows": [self._new(s) for _ in range(b.shadow)]}
+            for s in range(n)
+        }  # fmt: skip
+        self.version = 0
+        self.events: list[str] = []
+
+    def _new(self, s: int) -> str:
+        name = f"{self.job}:{self.spec.sources[s].name}:{self.next_index[s]}"
+        self.next_index[s] += 1
+        # The directory owns its actors: it keeps the handles (an actor nobody holds is gone).
+        self.handles[name] = SourceActor.options(
+            name=name, namespace=NAMESPACE, get_if_exists=True
+        ).remote(self.spec_dict, self.tokenizer, s)
+        return name
+
+    def get(self) -> tuple[int, dict]:
+        return self.version, self.layout
+
+    def report_dead(self, name: str) -> tuple[int, dict]:
+        """A client saw `name` fail: a shadow takes its place (the same routing slot), and a
+        new shadow is started behind it. Idempotent: later reports of the same actor find it
+        already replaced."""
+        for s, lay in self.layout.items():
+            for kind in ("serving", "shadows"):
+                if name in lay[kind]:
+                    i = lay[kind].index(name)
+                    if kind == "serving" and lay["shadows"]:
+                        lay["serving"][i] = lay["shadows"].pop(0)
+                    elif kind == "serving":
+                        lay["serving"][i] = self._new(s)
+                    else:
+                        lay["shadows"].pop(i)
+                    lay["shadows"].append(self._new(s))
+                    self.version += 1
+                    self.events.append(
+                        f"{name} failed; {lay['serving'][i] if kind == 'serving' else 'shadow'} took over"
+                    )
+        return self.version, self.layout
+
+    def autoscale(self, step: int) -> tuple[int, dict]:
+        """Replicas per source in proportion to (measured seconds per document) x (the
+        largest weight it will have in the next lookahead_steps steps), at least one each,
+        within the CPU budget. New actors start before the weight rises; removed ones go
+        once clients have the new layout (they fail over if they still call one)."""
+        b, n = self.spec.backend, len(self.spec.sources)
+        cost = self._cost_per_doc()
+        ahead = range(step, step + b.lookahead_steps + 1, max(1, b.lookahead_steps // 10))
+        weights = np.max([self.spec.weights_at(t) for t in ahead], axis=0)
+        load = np.array([cost[s] * weights[s] for s in range(n)])
+        budget = b.cpu_budget or int(ray.cluster_resources().get("CPU", n))
+        budget = max(budget, n)
+        want = np.maximum(1, np.floor(load / max(load.sum(), 1e-12) * budget)).astype(int)
+        while want.sum() > budget:
+            want[int(np.argmax(want))] -= 1
+        changed = False
+        for s in range(n):
+            serving = self.layout[s]["serving"]
+            while len(serving) < want[s]:
+                serving.append(self._new(s))
+                changed = True
+            while len(serving) > want[s]:
+                ray.kill(self.handles.pop(serving.pop()))
+                changed = True
+        if changed:
+            self.version += 1
+            self.events.append(f"step {step}: replicas {want.tolist()}")
+        return self.version, self.layout
+
+    def _cost_per_doc(self) -> list[float]:
+        out = []
+        for s in range(len(self.spec.sources)):
+            stats = []
+            for name in self.layout[s]["serving"]:
+                try:
+                    stats.append(ray.get(self.handles[name].stats.remote()))
+                except Exception:  # noqa: BLE001 - a dead actor has no stats; failover handles it
+                    continue
+            docs = sum(x["tokenized"] for x in stats)
+            busy = sum(x["busy_s"] for x in stats)
+            out.append(busy / docs if docs else math.nan)
+        known = [c for c in out if not math.isnan(c)]
+        default = float(np.median(known)) if known else 1.0
+        return [default if math.isnan(c) else c for c in out]
+
+    def history(self) -> list[str]:
+        return list(self.events)
+
+    def shutdown(self) -> None:
+        for lay in self.layout.values():
+            for name in lay["serving"] + lay["shadows"]:
+                with contextlib.suppress(Exception):  # already gone
+                    ray.kill(self.handles.pop(name))

@@ -1,0 +1,141 @@
+"""The `ray` backend with a real local Ray (one per test session): the same stream as the local
+backend batch for batch; each document tokenized once for the whole job; a killed loader actor
+loses and repeats nothing; a slow source gets replicas before its weight rises; the planner's
+state restored in new loaders (and with another number of ranks) continues the stream."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from slipstream.data import MixtureLoader, MixtureSpec, Planner  # noqa: E402
+from tests.conftest import corpus_spec  # noqa: E402
+from tests.data.contract import assert_same_batches, check_resume, run_steps  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ray_session():
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _specs(tmp_path, **kw) -> tuple[MixtureSpec, MixtureSpec]:
+    raw = corpus_spec(tmp_path, "jsonl", **{"seq_len": 256, "micro_batch_size": 4, **kw})
+    local = MixtureSpec.from_dict(raw, base_dir=str(tmp_path))
+    raw["backend"] = {"kind": "ray", "prefetch_steps": 2, **kw.get("backend", {})}
+    return local, MixtureSpec.from_dict(raw, base_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_ray_gives_the_local_backends_batches(tmp_path, ranks):
+    local, on_ray = _specs(tmp_path)
+    ref, ref_state = run_steps(local, 6, world_size=ranks)
+    got, state = run_steps(on_ray, 6, world_size=ranks)
+    assert_same_batches(ref, got)
+    assert state == ref_state
+
+
+def test_four_ranks_tokenize_each_document_once_for_the_job(tmp_path):
+    _, spec = _specs(tmp_path)
+    loaders = [MixtureLoader(spec, r, 4) for r in range(4)]
+    for ldr in loaders:
+        for _ in range(5):
+            next(ldr)
+    for ldr in loaders:
+        ldr._halt()
+    planner = Planner(spec, loaders[0].planner.lengths, dp_world_size=4)
+    docs = set()
+    for _ in range(max(ldr.planner.step for ldr in loaders)):
+        docs |= {(p.source, p.doc) for row in planner.plan_step().rows for p in row}
+    stats = loaders[0].backend.actor_stats()
+    tokenized = sum(s["tokenized"] for s in stats.values())
+    asked = sum(sum(ldr.backend.num_loaded) for ldr in loaders)
+    # Ranks sharing a long document ask for it more than once; one actor serves them all.
+    assert tokenized == len(docs) < asked
+    for ldr in loaders:
+        ldr.close()
+
+
+def test_a_killed_loader_actor_loses_and_repeats_nothing(tmp_path):
+    local, spec = _specs(tmp_path)
+    ref, _ = run_steps(local, 10, world_size=2)
+    loaders = [MixtureLoader(spec, r, 2) for r in range(2)]
+    got, waits = [], []
+    for step in range(10):
+        if step == 4:  # kill the actor serving the busiest source, mid-run
+            backend = loaders[0].backend
+            victim = backend._layout[0]["serving"][0]
+            ray.kill(backend._actor(victim))
+        t0 = time.perf_counter()
+        got.append([next(ldr) for ldr in loaders])
+        waits.append(time.perf_counter() - t0)
+    assert_same_batches(ref, got)  # nothing lost, nothing repeated, same order
+    assert sum(ldr.backend.num_reissued for ldr in loaders) > 0  # the failover did run
+    history = ray.get(loaders[0].backend.directory.history.remote())
+    assert any(victim in h for h in history)
+    assert max(waits[4:]) < 10.0  # bounded stall: a standby was already up (measured < 1 s)
+    for ldr in loaders:
+        ldr.close()
+
+
+def test_slow_source_gets_replicas_before_its_weight_rises(tmp_path):
+    raw = corpus_spec(tmp_path, "jsonl", seq_len=256, micro_batch_size=4)
+    raw["sources"][0]["transform"] = "tests.data.slow:slow_identity"
+    del raw["sources"][0]["weight"]
+    raw["sources"][0]["schedule"] = [[0, 0.05], [29, 0.05], [30, 0.8]]
+    raw["backend"] = {
+        "kind": "ray",
+        "prefetch_steps": 1,
+        "autoscale_every": 5,
+        "lookahead_steps": 20,
+        "cpu_budget": 4,
+    }
+    spec = MixtureSpec.from_dict(raw, base_dir=str(tmp_path))
+    loader = MixtureLoader(spec, 0, 1)
+    replicas = [next(loader).stats.replicas[0] for _ in range(25)]
+    assert replicas[2] == 1  # weight 0.05: one actor is enough
+    # Sized for the weight ahead: more actors well before step 30 (the rise), with the
+    # budget of 4 respected and every source keeping one.
+    assert max(replicas[10:25]) >= 2
+    assert sum(next(loader).stats.replicas) <= 4
+    loader.close()
+
+
+def test_planner_state_restored_in_new_loaders_continues_on_ray(tmp_path):
+    _, spec = _specs(tmp_path)
+    check_resume(spec, split=3, total=7)
+
+
+def test_resume_on_ray_with_another_world_size(tmp_path):
+    _, spec = _specs(tmp_path)
+    check_resume(spec, split=3, total=7, after_world_size=4)
+
+
+def test_ray_without_ray_installed_is_a_clear_error(tmp_path, monkeypatch):
+    import builtins
+
+    from slipstream.data.backends import build_backend
+
+    _, spec = _specs(tmp_path)
+    real = builtins.__import__
+
+    def no_ray(name, *a, **k):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError("No module named 'ray'")
+        return real(name, *a, **k)
+
+    import sys
+
+    for mod in [m for m in sys.modules if m.startswith("slipstream.data.backends.ray")]:
+        monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    with pytest.raises(ValueError, match="needs Ray"):
+        build_backend(spec)
+    assert np  # numpy stays importable
