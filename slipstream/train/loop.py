@@ -154,7 +154,7 @@ class Trainer:
             loss_value /= tp
         self.stop = stop > 0
         stats = batch.stats
-        return {
+        row = {
             "loss": loss_value,
             "lr": lr,
             "grad_norm": grad_norm,
@@ -162,6 +162,9 @@ class Trainer:
             "balance/max_over_mean": stats.imbalance,
             "balance/max_rank_cost": stats.max_rank_cost,
         }
+        for src, n in zip(self.cfg.data.sources, stats.replicas or [], strict=False):
+            row[f"data/replicas/{src.name}"] = float(n)
+        return row
 
     def evaluate(self) -> dict[str, float]:
         """Held-out loss and bits per byte, overall and per source (see evaluate.py)."""

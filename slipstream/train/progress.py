@@ -64,6 +64,9 @@ class Progress:
         info = f"loss {row['loss']:.4f}  {row['tokens_per_s']:,.0f} tok/s  data wait {wait:.0%}"
         if self.mfu_scale:
             info += f"  MFU {row['tokens_per_s'] * self.mfu_scale:.1%}"
+        replicas = [int(v) for k, v in row.items() if k.startswith("data/replicas/")]
+        if replicas:  # the Ray backend's loader actors per source
+            info += f"  loaders {'/'.join(map(str, replicas))}"
         if row.get("eval_loss") is not None:
             info += f"  eval {row['eval_loss']:.4f} ({row['eval_bpb']:.3f} bits/byte)"
         self.bar.update(self.task, completed=row["step"], info=info)

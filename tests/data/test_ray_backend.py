@@ -5,7 +5,6 @@ state restored in new loaders (and with another number of ranks) continues the s
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
@@ -20,7 +19,6 @@ from tests.data.contract import assert_same_batches, check_resume, run_steps  # 
 
 @pytest.fixture(scope="session", autouse=True)
 def ray_session():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()

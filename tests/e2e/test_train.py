@@ -353,3 +353,16 @@ def test_two_by_two_mesh_matches_one_process(tmp_path, reference_losses):
     resolved = json.loads((run / "resolved.json").read_text())
     assert (resolved["tp"], resolved["data"]["dp_world_size"]) == (2, 2)
     assert losses(run) == pytest.approx(reference_losses, rel=1e-5)  # tolerance: see above
+
+
+def test_two_ranks_on_the_ray_backend_match_one_process(tmp_path, reference_losses):
+    """`data.backend.kind = 'ray'` under torchrun: rank 0 starts a local Ray, rank 1 joins it,
+    both use the job's loader actors (found by name); the losses are those of one process."""
+    pytest.importorskip("ray")
+    recipe = write_recipe(tmp_path, "two.toml", num_micro_batches=1)
+    run = tmp_path / "ray"
+    out = torchrun(recipe, "--set", f"train.out_dir='{run}'", "--set", "data.backend.kind='ray'")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert losses(run) == pytest.approx(reference_losses, rel=1e-6)  # tolerance: see above
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["data/replicas/short"] >= 1  # the loader actors are in the metrics
