@@ -56,7 +56,7 @@ class _Cursor:
     __slots__ = ("credits", "cursors", "epochs", "num_drawn")
 
     def __init__(self, n: int) -> None:
-        self.credits = [0.0] * n
+        self.credits = np.zeros(n)  # float64, as Python floats: the same sums bit for bit
         self.cursors = [0] * n
         self.epochs = [0] * n
         self.num_drawn = 0
@@ -107,6 +107,7 @@ class Planner:
         self._pos = _Cursor(len(self.names))
         self._perms: dict[tuple[int, int], np.ndarray] = {}  # (source, epoch) -> doc ids
         self._step_draws: list[DocKey] = []
+        self._closed = np.zeros(len(self.names))
 
     # -- the stream -------------------------------------------------------------------------
     def _doc_at(self, s: int, epoch: int, cursor: int) -> int:
@@ -118,10 +119,11 @@ class Planner:
             self._perms.pop((s, epoch - 1), None)  # draws only move forward
         return int(perm[cursor])
 
-    def _draw(self, pos: _Cursor, weights: list[float]) -> DocKey:
+    def _draw(self, pos: _Cursor, weights: np.ndarray) -> DocKey:
         if not self.by_tokens:  # credit first: the unit (one document) is known in advance
             self._credit(pos, weights, None, 1.0)
-        s = max(range(len(weights)), key=lambda i: (weights[i] > 0, pos.credits[i]))
+        # The source with the most credit among those with weight (the first, on a tie).
+        s = int(np.argmax(pos.credits + self._closed))
         if not self.by_tokens:
             pos.credits[s] -= 1.0
         doc = self._doc_at(s, pos.epochs[s], pos.cursors[s])
@@ -130,21 +132,20 @@ class Planner:
         return s, doc
 
     @staticmethod
-    def _credit(pos: _Cursor, weights: list[float], source: int | None, amount: float) -> None:
+    def _credit(pos: _Cursor, weights: np.ndarray, source: int | None, amount: float) -> None:
         """Every source earns its weight's share of `amount`; the drawn one spends it all."""
-        for i, w in enumerate(weights):
-            pos.credits[i] += w * amount
+        pos.credits += weights * amount if amount != 1.0 else weights
         if source is not None:
             pos.credits[source] -= amount
 
-    def _next_doc(self, weights: list[float]) -> DocKey:
+    def _next_doc(self, weights: np.ndarray) -> DocKey:
         s, d = self._draw(self._pos, weights)
         if self.by_tokens:  # credit in tokens, once the drawn document's length is known
             self._credit(self._pos, weights, s, float(self.lengths[s][d]))
         self._step_draws.append((s, d))
         return s, d
 
-    def _take(self, weights: list[float], max_len: int) -> Piece:
+    def _take(self, weights: np.ndarray, max_len: int) -> Piece:
         """The next piece of at most `max_len` tokens: the carried remainder first."""
         if self.carry is not None:
             s, d, start = self.carry.source, self.carry.doc, self.carry.start
@@ -163,7 +164,8 @@ class Planner:
     def plan_step(self) -> StepPlan:
         spec = self.spec
         state = self.state_dict()
-        weights = spec.weights_at(self.step)
+        weights = np.array(spec.weights_at(self.step), dtype=np.float64)
+        self._closed = np.where(weights > 0, 0.0, -np.inf)  # weight 0: never drawn
         drawn_before = np.array(self._pos.cursors) + np.array(self._pos.epochs) * self.num_docs
         num_rows, seq_len = self.rows_per_step, spec.seq_len
         stream = [] if self.carry is None else [(self.carry.source, self.carry.doc)]
@@ -209,7 +211,7 @@ class Planner:
             STEP: self.step,
             NUM_DRAWN: pos.num_drawn,
             SOURCES: {
-                n: {CURSOR: pos.cursors[i], EPOCH: pos.epochs[i], CREDIT: pos.credits[i]}
+                n: {CURSOR: pos.cursors[i], EPOCH: pos.epochs[i], CREDIT: float(pos.credits[i])}
                 for i, n in enumerate(self.names)
             },
             CARRY: None
