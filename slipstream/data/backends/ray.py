@@ -14,6 +14,7 @@ else a local one (under torchrun: rank 0 starts it, the other ranks join it).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,7 +29,6 @@ from slipstream.data.spec import MixtureSpec
 
 MAX_RETRIES = 5
 JOIN_TIMEOUT_S = 120.0
-_open: dict[str, int] = {}  # job -> backends open in this process (the last one cleans up)
 
 
 def connect(address: str = "") -> None:
@@ -104,9 +104,15 @@ class RayBackend:
         self.names = [s.name for s in spec.sources]
         self.job = job_name(spec, tok)
         self._ns = NAMESPACE
+        # Detached: it must outlive whichever rank happened to create it; the last client to
+        # detach takes it down (a crashed job's directory goes with its Ray).
         self.directory = JobDirectory.options(
-            name=f"{self.job}:directory", namespace=NAMESPACE, get_if_exists=True
+            name=f"{self.job}:directory",
+            namespace=NAMESPACE,
+            get_if_exists=True,
+            lifetime="detached",
         ).remote(self.job, spec.to_dict(), tok)
+        ray.get(self.directory.attach.remote())
         self._version, self._layout = ray.get(self.directory.get.remote())
         self._handles: dict[str, object] = {}
         metas = ray.get(
@@ -120,7 +126,6 @@ class RayBackend:
         self._num_shards = [m[2] for m in metas]
         self.num_loaded = [0] * len(self.names)
         self.num_reissued = 0
-        _open[self.job] = _open.get(self.job, 0) + 1
 
     # -- the layout -----------------------------------------------------------------------------
     def _actor(self, name: str):
@@ -183,10 +188,8 @@ class RayBackend:
         return out
 
     def close(self) -> None:
-        _open[self.job] = _open.get(self.job, 1) - 1
-        if _open[self.job] <= 0 and int(os.environ.get("RANK", "0")) == 0:
-            try:
-                ray.get(self.directory.shutdown.remote())
-                ray.kill(self.directory)
-            except Exception:  # noqa: BLE001 - already gone with Ray
-                pass
+        if self.directory is None:
+            return
+        with contextlib.suppress(Exception):  # the actor exits inside the call; Ray may be down
+            ray.get(self.directory.detach.remote())
+        self.directory = None

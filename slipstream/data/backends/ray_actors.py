@@ -87,6 +87,20 @@ class JobDirectory:
         }  # fmt: skip
         self.version = 0
         self.events: list[str] = []
+        self.clients = 0
+
+    def attach(self) -> None:
+        self.clients += 1
+
+    def detach(self) -> bool:
+        """A client is done; the last one takes the job's actors down (and this directory,
+        which outlives whichever rank created it). Returns True when that happened."""
+        self.clients -= 1
+        if self.clients > 0:
+            return False
+        self.shutdown()
+        ray.actor.exit_actor()
+        return True
 
     def _new(self, s: int) -> str:
         name = f"{self.job}:{self.spec.sources[s].name}:{self.next_index[s]}"

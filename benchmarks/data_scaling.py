@@ -1,0 +1,172 @@
+"""The data work of a job as its data-parallel ranks grow, for the same global batch: total data
+CPU seconds per step (all ranks' processes and loader threads) and tokens/s per rank, at 1, 2,
+4 and 8 ranks, before and after the plan was shared:
+
+  before   every rank loads and tokenizes every document of the step and keeps its rows
+           (`MixtureLoader(load_all_rows=True)`: the replicated pattern)
+  after    every rank plans the step from token counts and loads only its rows' documents
+  ray      the same on the Ray backend: one loader actor per source for the whole job, requests
+           routed by document, so a document several ranks need is tokenized once (the
+           actors' CPU is counted with the ranks')
+
+The demo mixture (4 sources) with the 8k BPE tokenizer, 32 rows of 1,024 tokens per step split
+over the ranks, the local backend with 2 loader threads per rank. The ranks run at once as
+processes (on 2 cores, 8 ranks share them: tokens/s per rank falls for that reason alone);
+each measures --steps steps after 3 warm-up steps (the token-count cache is built first).
+
+    python -m benchmarks.data_scaling [--ranks 1,2,4,8] [--steps 20] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.data_throughput import TOKENIZER, _tree_cpu_s, ensure_inputs
+from benchmarks.harness import ROOT, provenance
+
+ROWS_PER_STEP, SEQ_LEN = 32, 1024
+MODES = ("before", "after", "ray")
+
+
+def load_spec(world: int, mode: str = "after"):
+    from slipstream.data import MixtureSpec
+
+    ray = ["backend.kind='ray'", f"backend.job='scaling-{world}'", "backend.shadow=0"]
+    return MixtureSpec.from_toml(
+        ROOT / "recipes" / "data" / "demo.toml",
+        [
+            *(ray if mode == "ray" else []),
+            f"tokenizer='{TOKENIZER}'",
+            f"seq_len={SEQ_LEN}",
+            f"micro_batch_size={ROWS_PER_STEP // world}",
+            "num_micro_batches=1",
+            "backend.num_workers=2",
+            "backend.prefetch_steps=4",
+        ],
+    )
+
+
+def one_rank(mode: str, rank: int, world: int, steps: int) -> dict:
+    import psutil
+
+    from slipstream.data import MixtureLoader
+
+    loader = MixtureLoader(load_spec(world, mode), rank, world, load_all_rows=mode == "before")
+    for _ in range(3):
+        next(loader)
+    me = psutil.Process()
+    docs0 = sum(loader.backend.num_loaded)
+    # Rank 0 also counts the loader actors' CPU (they serve every rank at once).
+    actors = _actor_procs(loader) if mode == "ray" and rank == 0 else []
+    cpu0, t0 = _tree_cpu_s(me) + _cpu(actors), time.perf_counter()
+    tokens = 0
+    for _ in range(steps):
+        step = next(loader)
+        tokens += sum(int((mb["doc_ids"] >= 0).sum()) for mb in step.micro_batches)
+    wall, cpu = time.perf_counter() - t0, _tree_cpu_s(me) + _cpu(actors) - cpu0
+    docs = sum(loader.backend.num_loaded) - docs0
+    tokenized = None
+    if actors:
+        tokenized = sum(x["tokenized"] for x in loader.backend.actor_stats().values())
+    loader.close()
+    return {
+        "cpu_s": cpu,
+        "wall_s": wall,
+        "tokens": tokens,
+        "docs_loaded": docs,
+        "actor_docs_tokenized_total": tokenized,
+        "steps": steps,
+    }
+
+
+def _actor_procs(loader) -> list:
+    import psutil
+
+    return [psutil.Process(x["pid"]) for x in loader.backend.actor_stats().values()]
+
+
+def _cpu(procs) -> float:
+    total = 0.0
+    for p in procs:
+        t = p.cpu_times()
+        total += t.user + t.system
+    return total
+
+
+def run(mode: str, world: int, steps: int, env: dict | None = None) -> list[dict]:
+    cmd = [sys.executable, "-m", "benchmarks.data_scaling", "--one", mode, "--world", str(world)]
+    procs = [
+        subprocess.Popen(
+            [*cmd, "--rank", str(r), "--steps", str(steps)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, **(env or {}), "RANK": str(r)},
+        )
+        for r in range(world)
+    ]
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=1800)
+        if p.returncode:
+            raise RuntimeError(stderr[-3000:])
+        out.append(json.loads(stdout.strip().splitlines()[-1]))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--one", choices=MODES)
+    ap.add_argument("--rank", type=int, default=0)
+    ap.add_argument("--world", type=int, default=1)
+    ap.add_argument("--ranks", default="1,2,4,8")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(one_rank(args.one, args.rank, args.world, args.steps)))
+        return
+    ensure_inputs()
+    run("after", 1, 1)  # builds the token-count cache once, outside the measurements
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    env = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    results = {}
+    head = ["ranks", "mode", "CPU s/step", "docs/step", "tok/s/rank"]
+    print("".join(f"{h:>14}" for h in head))
+    for world in [int(x) for x in args.ranks.split(",")]:
+        for mode in MODES:
+            rs = run(mode, world, args.steps, env if mode == "ray" else None)
+            cpu = sum(r["cpu_s"] for r in rs) / args.steps
+            docs = sum(r["docs_loaded"] for r in rs) / args.steps
+            per_rank = sum(r["tokens"] / r["wall_s"] for r in rs) / world
+            results[f"{mode}/{world}"] = {
+                "cpu_s_per_step": cpu,
+                "docs_per_step": docs,
+                "tokens_per_s_per_rank": per_rank,
+                "runs": rs,
+            }
+            print(f"{world:>14}{mode:>14}{cpu:>14.3f}{docs:>14.1f}{per_rank:>14,.0f}")
+    ranks = [int(x) for x in args.ranks.split(",")]
+    for mode in MODES:
+        a, b = results[f"{mode}/{ranks[0]}"], results[f"{mode}/{ranks[-1]}"]
+        print(
+            f"{mode}: job data CPU per step {ranks[0]} -> {ranks[-1]} ranks: "
+            f"{b['cpu_s_per_step'] / a['cpu_s_per_step']:.2f}x"
+        )
+    if args.json:
+        out = {**provenance(("tokenizers", "psutil")), "results": results}
+        args.json.write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
