@@ -98,6 +98,14 @@ def pss_mib(procs) -> float:
     return total / 2**20
 
 
+def _wait_ready(proc, mode: str) -> None:
+    """Until the rank says "ready" (Ray may print its own lines first)."""
+    for line in proc.stdout:
+        if line.strip() == "ready":
+            return
+    raise RuntimeError(f"{mode}: a rank failed before it was ready (see its error above)")
+
+
 def measure(mode: str, ranks: int, num_sources: int) -> dict:
     import psutil
 
@@ -124,11 +132,9 @@ def measure(mode: str, ranks: int, num_sources: int) -> dict:
             )
         )
         if mode == "slipstream-ray" and r == 0:
-            assert procs[0].stdout.readline().strip() == "ready"  # rank 0 set the actors up
+            _wait_ready(procs[0], mode)  # rank 0 sets the job's actors up first
     for p in procs[1:] if mode == "slipstream-ray" else procs:
-        line = p.stdout.readline().strip()
-        if line != "ready":
-            raise RuntimeError(f"{mode}: a rank failed ({line!r})")
+        _wait_ready(p, mode)
     time.sleep(2)
     trees = []
     for p in procs:
