@@ -65,6 +65,10 @@ bench: $(STAMP) $(TOKENIZER) $(DEMO_DIR)/tokenizer.json
 	$(PY) -c "import deepspeed" 2>/dev/null || $(PY) -m pip install -q -c constraints.txt deepspeed==0.19.8
 	$(PY) -m benchmarks.host_adam
 	$(PY) -m benchmarks.overlap
+	$(PY) -m benchmarks.planner_scale
+	$(PY) -m benchmarks.data_scaling
+	$(PY) -m benchmarks.data_failover
+	$(PY) -m benchmarks.data_memory
 
 # Everything the offload engine claims on an accelerator, in one run (needs CUDA for numbers).
 bench-gpu-offload: $(STAMP)

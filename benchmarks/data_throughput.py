@@ -69,8 +69,9 @@ def iter_slipstream(spec, workers, rank=0, world=1):
     loader = MixtureLoader(spec, rank, world)
     for step in loader:
         delivered = int((step.micro_batches[0]["doc_ids"] >= 0).sum())
-        # Every rank tokenizes every document the whole step takes (the local backend).
-        yield delivered, step.stats.num_tokens
+        # A rank tokenizes the documents of its own rows (more only for documents that span
+        # ranks): about what it delivers.
+        yield delivered, delivered
 
 
 def _torch_loader(spec, workers, cls, rank=0, world=1):
