@@ -193,10 +193,11 @@ class Planner:
             spec.balance.method,
             seed=spec.seed * 1_000_003 + self.step,
         )
-        if self.dp_world_size > 1:  # fewer ranks load each long document; no cost moves
-            whole = [(r[0].source, r[0].doc) if len(r) == 1 and r[0].length == seq_len else None
-                     for r in rows]  # fmt: skip
-            assignment = colocate_whole_rows(assignment, whole)
+        # Fewer ranks load each long document; no cost moves. Done at one rank too (between
+        # micro-batches), so N ranks x 1 micro-batch group rows as 1 rank x N micro-batches.
+        whole = [(r[0].source, r[0].doc) if len(r) == 1 and r[0].length == seq_len else None
+                 for r in rows]  # fmt: skip
+        assignment = colocate_whole_rows(assignment, whole)
         plan = StepPlan(
             self.step, rows, costs, assignment, drawn_after - drawn_before, stream, state
         )

@@ -5,9 +5,9 @@ waits on tile flags, and the tensor-parallel linear layers built from them."""
 
 from slipstream.overlap.ag_gemm import all_gather_matmul
 from slipstream.overlap.gemm_rs import matmul_reduce_scatter
-from slipstream.overlap.group import IMPLEMENTATIONS, OverlapGroup
+from slipstream.overlap.group import IMPLEMENTATIONS, OverlapGroup, create_heap
 from slipstream.overlap.signals import PeerFailed, SignalTimeout
-from slipstream.overlap.symmetric import ShmHeap, SymmetricHeap, create_heap
+from slipstream.overlap.symmetric import ShmHeap, SymmetricHeap
 from slipstream.overlap.trace import SimLink, Trace
 
 __all__ = [

@@ -18,10 +18,22 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from slipstream.overlap.symmetric import Region, SymmetricHeap, create_heap
+from slipstream.overlap.symmetric import Region, ShmHeap, SymmetricHeap
 from slipstream.overlap.trace import SimLink, Trace
 
 IMPLEMENTATIONS = ("shm", "cuda", "collective", "reference")
+
+
+def create_heap(backend: str, nbytes: int, num_flags: int = 64, group=None) -> SymmetricHeap:
+    if backend == "shm":
+        return ShmHeap(nbytes, num_flags, group)
+    if backend == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("symmetric heap 'cuda' needs a CUDA device; use 'shm' on CPU")
+        from slipstream.overlap.cuda_heap import CudaHeap
+
+        return CudaHeap(nbytes, num_flags, group)
+    raise ValueError(f"symmetric heap backend {backend!r}: use 'shm' or 'cuda'")
 
 
 @dataclass(slots=True)
