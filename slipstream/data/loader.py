@@ -99,6 +99,7 @@ class MixtureLoader:
         self.backend: Backend = build_backend(spec, tokenizer)
         self.tokenizer = self.backend.tokenizer
         self.load_all_rows = load_all_rows
+        self.split = split
         self.planner = Planner(
             spec,
             self.backend.lengths(),
@@ -169,6 +170,9 @@ class MixtureLoader:
         for the schedule ahead; the other ranks take the new layout."""
         every = self.spec.backend.autoscale_every
         if not hasattr(self.backend, "autoscale") or not every or step % every:
+            return
+        if self.split != "train":  # eval restarts at step 0: it must not resize for step 0
+            self.backend.refresh()
             return
         if self.dp_rank == 0 and int(os.environ.get("RANK", "0")) == 0:
             self.backend.autoscale(step)
