@@ -108,6 +108,8 @@ class MixtureLoader:
             attention_cost=attention_cost,
         )
         self._state = self.planner.state_dict()
+        # Documents asked for by steps not yet built: [task, index in it, last step needing it].
+        self._inflight: dict[DocKey, list] = {}
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -127,6 +129,7 @@ class MixtureLoader:
             # The planner may have stopped mid-step: rewind it to the last step handed out, so
             # a retry (or a checkpoint) neither loses nor repeats anything.
             self._thread = None
+            self._inflight.clear()
             self.planner.load_state_dict(self._state)
             raise item
         item.stats.wait_s = wait_s
@@ -153,8 +156,8 @@ class MixtureLoader:
                     self._maintain(self.planner.step)
                     plan = self.planner.plan_step()
                     pending.append((plan, self._load(plan), self.planner.state_dict()))
-                plan, loads, state_after = pending.popleft()
-                item = self._build(plan, self._collect(plan, loads))
+                plan, keys, state_after = pending.popleft()
+                item = self._build(plan, self._collect(plan, keys))
                 item.state_after = state_after
                 while not self._stop.is_set():
                     try:
@@ -179,38 +182,49 @@ class MixtureLoader:
         else:
             self.backend.refresh()
 
-    def _load(self, plan: StepPlan) -> list[tuple[int, list[int], object]]:
-        """Submit the loads of this rank's documents in `plan`, per source in up to
-        `num_workers` tasks: [(source, ids, task)]."""
+    def _load(self, plan: StepPlan) -> list[DocKey]:
+        """Submit the loads of this rank's documents in `plan` that no step in flight has
+        asked for already (a document cut at a step boundary is needed by the next step too:
+        it is loaded once), per source in up to `num_workers` tasks. Returns the documents."""
         if self.load_all_rows:
             rows = plan.rows
         else:
             rows = [plan.rows[i] for mb in plan.assignment[self.dp_rank] for i in mb]
-        by_source: dict[int, set[int]] = defaultdict(set)
-        for row in rows:
-            for p in row:
-                by_source[p.source].add(p.doc)
-        loads = []
-        for s in sorted(by_source):
-            ids = sorted(by_source[s])
+        keys = sorted({(p.source, p.doc) for row in rows for p in row})
+        new: dict[int, list[int]] = defaultdict(list)
+        for key in keys:
+            entry = self._inflight.get(key)
+            if entry is None:
+                new[key[0]].append(key[1])
+            else:
+                entry[2] = plan.step  # kept until this step is built
+        for s in sorted(new):
+            ids = new[s]
             for chunk in np.array_split(ids, min(len(ids), self.spec.backend.num_workers)):
                 chunk = [int(d) for d in chunk]
-                loads.append((s, chunk, self.backend.submit(s, chunk)))
-        return loads
+                task = self.backend.submit(s, chunk)
+                for j, d in enumerate(chunk):
+                    self._inflight[(s, d)] = [task, j, plan.step]
+        return keys
 
-    def _collect(self, plan: StepPlan, loads) -> dict[DocKey, np.ndarray]:
-        tokens = {}
-        for s, ids, task in loads:
-            for d, t in zip(ids, task.result(), strict=True):
-                expected = int(self.planner.lengths[s][d])
-                if len(t) != expected:
-                    raise RuntimeError(
-                        f"source {self.spec.sources[s].name!r}, document {d}: the token-count "
-                        f"cache says {expected} tokens, the loader gave {len(t)}; its files or "
-                        "tokenizer changed under a running job. Restart the job (the cache is "
-                        "rebuilt when files change)"
-                    )
-                tokens[(s, d)] = t
+    def _collect(self, plan: StepPlan, keys: list[DocKey]) -> dict[DocKey, np.ndarray]:
+        tokens, results = {}, {}
+        for key in keys:
+            task, j, _ = self._inflight[key]
+            if id(task) not in results:
+                results[id(task)] = task.result()
+            t = results[id(task)][j]
+            expected = int(self.planner.lengths[key[0]][key[1]])
+            if len(t) != expected:
+                raise RuntimeError(
+                    f"source {self.spec.sources[key[0]].name!r}, document {key[1]}: the "
+                    f"token-count cache says {expected} tokens, the loader gave {len(t)}; its "
+                    "files or tokenizer changed under a running job. Restart the job (the "
+                    "cache is rebuilt when files change)"
+                )
+            tokens[key] = t
+        for key in [k for k, e in self._inflight.items() if e[2] <= plan.step]:
+            del self._inflight[key]  # no step still to be built needs it
         return tokens
 
     def _build(self, plan: StepPlan, tokens: dict[DocKey, np.ndarray]) -> StepBatch:
@@ -240,6 +254,7 @@ class MixtureLoader:
             self._stop.set()
             self._thread.join()
             self._thread = None
+        self._inflight.clear()
 
     def close(self) -> None:
         self._halt()
