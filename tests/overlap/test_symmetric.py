@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from slipstream.overlap.signals import PeerFailed, SignalTimeout
+from slipstream.overlap.signals import SignalTimeout
 from slipstream.overlap.symmetric import SHM_DIR, SHM_PREFIX, ShmHeap, remove_stale_segments
 from tests.overlap.ranks import run_ranks, values
 
@@ -126,7 +126,3 @@ def test_one_rank_heap_and_clear_errors_without_a_group():
     with pytest.raises(ValueError, match="'set' or 'add'"):
         heap.signal(0, 2, 1, op="max")
     heap.close()
-
-
-def test_peer_failed_is_a_runtime_error():
-    assert issubclass(PeerFailed, RuntimeError)

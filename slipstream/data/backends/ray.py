@@ -14,11 +14,14 @@ else a local one (under torchrun: rank 0 starts it, the other ranks join it).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import json
 import os
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import ray
@@ -32,25 +35,31 @@ JOIN_TIMEOUT_S = 120.0
 
 
 def connect(address: str = "") -> None:
-    """Join (or start) Ray for this process."""
+    """Join (or start) Ray for this process. Under torchrun without an address, rank 0 starts a
+    local Ray and leaves its address in a file named by torchrun's run id, where the other
+    ranks read it (so they cannot join some other Ray running on the machine)."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS", "")
-    opts = {"log_to_driver": False, "include_dashboard": False}
     if address:
-        ray.init(address=address, **{k: v for k, v in opts.items() if k != "include_dashboard"})
-    elif int(os.environ.get("RANK", "0")) == 0:
-        ray.init(**opts)
-    else:  # torchrun's rank 0 starts the local Ray; the others join it when it is up
-        deadline = time.monotonic() + JOIN_TIMEOUT_S
-        while True:
-            try:
-                ray.init(address="auto", log_to_driver=False)
-                return
-            except ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+        ray.init(address=address, log_to_driver=False)
+        return
+    run = os.environ.get("TORCHELASTIC_RUN_ID")
+    note = Path(tempfile.gettempdir()) / f"slipstream-ray-{run}.address" if run else None
+    if int(os.environ.get("RANK", "0")) == 0:
+        ray.init(log_to_driver=False, include_dashboard=False)
+        if note is not None:
+            tmp = note.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(ray.get_runtime_context().gcs_address)
+            os.replace(tmp, note)
+            atexit.register(lambda: note.unlink(missing_ok=True))
+        return
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    while note is not None and not note.is_file():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank 0 did not start Ray within {JOIN_TIMEOUT_S:.0f} s")
+        time.sleep(0.2)
+    ray.init(address=note.read_text() if note is not None else "auto", log_to_driver=False)
 
 
 def job_name(spec: MixtureSpec, tokenizer: str) -> str:
