@@ -78,6 +78,11 @@ def test_a_killed_loader_actor_loses_and_repeats_nothing(tmp_path):
     history = ray.get(loaders[0].backend.directory.history.remote())
     assert any(victim in h for h in history)
     assert max(waits[4:]) < 10.0  # bounded stall: a standby was already up (measured < 1 s)
+    # A client that joins after the failure (it never held the dead actor's handle) is served
+    # by the replacement, from the same place in the stream.
+    late = MixtureLoader(spec, 0, 2)
+    assert [next(late).stream for _ in range(3)] == [s[0].stream for s in ref[:3]]
+    late.close()
     for ldr in loaders:
         ldr.close()
 

@@ -124,12 +124,7 @@ class RayBackend:
         ray.get(self.directory.attach.remote())
         self._version, self._layout = ray.get(self.directory.get.remote())
         self._handles: dict[str, object] = {}
-        metas = ray.get(
-            [
-                self._actor(self._layout[s]["serving"][0]).meta.remote()
-                for s in range(len(self.names))
-            ]
-        )
+        metas = [self._ask(s, "meta") for s in range(len(self.names))]
         self.num_docs = [m[0] for m in metas]
         self.num_bad = [m[1] for m in metas]
         self._num_shards = [m[2] for m in metas]
@@ -167,8 +162,10 @@ class RayBackend:
         for name, part in by_name.items():
             try:
                 parts.append((name, part, self._actor(name).get_many.remote(part)))
-            except ValueError:  # the name is gone (removed by the autoscaler): take the new layout
-                self.refresh()
+            except ValueError:
+                # The name is gone: removed by the autoscaler (the directory no longer lists
+                # it) or dead (the directory replaces it now). Either way, the new layout.
+                self._report_dead(name)
                 return self._send(source, ids)
         return parts
 
@@ -178,11 +175,20 @@ class RayBackend:
         return _Load(self, source, list(ids))
 
     def lengths(self) -> list[np.ndarray]:
-        refs = [
-            [self._actor(self._layout[s]["serving"][0]).shard_lengths.remote(i) for i in range(n)]
+        return [
+            np.concatenate([self._ask(s, "shard_lengths", i) for i in range(n)])
             for s, n in enumerate(self._num_shards)
         ]
-        return [np.concatenate(ray.get(r)) for r in refs]
+
+    def _ask(self, source: int, method: str, *args):
+        """One call to one of the source's serving actors, failing over like loads do."""
+        for _ in range(MAX_RETRIES + 1):
+            name = self._layout[source]["serving"][0]
+            try:
+                return ray.get(getattr(self._actor(name), method).remote(*args))
+            except (ValueError, RayActorError, ActorDiedError, ActorUnavailableError):
+                self._report_dead(name)
+        raise RuntimeError(f"source {self.names[source]!r}: loader actors keep failing")
 
     def actor_stats(self) -> dict[str, dict]:
         """Every serving and standby actor's counters (documents tokenized, cache hits, busy
