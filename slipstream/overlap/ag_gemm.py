@@ -32,7 +32,8 @@ def all_gather_matmul(
     if group.world_size == 1:
         return x_shard @ w, (x_shard if return_gathered else None)
     if group.impl == "reference":
-        gathered = _all_gather(x_shard, group)
+        with group.exposed():
+            gathered = _all_gather(x_shard, group)
         return gathered @ w, (gathered if return_gathered else None)
     if group.impl == "collective":
         return _collective(x_shard, w, group, return_gathered)
@@ -55,7 +56,8 @@ def _collective(x_shard, w, group: OverlapGroup, return_gathered: bool):
     gathered = x_shard.new_empty((world, m, x_shard.shape[1])) if return_gathered else None
     row = 0
     for piece, (out, work) in zip(pieces, pending):
-        work.wait()
+        with group.exposed():
+            work.wait()
         rows = slice(row, row + piece.shape[0])
         y[:, rows] = (out @ w).view(world, piece.shape[0], -1)
         if gathered is not None:

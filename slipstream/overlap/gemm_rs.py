@@ -34,7 +34,9 @@ def matmul_reduce_scatter(x: torch.Tensor, w: torch.Tensor, group: OverlapGroup)
     if world == 1:
         return x @ w
     if group.impl == "reference":
-        return _reduce_scatter(x @ w, group)
+        partial = x @ w
+        with group.exposed():
+            return _reduce_scatter(partial, group)
     if group.impl == "collective":
         return _collective(x, w, group)
     return _symmetric(x, w, group)
@@ -54,7 +56,8 @@ def _collective(x, w, group: OverlapGroup) -> torch.Tensor:
         partial = (x @ w[:, c[0] : c[-1] + 1]).contiguous()
         pending.append(_reduce_scatter(partial, group, async_op=True))
     for _, work in pending:
-        work.wait()
+        with group.exposed():
+            work.wait()
     return torch.cat([out for out, _ in pending], dim=1)
 
 

@@ -11,6 +11,8 @@ checked against)."""
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -93,6 +95,9 @@ class OverlapGroup:
         self._workspaces: dict[tuple, Workspace] = {}
         self._producer: ThreadPoolExecutor | None = None
         self._copy_stream = None
+        self.exposed_s = 0.0
+        """Seconds the calling thread has spent waiting for communication (not overlapped),
+        summed over all calls: the trainer's profiler reads it as exposed communication."""
 
     @property
     def producer(self) -> ThreadPoolExecutor:
@@ -151,7 +156,18 @@ class OverlapGroup:
         return ws
 
     def wait(self, ws: Workspace, flag: int, value: int) -> None:
-        ws.heap.wait_until(flag, value, self.timeout_s)
+        waited = ws.heap.wait_until(flag, value, self.timeout_s)
+        if not threading.current_thread().name.startswith("slipstream-put"):
+            self.exposed_s += waited  # the caller's compute stood still: exposed
+
+    @contextlib.contextmanager
+    def exposed(self):
+        """Time a blocking wait of the caller's as exposed communication."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.exposed_s += time.perf_counter() - t0
 
     def close(self) -> None:
         if self._producer is not None:

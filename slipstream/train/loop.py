@@ -123,13 +123,18 @@ class Trainer:
             last = i == len(mbs) - 1
             sync = nullcontext() if (self.ddp is None or last) else self.ddp.no_sync()
             with sync:
+                tp_before = self._tp_exposed_s()
                 with timer.phase("forward"):
                     loss = token_losses(model, mb, self.autocast).sum() * scale
+                # Tensor-parallel waits that overlap did not hide: exposed communication.
+                tp_mid = self._tp_exposed_s()
+                timer.move("forward", "comm", tp_mid - tp_before)
                 with timer.phase("backward"):
                     self._hook_times.clear()
                     offload_before = getattr(self.optimizer, "offload_s", 0.0)
                     loss.backward()
                     end = time.perf_counter()
+                timer.move("backward", "comm", self._tp_exposed_s() - tp_mid)
                 # The offload engine's gradient copies ran inside backward: their own phase.
                 offload_s = getattr(self.optimizer, "offload_s", 0.0) - offload_before
                 timer.move("backward", "grad_offload", offload_s)
@@ -165,6 +170,10 @@ class Trainer:
         for src, n in zip(self.cfg.data.sources, stats.replicas or [], strict=False):
             row[f"data/replicas/{src.name}"] = float(n)
         return row
+
+    def _tp_exposed_s(self) -> float:
+        plan = getattr(self.model, "tp_plan", None)
+        return plan.group.exposed_s if plan is not None else 0.0
 
     def evaluate(self) -> dict[str, float]:
         """Held-out loss and bits per byte, overall and per source (see evaluate.py)."""

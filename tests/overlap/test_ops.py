@@ -152,3 +152,22 @@ def test_bad_shapes_and_settings_are_refused():
         OverlapGroup(None, "nccl")
     with pytest.raises(ValueError, match="'torch' or 'triton'"):
         OverlapGroup(None, "shm", kernel="cutlass")
+
+
+def _late_peer(rank: int, world: int, impl: str) -> float:
+    group = OverlapGroup(None, impl)
+    x, w = torch.randn(8, 8), torch.randn(8, 8)
+    all_gather_matmul(x, w, group)  # workspaces set up; both ranks in step
+    dist.barrier()
+    before = group.exposed_s
+    if rank == 1:
+        time.sleep(0.3)  # rank 1 is late: rank 0 can only wait for its shard
+    all_gather_matmul(x, w, group)
+    return group.exposed_s - before
+
+
+@pytest.mark.parametrize("impl", ["shm", "collective", "reference"])
+def test_waiting_for_a_late_peer_counts_as_exposed_communication(impl, tmp_path):
+    waited = values(run_ranks(_late_peer, 2, tmp_path, impl))
+    assert waited[0] >= 0.2  # the 0.3 s rank 0 stood still, less the ranks' start skew
+    assert waited[1] < waited[0]  # the late rank found its peer's shard waiting
