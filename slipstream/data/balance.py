@@ -37,6 +37,8 @@ def partition(
     costs = np.asarray(costs, dtype=np.float64)
     if len(costs) != num_parts * part_size:
         raise ValueError(f"partition: {len(costs)} items != {num_parts} parts x {part_size}")
+    if num_parts == 1 and method in ("none", "kk"):  # what both give one part, at no cost
+        return [list(range(len(costs)))]
     if method in ("none", "random"):
         order = np.arange(len(costs))
         if method == "random":
