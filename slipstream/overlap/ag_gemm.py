@@ -9,6 +9,8 @@ all-gather, then one matmul). Shapes: m rows per rank, K inner, N output columns
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
@@ -33,14 +35,15 @@ def all_gather_matmul(
         return x_shard @ w, (x_shard if return_gathered else None)
     if group.impl == "reference":
         with group.exposed():
-            gathered = _all_gather(x_shard, group)
+            gathered = all_gather(x_shard, group)
         return gathered @ w, (gathered if return_gathered else None)
     if group.impl == "collective":
         return _collective(x_shard, w, group, return_gathered)
     return _symmetric(x_shard.contiguous(), w, group, return_gathered)
 
 
-def _all_gather(x: torch.Tensor, group: OverlapGroup, async_op: bool = False):
+def all_gather(x: torch.Tensor, group: OverlapGroup, async_op: bool = False):
+    """Rows of every rank, rank-major, by one collective (and its work handle if async)."""
     out = x.new_empty((group.world_size * x.shape[0], *x.shape[1:]))
     work = _GATHER(out, x.contiguous(), group=group.group, async_op=async_op)
     return (out, work) if async_op else out
@@ -51,7 +54,7 @@ def _collective(x_shard, w, group: OverlapGroup, return_gathered: bool):
     chunk c runs while chunks c+1... are in flight."""
     world, m = group.world_size, x_shard.shape[0]
     pieces = [p for p in torch.tensor_split(x_shard, min(group.chunks, max(m, 1))) if len(p)]
-    pending = [_all_gather(p, group, async_op=True) for p in pieces]
+    pending = [all_gather(p, group, async_op=True) for p in pieces]
     y = x_shard.new_empty((world, m, w.shape[1]))
     gathered = x_shard.new_empty((world, m, x_shard.shape[1])) if return_gathered else None
     row = 0
@@ -105,10 +108,11 @@ def _symmetric(x_shard, w, group: OverlapGroup, return_gathered: bool):
             gathered = gathered.view(world * m, -1)
         ws.acknowledge(rank, world)  # done reading every slot: producers may overwrite
     except BaseException:
-        ws.abort()
+        ws.abort()  # the producer stops too; its own error must not hide this one
+        with contextlib.suppress(BaseException):
+            sending.result()
         raise
-    finally:
-        sending.result()
+    sending.result()
     return y, gathered
 
 

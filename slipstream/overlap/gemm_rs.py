@@ -10,6 +10,8 @@ hands them to its producer thread (which puts them while the next tile computes)
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
@@ -104,9 +106,11 @@ def _symmetric(x, w, group: OverlapGroup) -> torch.Tensor:
                 out[rows] += buf[src, rows]
         ws.acknowledge(rank, world)  # every slot summed: producers may overwrite
     except BaseException:
-        ws.abort()
-        raise
-    finally:
+        ws.abort()  # the producer stops too; its own error must not hide this one
         for s in sends:
-            s.result()
+            with contextlib.suppress(BaseException):
+                s.result()
+        raise
+    for s in sends:
+        s.result()
     return out

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from slipstream.overlap.ag_gemm import _GATHER, all_gather_matmul
+from slipstream.overlap.ag_gemm import all_gather, all_gather_matmul
 from slipstream.overlap.gemm_rs import matmul_reduce_scatter
 from slipstream.overlap.group import OverlapGroup
 
@@ -118,12 +118,6 @@ class RowParallelLinear(nn.Module):
 
 
 # -- moving between full rows and row shards ----------------------------------------------------
-def _gather(x: torch.Tensor, group: OverlapGroup) -> torch.Tensor:
-    out = x.new_empty((group.world_size * x.shape[0], *x.shape[1:]))
-    _GATHER(out, x.contiguous(), group=group.group)
-    return out
-
-
 class _ScatterRows(torch.autograd.Function):
     """Full rows (the same on every rank) -> this rank's rows. Backward: every rank's row
     gradients gathered, so the full-row input gets its whole gradient on every rank."""
@@ -135,7 +129,7 @@ class _ScatterRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _gather(grad, ctx.group), None
+        return all_gather(grad, ctx.group), None
 
 
 class _GatherRows(torch.autograd.Function):
@@ -146,7 +140,7 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group: OverlapGroup):
         ctx.group = group
-        return _gather(x, group)
+        return all_gather(x, group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -188,18 +182,16 @@ class TensorParallelPlan:
         """The global gradient norm (split parameters' squares summed over the group, the
         rest counted once), then clipping by it, as on one process."""
         sharded_ids = {id(p) for p in self.sharded}
-        sq = torch.zeros(2, dtype=torch.float64)
-        grads = []
-        for p in params:
-            if p.grad is None:
-                continue
-            grads.append(p.grad)
-            sq[0 if id(p) in sharded_ids else 1] += p.grad.double().pow(2).sum().cpu()
+        with_grad = [p for p in params if p.grad is not None]
+        if not with_grad:
+            return 0.0
+        sq = torch.zeros(2, dtype=torch.float64, device=with_grad[0].grad.device)
+        for p in with_grad:  # [0]: split parameters, [1]: the rest; no host sync per tensor
+            sq[0 if id(p) in sharded_ids else 1] += p.grad.double().pow(2).sum()
         split = sq[:1].clone()
         dist.all_reduce(split, group=self.group.group)
-        norm = float((split[0] + sq[1]).sqrt())
+        norm = float((split[0] + sq[1]).sqrt())  # the step's one host sync
         coef = max_norm / (norm + 1e-6)
         if coef < 1.0:
-            for g in grads:
-                g.mul_(coef)
+            torch._foreach_mul_([p.grad for p in with_grad], coef)
         return norm
