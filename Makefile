@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev,bench,hf,overlap,ray]'
 	$(PY) -c "from slipstream.offload import kernel; print('host AdamW kernel:', kernel.build(verbose=True))"
+	$(PY) -c "from slipstream.data import plankernels; print('planner kernels:', plankernels.build(verbose=True))"
 	touch $(STAMP)
 
 $(DEMO_DIR)/manifest.json: | $(STAMP)

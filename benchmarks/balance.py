@@ -74,7 +74,7 @@ def run(spec: MixtureSpec, lengths: list[np.ndarray], steps: int, ranks: int) ->
         plan = planner.plan_step()
         for m in METHODS:
             parts = assign_rows(plan.row_costs, ranks, 1, spec.rows_per_rank, m, seed=step)
-            result[m].append(imbalance(plan.row_costs, [sum(p, []) for p in parts]))
+            result[m].append(imbalance(plan.row_costs, parts.reshape(ranks, -1)))
     return {m: statistics.mean(v) for m, v in result.items()}
 
 

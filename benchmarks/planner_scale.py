@@ -6,7 +6,9 @@ the documents' token counts), so this cost is paid on every rank, every step, in
 background thread. Token counts are synthetic (lognormal, median ~600 tokens, 20k documents
 per source); each rank holds 4 rows of 4,096 tokens. Median of --steps steps after one
 warm-up step; memory is the peak of Python allocations while planning one more step
-(tracemalloc, untimed), beside the token-count arrays themselves.
+(tracemalloc, untimed), beside the token-count arrays themselves. The planner's two loops
+run in C (`slipstream/data/kernels/plan.c`); the last line times their Python twins (what a
+machine without a C compiler runs, the same plans) at the largest size.
 
     python -m benchmarks.planner_scale [--sources 8,64,306] [--ranks 8,512,4096] [--steps 5]
         [--method kk] [--json out.json]
@@ -47,7 +49,7 @@ def make_spec(num_sources: int, method: str):
     return MixtureSpec.from_dict(raw)
 
 
-def measure(num_sources: int, ranks: int, steps: int, method: str) -> dict:
+def measure(num_sources: int, ranks: int, steps: int, method: str, native=None) -> dict:
     from slipstream.data import Planner
 
     spec = make_spec(num_sources, method)
@@ -56,7 +58,7 @@ def measure(num_sources: int, ranks: int, steps: int, method: str) -> dict:
         np.maximum(1, rng.lognormal(np.log(600), 1.0, 20_000)).astype(np.int32)
         for _ in range(num_sources)
     ]
-    planner = Planner(spec, lengths, dp_world_size=ranks)
+    planner = Planner(spec, lengths, dp_world_size=ranks, native=native)
     planner.plan_step()
     times = []
     for _ in range(steps):
@@ -109,9 +111,17 @@ def main() -> None:
         f"{last['median_ms']:.0f} ms per step = {last['median_ms'] / (STEP_S * 10):.1f}% of a "
         "1-second step (target < 10%)"
     )
+    twin = measure(last["sources"], last["ranks"], 2, args.method, native=False)
+    print(
+        f"the same with the Python twins of the C loops (no compiler): "
+        f"{twin['median_ms']:.0f} ms ({twin['median_ms'] / last['median_ms']:.1f}x)"
+    )
     if args.json:
         args.json.write_text(
-            json.dumps({**provenance(), "method": args.method, "runs": rows}, indent=2)
+            json.dumps(
+                {**provenance(), "method": args.method, "runs": rows, "python_twins": twin},
+                indent=2,
+            )
         )
 
 

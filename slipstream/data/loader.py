@@ -56,8 +56,13 @@ class StepBatch:
     step: int
     micro_batches: list[dict[str, torch.Tensor]]
     stats: StepStats
-    stream: list[tuple[int, int]]  # (source, doc) in stream order: the whole step, all ranks
+    plan: StepPlan = field(repr=False)  # the whole step, all ranks
     state_after: dict = field(repr=False, default_factory=dict)
+
+    @property
+    def stream(self) -> list[tuple[int, int]]:
+        """(source, doc) in stream order: the whole step, all ranks (built on first use)."""
+        return self.plan.stream
 
 
 class MixtureLoader:
@@ -187,10 +192,12 @@ class MixtureLoader:
         asked for already (a document cut at a step boundary is needed by the next step too:
         it is loaded once), per source in up to `num_workers` tasks. Returns the documents."""
         if self.load_all_rows:
-            rows = plan.rows
+            src, doc = plan.piece_source, plan.piece_doc
         else:
-            rows = [plan.rows[i] for mb in plan.assignment[self.dp_rank] for i in mb]
-        keys = sorted({(p.source, p.doc) for row in rows for p in row})
+            mine = plan.pieces_of(plan.rank_rows(self.dp_rank))
+            src, doc = plan.piece_source[mine], plan.piece_doc[mine]
+        both = np.unique((src << 40) | doc)  # sorted by (source, doc)
+        keys = list(zip((both >> 40).tolist(), (both & ((1 << 40) - 1)).tolist()))
         new: dict[int, list[int]] = defaultdict(list)
         for key in keys:
             entry = self._inflight.get(key)
@@ -231,13 +238,13 @@ class MixtureLoader:
         spec = self.spec
         pad = self.tokenizer.eos_id
         micro = [
-            build_micro_batch([plan.rows[i] for i in rows], tokens, spec.seq_len, pad, self.labels)
-            for rows in plan.assignment[self.dp_rank]
+            build_micro_batch([plan.row(i) for i in rows], tokens, spec.seq_len, pad, self.labels)
+            for rows in plan.assignment[self.dp_rank].tolist()
         ]
         stats = step_stats(spec, plan, self.dp_world_size)
         if hasattr(self.backend, "replicas"):
             stats.replicas = self.backend.replicas()
-        return StepBatch(plan.step, micro, stats, plan.stream)
+        return StepBatch(plan.step, micro, stats, plan)
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -269,11 +276,9 @@ class MixtureLoader:
 
 def step_stats(spec: MixtureSpec, plan: StepPlan, dp_world_size: int) -> StepStats:
     n = len(spec.sources)
-    tokens = np.zeros(n, dtype=np.int64)
-    for row in plan.rows:
-        for p in row:
-            tokens[p.source] += p.length
-    rank_rows = [sum(m, []) for m in plan.assignment]
+    tokens = np.bincount(plan.piece_source, weights=plan.piece_length, minlength=n)
+    tokens = tokens.astype(np.int64)
+    rank_rows = plan.assignment.reshape(dp_world_size, -1)
     unbalanced = partition(plan.row_costs, dp_world_size, spec.rows_per_rank, "none")
     # What a user gets without balancing: rows dealt to ranks in an order unrelated to cost.
     random = partition(plan.row_costs, dp_world_size, spec.rows_per_rank, "random", plan.step)
@@ -282,9 +287,9 @@ def step_stats(spec: MixtureSpec, plan: StepPlan, dp_world_size: int) -> StepSta
         docs_by_source=plan.docs_drawn,
         tokens_by_source=tokens,
         num_tokens=int(tokens.sum()),
-        num_slots=len(plan.rows) * spec.seq_len,
+        num_slots=plan.num_rows * spec.seq_len,
         imbalance=imbalance(plan.row_costs, rank_rows),
         imbalance_unbalanced=imbalance(plan.row_costs, unbalanced),
         imbalance_random=imbalance(plan.row_costs, random),
-        max_rank_cost=max(float(plan.row_costs[r].sum()) for r in rank_rows),
+        max_rank_cost=float(plan.row_costs[rank_rows].sum(axis=1).max()),
     )

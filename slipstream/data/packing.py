@@ -1,11 +1,15 @@
 """Packing: a step's document pieces into rows of `seq_len` tokens, best fit, with no token
 dropped. A document longer than a row, or one that fits no row's free space near the end of a
-step, is cut; the planner carries a document cut at the step boundary into the next step."""
+step, is cut; the planner carries a document cut at the step boundary into the next step. The
+loop itself is in `plankernels` (C, with a Python twin)."""
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass
+
+import numpy as np
+
+from slipstream.data import plankernels
 
 DocKey = tuple[int, int]  # (source index, document index within the source)
 
@@ -20,29 +24,40 @@ class Piece:
     length: int
 
 
+def pack_pieces(
+    source: np.ndarray,
+    doc: np.ndarray,
+    start: np.ndarray,
+    length: np.ndarray,
+    num_rows: int,
+    seq_len: int,
+    native: bool | None = None,
+) -> tuple[np.ndarray, ...]:
+    """Best-fit decreasing of pieces (int64 arrays) into `num_rows` rows of `seq_len`: pieces
+    longer than a row are cut into row-sized chunks; a chunk that fits no row's free space is
+    split across rows (this only happens near the end, as the step's token count equals the
+    rows' capacity). Returns (row, source, doc, start, length) of the parts, sorted by row and
+    in the order each row was filled."""
+    n = -(-length // seq_len)  # row-sized chunks per piece (none for an empty one)
+    piece = np.repeat(np.arange(len(length)), n)
+    chunk_off = (np.arange(len(piece)) - np.repeat(np.cumsum(n) - n, n)) * seq_len
+    chunk_len = np.minimum(seq_len, length[piece] - chunk_off)
+    order = np.argsort(-chunk_len, kind="stable")  # longest first; ties in stream order
+    chunk, off, part_len, row = plankernels.pack_best_fit(
+        chunk_len[order], num_rows, seq_len, native=native
+    )
+    by_row = np.argsort(row, kind="stable")
+    c = order[chunk[by_row]]
+    p = piece[c]
+    return row[by_row], source[p], doc[p], start[p] + chunk_off[c] + off[by_row], part_len[by_row]
+
+
 def pack_best_fit(pieces: list[Piece], num_rows: int, seq_len: int) -> list[list[Piece]]:
-    """Best-fit decreasing into `num_rows` rows of `seq_len`: pieces longer than a row are cut
-    into row-sized chunks; a piece that fits no row's free space is split across rows (this
-    only happens near the end, as the step's token count equals the rows' capacity)."""
-    chunks = [
-        Piece(p.source, p.doc, p.start + o, min(seq_len, p.length - o))
-        for p in pieces
-        for o in range(0, p.length, seq_len)
-    ]
-    chunks.sort(key=lambda p: -p.length)
-    free = [(seq_len, r) for r in range(num_rows)]  # sorted (free tokens, row); full rows leave
+    """`pack_pieces` on a list of `Piece`: the rows, each a list of pieces."""
+    arrays = [np.array([getattr(p, f) for p in pieces], dtype=np.int64)
+              for f in ("source", "doc", "start", "length")]  # fmt: skip
+    row, *parts = pack_pieces(*arrays, num_rows, seq_len)
     rows: list[list[Piece]] = [[] for _ in range(num_rows)]
-    for p in chunks:
-        while p.length > 0:
-            if not free:
-                raise AssertionError("pack_best_fit: more tokens than rows can hold")
-            i = bisect.bisect_left(free, (p.length, -1))  # the tightest row it fits in
-            if i == len(free):  # fits nowhere whole: fill the emptiest row, carry on
-                i = len(free) - 1
-            room, r = free.pop(i)
-            take = min(room, p.length)
-            rows[r].append(Piece(p.source, p.doc, p.start, take))
-            if room > take:
-                bisect.insort(free, (room - take, r))
-            p = Piece(p.source, p.doc, p.start + take, p.length - take)
+    for r, *fields in zip(row.tolist(), *(x.tolist() for x in parts)):
+        rows[r].append(Piece(*fields))
     return rows

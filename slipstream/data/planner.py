@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from slipstream.configfile import VERSION_KEY, check_version
-from slipstream.data.balance import assign_rows, colocate_whole_rows, row_cost
-from slipstream.data.packing import DocKey, Piece, pack_best_fit
+from slipstream.data.balance import assign_rows, colocate_whole_rows
+from slipstream.data.packing import DocKey, Piece, pack_pieces
+from slipstream.data.plankernels import Lookahead, draw_docs
 from slipstream.data.spec import DEFAULT_ATTENTION_COST, MixtureSpec
 
 STATE_VERSION = 1
@@ -39,15 +39,68 @@ CURSOR, EPOCH, CREDIT = "cursor", "epoch", "credit"
 SPLITS = ("train", "eval")
 
 
-@dataclass(slots=True)
 class StepPlan:
-    step: int
-    rows: list[list[Piece]]
-    row_costs: np.ndarray
-    assignment: list[list[list[int]]]  # [dp_rank][micro_batch] -> row indices
-    docs_drawn: np.ndarray  # new documents started per source in this step
-    stream: list[DocKey]  # documents this step takes, in stream order (carried one first)
-    state_before: dict  # the planner state that reproduces this step
+    """One step of the whole job, as arrays.
+
+    Pieces (tokens [start, start + length) of document `doc` of source `source`) are grouped
+    by row: row i holds pieces `row_offsets[i]:row_offsets[i + 1]`. `assignment[r, m]` are the
+    rows of micro-batch m of data-parallel rank r (sorted). `rows` and `stream` give the same as
+    lists of `Piece` and of (source, doc), built on first use."""
+
+    __slots__ = ("step", "piece_source", "piece_doc", "piece_start", "piece_length",
+                 "row_offsets", "row_costs", "assignment", "docs_drawn", "stream_source",
+                 "stream_doc", "state_before", "_rows", "_stream")  # fmt: skip
+
+    def __init__(self, step, piece_source, piece_doc, piece_start, piece_length, row_offsets,
+                 row_costs, assignment, docs_drawn, stream_source, stream_doc, state_before):  # fmt: skip
+        self.step = step
+        self.piece_source, self.piece_doc = piece_source, piece_doc
+        self.piece_start, self.piece_length = piece_start, piece_length
+        self.row_offsets = row_offsets
+        self.row_costs: np.ndarray = row_costs
+        self.assignment: np.ndarray = assignment  # [dp_rank, micro_batch, row in it]
+        self.docs_drawn: np.ndarray = docs_drawn  # new documents started per source
+        self.stream_source, self.stream_doc = stream_source, stream_doc  # carried one first
+        self.state_before: dict = state_before  # the planner state that reproduces this step
+        self._rows: list[list[Piece]] | None = None
+        self._stream: list[DocKey] | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.row_offsets) - 1
+
+    def row(self, i: int) -> list[Piece]:
+        a, b = int(self.row_offsets[i]), int(self.row_offsets[i + 1])
+        return [
+            Piece(*t)
+            for t in zip(
+                self.piece_source[a:b].tolist(), self.piece_doc[a:b].tolist(),
+                self.piece_start[a:b].tolist(), self.piece_length[a:b].tolist(),
+            )  # fmt: skip
+        ]
+
+    @property
+    def rows(self) -> list[list[Piece]]:
+        if self._rows is None:
+            self._rows = [self.row(i) for i in range(self.num_rows)]
+        return self._rows
+
+    @property
+    def stream(self) -> list[DocKey]:
+        """The documents this step takes, in stream order (the carried one first)."""
+        if self._stream is None:
+            self._stream = list(zip(self.stream_source.tolist(), self.stream_doc.tolist()))
+        return self._stream
+
+    def rank_rows(self, dp_rank: int) -> np.ndarray:
+        """The rows of `dp_rank`, micro-batch by micro-batch."""
+        return self.assignment[dp_rank].reshape(-1)
+
+    def pieces_of(self, rows: np.ndarray) -> np.ndarray:
+        """Indices of the pieces in `rows`."""
+        a, b = self.row_offsets[rows], self.row_offsets[np.asarray(rows) + 1]
+        n = b - a
+        return np.repeat(a - np.cumsum(n) + n, n) + np.arange(n.sum())
 
 
 class _Cursor:
@@ -56,23 +109,17 @@ class _Cursor:
     __slots__ = ("credits", "cursors", "epochs", "num_drawn")
 
     def __init__(self, n: int) -> None:
-        self.credits = np.zeros(n)  # float64, as Python floats: the same sums bit for bit
+        self.credits = np.zeros(n)  # float64: the same sums bit for bit on every machine
         self.cursors = [0] * n
         self.epochs = [0] * n
         self.num_drawn = 0
 
 
-def advance(epoch: int, cursor: int, num_docs: int) -> tuple[int, int]:
-    """The position after (epoch, cursor) in a source of `num_docs`: the next epoch starts
-    when the cursor reaches the end."""
-    cursor += 1
-    return (epoch + 1, 0) if cursor == num_docs else (epoch, cursor)
-
-
 class Planner:
     """Plans the whole step for `dp_world_size` ranks from documents of one `split`
     (`train`, or the held-out `eval` documents). `lengths[s][d]` is the token count of
-    document d of source s (all splits)."""
+    document d of source s (all splits). native: None uses the C kernels when they build,
+    False the Python twins (the same plans)."""
 
     def __init__(
         self,
@@ -82,6 +129,7 @@ class Planner:
         dp_world_size: int = 1,
         split: str = "train",
         attention_cost: float | None = None,
+        native: bool | None = None,
     ) -> None:
         if dp_world_size < 1:
             raise ValueError(f"dp_world_size: {dp_world_size} must be >= 1")
@@ -89,6 +137,7 @@ class Planner:
             raise ValueError(f"split: {split!r}; use 'train', or 'eval' with holdout_fraction > 0")
         self.spec = spec
         self.dp_world_size = dp_world_size
+        self.native = native
         # The spec's value wins; then the caller's (the model's); then GPT-2 small's.
         self.attention_cost = next(
             c
@@ -101,60 +150,89 @@ class Planner:
             split_ids(len(x), name, spec, split) for x, name in zip(self.lengths, self.names)
         ]
         self.num_docs = [len(ids) for ids in self._ids]  # documents in this split
+        self._mean_len = np.array(  # to size the lookahead of draws
+            [max(1.0, float(x[ids].mean())) if len(ids) else 1.0
+             for x, ids in zip(self.lengths, self._ids)]  # fmt: skip
+        )
         self.by_tokens = spec.mix_by == "tokens"
         self.step = 0
         self.carry: Piece | None = None
         self._pos = _Cursor(len(self.names))
         self._perms: dict[tuple[int, int], np.ndarray] = {}  # (source, epoch) -> doc ids
-        self._step_draws: list[DocKey] = []
-        self._closed = np.zeros(len(self.names))
 
     # -- the stream -------------------------------------------------------------------------
-    def _doc_at(self, s: int, epoch: int, cursor: int) -> int:
+    def _perm(self, s: int, epoch: int) -> np.ndarray:
+        """Source s's documents in epoch `epoch`'s order: a seeded permutation."""
         perm = self._perms.get((s, epoch))
         if perm is None:
             key = [self.spec.seed, zlib.crc32(self.names[s].encode()), epoch]
             perm = self._ids[s][np.random.default_rng(key).permutation(self.num_docs[s])]
             self._perms[(s, epoch)] = perm
-            self._perms.pop((s, epoch - 1), None)  # draws only move forward
-        return int(perm[cursor])
+            for old in [k for k in self._perms if k[0] == s and k[1] < self._pos.epochs[s]]:
+                del self._perms[old]  # draws only move forward
+        return perm
 
-    def _draw(self, pos: _Cursor, weights: np.ndarray) -> DocKey:
-        if not self.by_tokens:  # credit first: the unit (one document) is known in advance
-            self._credit(pos, weights, None, 1.0)
-        # The source with the most credit among those with weight (the first, on a tie).
-        s = int(np.argmax(pos.credits + self._closed))
-        if not self.by_tokens:
-            pos.credits[s] -= 1.0
-        doc = self._doc_at(s, pos.epochs[s], pos.cursors[s])
-        pos.epochs[s], pos.cursors[s] = advance(pos.epochs[s], pos.cursors[s], self.num_docs[s])
-        pos.num_drawn += 1
-        return s, doc
+    def _upcoming(self, s: int, count: int) -> np.ndarray:
+        """The next `count` documents of source s, across epochs."""
+        epoch, cursor = self._pos.epochs[s], self._pos.cursors[s]
+        if count > 0 and self.num_docs[s] == 0:
+            raise ValueError(f"source {self.names[s]!r} has no documents to draw from")
+        out = []
+        while count > 0:
+            part = self._perm(s, epoch)[cursor : cursor + count]
+            out.append(part)
+            count -= len(part)
+            epoch, cursor = epoch + 1, 0
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
-    @staticmethod
-    def _credit(pos: _Cursor, weights: np.ndarray, source: int | None, amount: float) -> None:
-        """Every source earns its weight's share of `amount`; the drawn one spends it all."""
-        pos.credits += weights * amount if amount != 1.0 else weights
-        if source is not None:
-            pos.credits[source] -= amount
+    def _lookahead(self, expected: np.ndarray, open_: np.ndarray) -> Lookahead:
+        """Each open source's next documents, enough for `expected` draws with margin."""
+        counts = np.where(open_, np.ceil(1.25 * expected + 4 * np.sqrt(expected)) + 8, 0)
+        docs = [self._upcoming(s, int(c)) for s, c in enumerate(counts)]
+        doc = np.concatenate(docs).astype(np.int64, copy=False)
+        length = np.concatenate(
+            [x[d] for x, d in zip(self.lengths, docs)] or [np.zeros(0)]
+        ).astype(np.int64, copy=False)
+        off = np.zeros(len(docs) + 1, dtype=np.int64)
+        np.cumsum([len(d) for d in docs], out=off[1:])
+        return Lookahead(length, doc, off, np.zeros(len(docs), dtype=np.int64))
 
-    def _next_doc(self, weights: np.ndarray) -> DocKey:
-        s, d = self._draw(self._pos, weights)
-        if self.by_tokens:  # credit in tokens, once the drawn document's length is known
-            self._credit(self._pos, weights, s, float(self.lengths[s][d]))
-        self._step_draws.append((s, d))
-        return s, d
+    def _commit(self, ahead: Lookahead) -> None:
+        """Move each source's cursor past the documents of `ahead` that were drawn."""
+        pos = self._pos
+        for s in np.flatnonzero(ahead.pos).tolist():
+            epoch, cursor = divmod(pos.cursors[s] + int(ahead.pos[s]), self.num_docs[s])
+            pos.epochs[s] += epoch
+            pos.cursors[s] = cursor
+        pos.num_drawn += int(ahead.pos.sum())
 
-    def _take(self, weights: np.ndarray, max_len: int) -> Piece:
-        """The next piece of at most `max_len` tokens: the carried remainder first."""
-        if self.carry is not None:
-            s, d, start = self.carry.source, self.carry.doc, self.carry.start
+    def _draw(self, weights: np.ndarray, budget: int, used: int) -> tuple[np.ndarray, ...]:
+        """Draw new documents until `budget` units are used: (sources, docs, lengths)."""
+        spec, open_ = self.spec, weights > 0
+        share = np.where(open_, weights, 0.0) / weights[open_].sum()
+        # Expected draws per source: tokens split by weight (or documents by weight).
+        tokens = max(0, budget - used) * (1 if spec.packing else spec.seq_len)
+        if self.by_tokens:
+            expected = tokens * share / self._mean_len
         else:
-            (s, d), start = self._next_doc(weights), 0
-        total = int(self.lengths[s][d])
-        length = min(total - start, max_len)
-        self.carry = Piece(s, d, start + length, 0) if start + length < total else None
-        return Piece(s, d, start, length)
+            expected = share * tokens / float((share * self._mean_len).sum())
+        src, doc, length = [], [], []
+        while True:
+            ahead = self._lookahead(expected, open_)
+            flat, used, short = draw_docs(
+                self._pos.credits, weights, open_, ahead,
+                by_tokens=self.by_tokens, packing=spec.packing, seq_len=spec.seq_len,
+                budget=budget, used=used, native=self.native,
+            )  # fmt: skip
+            src.append(np.searchsorted(ahead.off, flat, side="right") - 1)
+            doc.append(ahead.doc[flat])
+            length.append(ahead.length[flat])
+            self._commit(ahead)
+            if short is None or used >= budget:
+                break
+            expected = expected.copy()  # a source ran out of lookahead: ask for more
+            expected[short] = 2 * expected[short] + 64
+        return tuple(np.concatenate(x).astype(np.int64, copy=False) for x in (src, doc, length))
 
     @property
     def rows_per_step(self) -> int:
@@ -165,26 +243,52 @@ class Planner:
         spec = self.spec
         state = self.state_dict()
         weights = np.array(spec.weights_at(self.step), dtype=np.float64)
-        self._closed = np.where(weights > 0, 0.0, -np.inf)  # weight 0: never drawn
-        drawn_before = np.array(self._pos.cursors) + np.array(self._pos.epochs) * self.num_docs
         num_rows, seq_len = self.rows_per_step, spec.seq_len
-        stream = [] if self.carry is None else [(self.carry.source, self.carry.doc)]
-        self._step_draws = stream
-        if spec.packing:
-            pieces, budget = [], num_rows * seq_len
-            while budget > 0:
-                pieces.append(self._take(weights, budget))
-                budget -= pieces[-1].length
-            rows = pack_best_fit(pieces, num_rows, seq_len)
-        else:
-            rows = [[self._take(weights, seq_len)] for _ in range(num_rows)]
-        drawn_after = np.array(self._pos.cursors) + np.array(self._pos.epochs) * self.num_docs
-        costs = np.array(
-            [
-                row_cost([p.length for p in r], spec.balance.linear_cost, self.attention_cost)
-                for r in rows
-            ]
+        # A unit is a token when packing (rows are filled to the token), else a row.
+        budget = num_rows * seq_len if spec.packing else num_rows
+
+        def units(n: np.ndarray) -> np.ndarray:
+            return n if spec.packing else np.maximum(1, -(-n // seq_len))
+
+        carry, used = self.carry, 0
+        if carry is not None:  # the remainder of a document cut at the last step's end
+            used = int(units(np.int64(int(self.lengths[carry.source][carry.doc]) - carry.start)))
+        src, doc, total = self._draw(weights, budget, used)
+        starts = np.zeros(len(src), dtype=np.int64)
+        if carry is not None:
+            src, doc = np.r_[carry.source, src], np.r_[carry.doc, doc]
+            total = np.r_[int(self.lengths[carry.source][carry.doc]), total]
+            starts = np.r_[carry.start, starts]
+        # Cut the last document at the budget; the rest is carried into the next step.
+        need = units(total - starts)
+        over = int(need.sum()) - budget
+        take = total - starts
+        if over > 0:
+            take[-1] = (need[-1] - over) * (1 if spec.packing else seq_len)
+        cut = starts[-1] + take[-1] if len(src) else 0
+        self.carry = (
+            Piece(int(src[-1]), int(doc[-1]), int(cut), 0)
+            if len(src) and cut < total[-1]
+            else None
         )
+        if spec.packing:
+            row_of, p_src, p_doc, p_start, p_len = pack_pieces(
+                src, doc, starts, take, num_rows, seq_len, native=self.native
+            )
+        else:  # one piece per row, a long document over several rows
+            n = np.maximum(1, -(-take // seq_len))
+            idx = np.repeat(np.arange(len(src)), n)
+            k = np.arange(len(idx)) - np.repeat(np.cumsum(n) - n, n)
+            p_src, p_doc = src[idx], doc[idx]
+            p_start = starts[idx] + k * seq_len
+            p_len = np.minimum(seq_len, starts[idx] + take[idx] - p_start)
+            row_of = np.arange(len(idx))
+        row_offsets = np.zeros(num_rows + 1, dtype=np.int64)
+        np.cumsum(np.bincount(row_of, minlength=num_rows), out=row_offsets[1:])
+        lens = p_len.astype(np.float64)
+        costs = spec.balance.linear_cost * np.bincount(
+            row_of, weights=lens, minlength=num_rows
+        ) + self.attention_cost * np.bincount(row_of, weights=lens * lens, minlength=num_rows)
         assignment = assign_rows(
             costs,
             self.dp_world_size,
@@ -195,12 +299,17 @@ class Planner:
         )
         # Fewer ranks load each long document; no cost moves. Done at one rank too (between
         # micro-batches), so N ranks x 1 micro-batch group rows as 1 rank x N micro-batches.
-        whole = [(r[0].source, r[0].doc) if len(r) == 1 and r[0].length == seq_len else None
-                 for r in rows]  # fmt: skip
-        assignment = colocate_whole_rows(assignment, whole)
+        single = np.flatnonzero(np.diff(row_offsets) == 1)
+        first = row_offsets[single]
+        whole = p_len[first] == seq_len
+        row_doc = np.full(num_rows, -1, dtype=np.int64)  # the document filling the row, keyed
+        row_doc[single[whole]] = (p_src[first[whole]] << 40) | p_doc[first[whole]]
+        assignment = colocate_whole_rows(assignment, row_doc)
+        fresh = src[1:] if carry is not None else src
         plan = StepPlan(
-            self.step, rows, costs, assignment, drawn_after - drawn_before, stream, state
-        )
+            self.step, p_src, p_doc, p_start, p_len, row_offsets, costs, assignment,
+            np.bincount(fresh, minlength=len(self.names)), src, doc, state,
+        )  # fmt: skip
         self.step += 1
         return plan
 

@@ -125,15 +125,15 @@ class FlagTable:
         return time.monotonic() - t0
 
     def _check_peers(self, flag: int, value: int) -> None:
+        aborted = [r for r in range(self.world_size) if self.local[ABORT][r]]
         for r, pid in enumerate(self.peer_pids):
-            if r != self.rank and not process_alive(pid):
+            # A dead peer that aborted first only echoes another's failure: name the root.
+            if r != self.rank and r not in aborted and not process_alive(pid):
                 self.abort()
                 raise PeerFailed(
                     f"rank {self.rank}: rank {r} (pid {pid}) exited while this rank waited for "
                     f"{self._flag_name(flag)} >= {value}"
                 )
-        # after liveness: a dead peer is the root cause, an abort may be its echo
-        aborted = [r for r in range(self.world_size) if self.local[ABORT][r]]
         if aborted:
             raise PeerFailed(
                 f"rank {self.rank}: rank(s) {aborted} failed while this rank waited for "
