@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.harness import provenance
-from slipstream.data import InlineBackend, MixtureSpec, Planner, build_source_loaders
+from slipstream.data import MixtureSpec, Planner, build_source_loaders
 from slipstream.data.balance import assign_rows, imbalance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,21 +38,6 @@ DEMO_SPEC = ROOT / "recipes" / "data" / "demo.toml"
 TOKENIZER = ROOT / "data" / "demo" / "tokenizer.json"
 METHODS = ("none", "random", "greedy", "kk")
 STEP_TIME_METHODS = ("none", "random", "kk")
-
-
-class LengthSource:
-    """A source known only by its documents' token counts (all the planner needs), served
-    through the inline backend: documents of zeros of the recorded lengths."""
-
-    def __init__(self, lens: np.ndarray, tokenizer) -> None:
-        self.lens, self.tokenizer = lens, tokenizer
-        self.num_docs, self.num_bad = len(lens), 0
-
-    def get_many(self, ids: list[int]) -> list[np.ndarray]:
-        return [np.zeros(int(self.lens[d]), dtype=np.int32) for d in ids]
-
-    def close(self) -> None:
-        pass
 
 
 def doc_lengths(spec: MixtureSpec) -> list[np.ndarray]:
@@ -67,8 +52,7 @@ def doc_lengths(spec: MixtureSpec) -> list[np.ndarray]:
 
 
 def run(spec: MixtureSpec, lengths: list[np.ndarray], steps: int, ranks: int) -> dict[str, float]:
-    backend = InlineBackend([LengthSource(x, None) for x in lengths])
-    planner = Planner(spec, backend.lengths(), dp_world_size=ranks)
+    planner = Planner(spec, lengths, dp_world_size=ranks)  # it needs token counts only
     result = {m: [] for m in METHODS}
     for step in range(steps):
         plan = planner.plan_step()
