@@ -11,9 +11,12 @@
   deepspeed+bf16    the same, then the fp32 -> bf16 copy as its own pass (as DeepSpeed does)
 
 at 1 and 2 threads, each in a fresh process (its own memory), median of several steps after
-two warm-up steps.
+two warm-up steps. With --rounds R every side runs R times, the sides taking turns (A B C, A
+B C, ...), and a side's value is the median of its rounds: a slow spell of the machine then
+falls on every side rather than on one.
 
     python -m benchmarks.host_adam [--sizes 100e6,500e6] [--threads 1,2] [--steps 5]
+        [--rounds 1]
 """
 
 from __future__ import annotations
@@ -109,6 +112,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="100e6,500e6")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.one:
@@ -119,15 +123,26 @@ def main() -> None:
     results: dict = {}
     for n in sizes:
         for t in threads:
-            for side in SIDES:
-                res = run_one(side, n, t, args.steps)
-                results[f"{n}/{t}/{side}"] = res
-                print(
-                    f"{n / 1e6:.0f}M params, {t} threads, {side:>16}: "
-                    f"{res['params_per_s'] / 1e9:.3f} G params/s",
-                    file=sys.stderr,
-                )
-    print(f"\nparameters per second of one AdamW step (median of {args.steps}), G params/s")
+            rounds: dict[str, list[dict]] = {side: [] for side in SIDES}
+            for k in range(args.rounds):
+                for side in SIDES:
+                    res = run_one(side, n, t, args.steps)
+                    rounds[side].append(res)
+                    print(
+                        f"{n / 1e6:.0f}M params, {t} threads, round {k + 1}, {side:>16}: "
+                        f"{res['params_per_s'] / 1e9:.3f} G params/s",
+                        file=sys.stderr,
+                    )
+            for side, runs in rounds.items():
+                results[f"{n}/{t}/{side}"] = {
+                    "params_per_s": statistics.median(r["params_per_s"] for r in runs),
+                    "rounds": runs,
+                }
+    print(
+        f"\nparameters per second of one AdamW step (median of {args.steps} steps"
+        + (f", then of {args.rounds} rounds" if args.rounds > 1 else "")
+        + "), G params/s"
+    )
     print(f"{'params':>8}{'threads':>8}" + "".join(f"{s:>16}" for s in SIDES))
     for n in sizes:
         for t in threads:

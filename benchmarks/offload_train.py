@@ -91,7 +91,13 @@ def measure(side: str, layers: int, width: int, steps: int) -> dict:
     )
     # On a CPU gradients leave one parameter at a time: the largest is what is in flight.
     largest = max(p.numel() for p in model.parameters()) * (4 if side == "plain" else 2)
-    hw = Hardware(device_bytes=1e12, host_bytes=1e12, device_flops=1e12, bucket_bytes=largest)
+    hw = Hardware(
+        device_bytes=1e12,
+        host_bytes=1e12,
+        device_flops=1e12,
+        bucket_bytes=largest,
+        separate_device=False,
+    )
     est = estimate(side, w, hw)
     return {
         "num_params": model.num_params(),

@@ -36,7 +36,10 @@ def make_bucket(
         offsets.append(total)
         total += p.numel()
     padded = -(-total // world) * world
-    full = torch.zeros(padded, dtype=torch.float32)
+    # The buffers the new weights leave from are pinned on CUDA: copies from pinned memory run
+    # at the link's speed and do not stage through a bounce buffer.
+    pin = params[0].is_cuda
+    full = torch.zeros(padded, dtype=torch.float32, pin_memory=pin)
     for p, o in zip(params, offsets, strict=True):
         full[o : o + p.numel()].copy_(p.detach().reshape(-1))
     if world > 1:  # every rank starts from rank 0's weights, as DDP would make sure
@@ -52,7 +55,7 @@ def make_bucket(
     # One process writes bf16 weights back from here; with W > 1 the gather is fp32 (gloo
     # has no bf16), so a staging copy would be written and never read.
     bf16 = params[0].dtype == torch.bfloat16 and world == 1
-    working = torch.empty(size, dtype=torch.bfloat16) if bf16 else None
+    working = torch.empty(size, dtype=torch.bfloat16, pin_memory=pin) if bf16 else None
     return Bucket(params, offsets, total, grad, master, working, full)
 
 

@@ -23,8 +23,9 @@ moments.
   gradient of step k + 1 is taken one update behind. Checkpoints finish the step in flight,
   so a resumed run equals an uninterrupted one that checkpointed at the same steps.
 
-On CUDA the copies are plain synchronous copies for now (a copy stream with pinned buffers is
-next). Not for use under DDP: this engine reduces the gradients itself.
+On CUDA the gradients' copies run on a side stream into pinned staging buffers and are added
+on the host by a worker thread, both overlapping the rest of backward (`streams.py`). Not for
+use under DDP: this engine reduces the gradients itself.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from torch import nn
 from slipstream.configfile import VERSION_KEY, check_version
 from slipstream.offload.buckets import Bucket, chunk_params, make_bucket
 from slipstream.offload.host_adam import HostAdamW
+from slipstream.offload.streams import GradMover
 
 STATE_VERSION = 2
 
@@ -64,7 +66,6 @@ class OffloadOptimizer:
         # a step whose gradients overflow is skipped and the scale halved; after
         # `growth_interval` clean steps it doubles.
         self.loss_scale, self.growth_interval, self._clean_steps = 1.0, 2000, 0
-        self.offload_s = 0.0  # seconds spent moving gradients to the host (the profiler reads it)
         self._pending: threading.Thread | None = None
         self._error: BaseException | None = None
         self.world = dist.get_world_size(group) if group is not None else 1
@@ -78,6 +79,8 @@ class OffloadOptimizer:
                 self.buckets.append(bucket)
                 host_groups.append({"params": [bucket.master], "weight_decay": g["weight_decay"]})
         self.host = HostAdamW(host_groups, lr=lr, betas=betas, eps=eps, num_threads=num_threads)
+        device = self.buckets[0].params[0].device if self.buckets else torch.device("cpu")
+        self.mover = GradMover(self.buckets, device)
         self.fp16 = any(b.params[0].dtype == torch.float16 for b in self.buckets)
         if self.fp16:
             self.loss_scale = 2.0**16
@@ -89,21 +92,29 @@ class OffloadOptimizer:
 
     def _hook(self, bucket: Bucket, i: int):
         def move_to_host(p: nn.Parameter) -> None:
-            # Runs inside backward as soon as p's gradient is complete: add it to the host
-            # buffer (fp32) and free the model's copy.
-            t0 = time.perf_counter()
-            bucket.view(bucket.grad, i).add_(p.grad.detach().to("cpu", torch.float32))
-            p.grad = None
-            self.offload_s += time.perf_counter() - t0
+            # Runs inside backward as soon as p's gradient is complete: on its way to the
+            # bucket's fp32 host buffer; the model's copy is freed.
+            self.mover.move(bucket, i, p)
 
         return move_to_host
+
+    @property
+    def offload_s(self) -> float:
+        """Host seconds spent moving gradients or waiting for them (the profiler reads it)."""
+        return self.mover.exposed_s
 
     # -- the optimizer interface the trainer uses -------------------------------------------
     @property
     def param_groups(self) -> list[dict]:
         return self.host.param_groups  # the trainer sets the learning rate here
 
+    def wait_grads(self) -> None:
+        """Every gradient of the backward passes so far is in the host buffers (CUDA: the
+        copies in flight have landed and been added). `step()` does it too."""
+        self.mover.wait()
+
     def zero_grad(self, set_to_none: bool = True) -> None:
+        self.mover.wait()  # no add in flight into the buffers cleared here
         for b in self.buckets:
             b.grad.zero_()
             for p in b.params:
@@ -140,6 +151,7 @@ class OffloadOptimizer:
         self._write_back()
 
     def _launch(self, max_norm: float, background: bool) -> float:
+        self.mover.wait()
         if self.world > 1:
             for b in self.buckets:  # sum over ranks, this rank's slice only
                 dist.reduce_scatter_tensor(b.master.grad, b.grad, group=self.group)
@@ -254,6 +266,7 @@ class OffloadOptimizer:
         return flat[self.rank * size : (self.rank + 1) * size]
 
     def close(self) -> None:
+        self.mover.close()
         for h in self._handles:
             h.remove()
         self._handles.clear()

@@ -7,14 +7,14 @@ Bytes per parameter (P parameters, W data-parallel ranks):
 |---|---|---|
 | plain (fp32 weights, grads, Adam m and v on the device) | 16 | - |
 | zero2 (bf16 weights and grads; fp32 masters and moments sharded) | 4 + 12/W | - |
-| offload (bf16 weights on the device; this engine's host buffers) | 2 + buckets | 18 (W = 1); 8 + 16/W |
-| offload + DPU | 2 + buckets | 22 (W = 1); 8 + 16/W |
+| offload (bf16 weights on the device; this engine's host buffers) | 2 + buckets | 18 (W = 1); 8 + 16/W; + 2 |
+| offload + DPU | 2 + buckets | 22 (W = 1); 8 + 16/W; + 2 |
 
 The host column is what `engine.py` allocates: a full fp32 gradient buffer (4), fp32 masters
 (4) and two moments (8) of its slice; with W = 1 a bf16 copy of the new weights (2), with
 W > 1 the slice's reduced gradient (4/W) and a full fp32 gather buffer (4) instead; with the
 delayed update and W = 1 a second gradient buffer (4), which backward fills while the host
-steps the first.
+steps the first; on a GPU, pinned staging for the gradients' copies (2), which a CPU needs not.
 Activations per layer and token (Korthikanti et al., 2022, without stored attention scores:
 fused attention recomputes them): 34 * width bytes in 16-bit, 68 in fp32; with activation
 checkpointing only each layer's input (2 or 4 * width bytes) is kept, plus one layer's full
@@ -64,6 +64,9 @@ class Hardware:
     host_adam_params_per_s: float = 1.6e9  # measured: benchmarks/results/*-host-adam.md
     link_bytes_per_s: float = 25e9  # host <-> device (PCIe 4 x16 in practice)
     bucket_bytes: float = 2 * 16 * 2**20  # gradient buckets in flight on the device
+    # A device apart from the host (a GPU): gradients land in pinned staging buffers on the
+    # host (2 bytes per parameter) before their fp32 add. False on a CPU.
+    separate_device: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +107,7 @@ def estimate(strategy: str, w: Workload, hw: Hardware) -> Estimate:
     elif strategy in ("offload", "offload+ckpt", "offload+dpu"):
         device = 2 * P + hw.bucket_bytes + act
         per_param = (22 if strategy == "offload+dpu" else 18) if W == 1 else 8 + 16 / W
-        host = per_param * P
+        host = (per_param + (2 if hw.separate_device else 0)) * P
         host_step = P / W / hw.host_adam_params_per_s
         copies = 4 * P / hw.link_bytes_per_s
         if strategy == "offload+dpu":

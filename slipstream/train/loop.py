@@ -143,6 +143,9 @@ class Trainer:
             # Exposed communication: from the last gradient bucket handed to all-reduce (the
             # end of backward compute) to backward's return (all buckets reduced).
             timer.move("backward", "comm", end - max(self._hook_times))
+        if hasattr(self.optimizer, "wait_grads"):
+            with timer.phase("grad_offload"):  # gradient copies backward did not hide
+                self.optimizer.wait_grads()
         plan = getattr(self.model, "tp_plan", None)
         if plan is not None:
             with timer.phase("comm"):  # norms that saw only this rank's rows
