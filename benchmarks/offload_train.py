@@ -4,10 +4,13 @@ weights, fp32 masters and moments stepped by HostAdamW), and with the delayed up
 (the host step overlaps the next forward and backward), with the memory planner's estimate
 beside each measurement.
 
-On a CPU the "device" and the host are the same memory, so the measurement is the process's
-peak RSS growth from just before the model is built (the model, the optimizer state, the
-gradients, the activations and the allocator's slack), against the planner's device + host
-bytes. Each side runs in a fresh process, several times; the batch is random token ids (the
+On a CPU the "device" and the host are the same memory. Two measurements, both from just
+before the model is built, against the planner's device + host bytes:
+- live: the peak of the bytes malloc has handed out and not taken back (glibc's `mallinfo2`:
+  in-use heap plus mmapped blocks), the CPU's counterpart of `torch.cuda.max_memory_allocated`,
+  which is what the planner models;
+- RSS: the process's peak resident memory growth, which adds what the allocator keeps after a
+  free (glibc keeps freed heap pages, as CUDA's caching allocator keeps freed blocks). Each side runs in a fresh process, several times; the batch is random token ids (the
 data plane is not what is measured here).
 
     python -m benchmarks.offload_train [--layers 8] [--width 512] [--steps 12] [--repeats 3]
@@ -31,6 +34,22 @@ VOCAB, SEQ_LEN, MICRO_BATCH = 2048, 128, 4
 WARMUP = 3
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                     "uordblks", "fordblks", "keepcost")
+    ]  # fmt: skip
+
+
+def malloc_live() -> int:
+    """Bytes malloc has handed out and not taken back: in-use heap plus mmapped blocks."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
 def measure(side: str, layers: int, width: int, steps: int) -> dict:
     import psutil
     import torch
@@ -42,13 +61,14 @@ def measure(side: str, layers: int, width: int, steps: int) -> dict:
     from slipstream.train.optim import OptimConfig, build_optimizer, clip_and_step
 
     me = psutil.Process()
-    base = me.memory_info().rss
-    peak, done = [base], threading.Event()
+    base, live_base = me.memory_info().rss, malloc_live()
+    peak, peak_live, done = [base], [live_base], threading.Event()
 
     def sample():
         while not done.is_set():
             peak[0] = max(peak[0], me.memory_info().rss)
-            time.sleep(0.01)
+            peak_live[0] = max(peak_live[0], malloc_live())
+            time.sleep(0.002)
 
     threading.Thread(target=sample, daemon=True).start()
     torch.manual_seed(0)
@@ -103,6 +123,7 @@ def measure(side: str, layers: int, width: int, steps: int) -> dict:
         "num_params": model.num_params(),
         "tokens_per_s": MICRO_BATCH * SEQ_LEN / statistics.median(times),
         "peak_mib": (peak[0] - base) / 2**20,
+        "peak_live_mib": (peak_live[0] - live_base) / 2**20,
         "estimate_mib": (est.device_bytes + est.host_bytes) / 2**20,
         "estimate_device_mib": est.device_bytes / 2**20,
         "estimate_host_mib": est.host_bytes / 2**20,
@@ -129,7 +150,7 @@ def main() -> None:
             runs[side].append(res)
             print(
                 f"repeat {r + 1}/{args.repeats} {side:>8}: {res['tokens_per_s']:,.0f} tokens/s, "
-                f"peak +{res['peak_mib']:,.0f} MiB",
+                f"live +{res['peak_live_mib']:,.0f} MiB, RSS +{res['peak_mib']:,.0f} MiB",
                 file=sys.stderr,
             )
     n = runs["plain"][0]["num_params"]
@@ -137,13 +158,20 @@ def main() -> None:
         f"\nGPT {args.layers} x {args.width} ({n / 1e6:.1f}M parameters), {MICRO_BATCH} x "
         f"{SEQ_LEN} tokens per step, CPU, median of {args.repeats}"
     )
-    print(f"{'side':<9}{'tokens/s':>10}{'peak MiB':>10}{'planner MiB':>13}{'error':>8}  runs (MiB)")
+    print(
+        f"{'side':<12}{'tokens/s':>10}{'planner MiB':>13}{'live MiB':>10}{'error':>7}"
+        f"{'RSS MiB':>9}{'error':>7}  runs: live / RSS (MiB)"
+    )
     for side, rs in runs.items():
         tps = statistics.median(x["tokens_per_s"] for x in rs)
-        peak = statistics.median(x["peak_mib"] for x in rs)
+        live = statistics.median(x["peak_live_mib"] for x in rs)
+        rss = statistics.median(x["peak_mib"] for x in rs)
         est = rs[0]["estimate_mib"]
-        each = ", ".join(f"{x['peak_mib']:,.0f}" for x in rs)
-        print(f"{side:<9}{tps:>10,.0f}{peak:>10,.0f}{est:>13,.0f}{est / peak - 1:>+8.0%}  {each}")
+        each = ", ".join(f"{x['peak_live_mib']:,.0f} / {x['peak_mib']:,.0f}" for x in rs)
+        print(
+            f"{side:<12}{tps:>10,.0f}{est:>13,.0f}{live:>10,.0f}{est / live - 1:>+7.0%}"
+            f"{rss:>9,.0f}{est / rss - 1:>+7.0%}  {each}"
+        )
     if args.json:
         args.json.write_text(json.dumps({**provenance(("psutil",)), "runs": runs}, indent=2))
 

@@ -5,7 +5,7 @@ Bytes per parameter (P parameters, W data-parallel ranks):
 
 | strategy | device | host |
 |---|---|---|
-| plain (fp32 weights, grads, Adam m and v on the device) | 16 | - |
+| plain (fp32 weights, grads, Adam m and v on the device) | 12 + 4 (grads, made as activations are freed) | - |
 | zero2 (bf16 weights and grads; fp32 masters and moments sharded) | 4 + 12/W | - |
 | offload (bf16 weights on the device; this engine's host buffers) | 2 + buckets | 18 (W = 1); 8 + 16/W; + 2 |
 | offload + DPU | 2 + buckets | 22 (W = 1); 8 + 16/W; + 2 |
@@ -101,7 +101,9 @@ def estimate(strategy: str, w: Workload, hw: Hardware) -> Estimate:
     act = activation_bytes(w, ckpt)
     compute_s = (8 if ckpt else 6) * P * w.tokens / hw.device_flops
     if strategy == "plain":
-        device, host, step = 16 * P + act, 0.0, compute_s
+        # Gradients are made as backward frees the activations (and are freed after the
+        # step): at the peak, the larger of the two is live, not both.
+        device, host, step = 12 * P + max(act, 4 * P), 0.0, compute_s
     elif strategy == "zero2":
         device, host, step = (4 + 12 / W) * P + act, 0.0, compute_s
     elif strategy in ("offload", "offload+ckpt", "offload+dpu"):
