@@ -123,19 +123,25 @@ def _karmarkar_karp(costs: np.ndarray, num_parts: int, part_size: int) -> np.nda
 # bound on its time: at thousands of parts the largest-differencing result is already within
 # a fraction of a percent of perfect, and each swap there gains little).
 REFINE_WORK = 1 << 20
+MIN_GAIN = 1e-5  # of the mean load: a swap that moves less is not worth making
 
 
 def _refine(costs: np.ndarray, parts: np.ndarray, max_swaps: int = 256) -> np.ndarray:
     """Local search on every row at once: swap one item of the heaviest part with a lighter
     item of another part while that lowers both below the current maximum (sizes are
     unchanged). The other part is the lightest that has such a swap; the pair is the one
-    whose difference is closest to half the two parts' gap."""
+    whose difference is closest to half the two parts' gap. A swap must move at least
+    `MIN_GAIN` of the mean load, and a row stops once `num_parts` swaps in a row have not
+    lowered its maximum by that much: nearly equal items would otherwise trade places for
+    nothing (measured: 256 swaps, 16 ms, max/mean unchanged to 5 digits)."""
     batch, num_parts, k = parts.shape
     if num_parts < 2:
         return parts
     parts = parts.copy()
     rows = np.arange(batch)
     loads = costs[rows[:, None, None], parts].sum(axis=2)
+    min_gain = MIN_GAIN * loads.mean(axis=1)  # [batch]
+    lowest, stalled = loads.max(axis=1), np.zeros(batch, dtype=np.int64)
     active = np.ones(batch, dtype=bool)
     swaps = min(max_swaps, max(1, REFINE_WORK // (k * k * num_parts)))
     for _ in range(swaps):
@@ -148,7 +154,7 @@ def _refine(costs: np.ndarray, parts: np.ndarray, max_swaps: int = 256) -> np.nd
         other = costs[idx[:, None, None], parts[idx]]  # [A, P, k]
         gap = lo_[np.arange(len(idx)), hi][:, None] - lo_  # [A, P]
         d = own[:, :, None, None] - other[:, None, :, :]  # [A, k, P, k]
-        ok = (d > 0) & (d < gap[:, None, :, None])
+        ok = (d >= min_gain[idx, None, None, None]) & (d < gap[:, None, :, None])
         can = ok.any(axis=(1, 3)) & (gap > 0)
         can[np.arange(len(idx)), hi] = False
         order = np.argsort(lo_, axis=1)
@@ -168,6 +174,11 @@ def _refine(costs: np.ndarray, parts: np.ndarray, max_swaps: int = 256) -> np.nd
         parts[b, h, i], parts[b, lo, j] = parts[b, lo, j], parts[b, h, i]
         loads[b, h] -= delta
         loads[b, lo] += delta
+        top = loads[b].max(axis=1)
+        gained = top <= lowest[b] - min_gain[b]
+        lowest[b] = np.where(gained, top, lowest[b])
+        stalled[b] = np.where(gained, 0, stalled[b] + 1)
+        active[b[stalled[b] >= num_parts]] = False
     parts.sort(axis=2)
     return parts
 
