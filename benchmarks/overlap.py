@@ -4,7 +4,9 @@
 Two processes on 2 cores cannot show overlap by wall clock with a real transport (the copy and
 the matmul fight for the same cores). So each put crosses a simulated link that sleeps
 `latency + bytes / bandwidth` (costing no CPU), with the bandwidth set so one shard's transfer
-takes `ratio` times one tile's matmul. Per operation and ratio, medians of --calls calls:
+takes `ratio` times one tile's matmul. Per operation and ratio, medians of --calls calls, the
+four kinds of call taking turns (plain, compute, comm, overlapped, then again), so that the
+machine's slow spells fall on all of them alike:
 
   plain       one matmul over all rows (what a non-tiled implementation computes)
   compute     the operation's matmuls alone, tiled by shard (no communication)
@@ -51,13 +53,21 @@ def _free_port() -> int:
 
 def _timed(fn, calls: int) -> list[float]:
     """Per-call seconds, every rank starting each call together."""
-    out = []
-    for _ in range(calls + 2):  # two warm-up calls
-        dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out[2:]
+    return _interleaved([fn], calls)[0]
+
+
+def _interleaved(fns, calls: int) -> list[list[float]]:
+    """Per-call seconds of each of `fns`, taking turns call by call (A B C, A B C, ...), so
+    that a slow spell of the machine falls on all of them; every rank starts each call
+    together; two warm-up rounds."""
+    out: list[list[float]] = [[] for _ in fns]
+    for _ in range(calls + 2):
+        for times, fn in zip(out, fns):
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return [t[2:] for t in out]
 
 
 def _rank_main(rank: int, world: int, port: int, args: dict, queue) -> None:
@@ -81,8 +91,10 @@ def _rank_main(rank: int, world: int, port: int, args: dict, queue) -> None:
             nbytes = m * (k if op == "ag" else n) * 4
             link = SimLink(latency_s=50e-6, bandwidth_bytes_per_s=nbytes / (ratio * tile_s))
             group = OverlapGroup(None, "shm", link=link, trace=True, chunks=args["chunks"])
-            results[f"{op}/{ratio}"] = _measure(op, group, x, w, x_rs, w_rs, calls)
+            bare = OverlapGroup(None, "shm", link=link, chunks=args["chunks"])  # untraced
+            results[f"{op}/{ratio}"] = _measure(op, group, bare, x, w, x_rs, w_rs, calls)
             group.close()
+            bare.close()
     results["tile_s"] = tile_s
     if rank == 0:
         queue.put(results)
@@ -90,7 +102,9 @@ def _rank_main(rank: int, world: int, port: int, args: dict, queue) -> None:
     dist.destroy_process_group()
 
 
-def _measure(op: str, group, x, w, x_rs, w_rs, calls: int) -> dict:
+def _measure(op: str, group, bare, x, w, x_rs, w_rs, calls: int) -> dict:
+    """plain, compute alone, communication alone (on `bare`, untraced) and the overlapped
+    operation (traced), taking turns call by call."""
     from slipstream.overlap import all_gather_matmul, matmul_reduce_scatter
     from slipstream.overlap.trace import compute_busy_s, tiles_before_last_put
 
@@ -106,7 +120,7 @@ def _measure(op: str, group, x, w, x_rs, w_rs, calls: int) -> dict:
             return [s @ w for s in shards]
 
         def comm():
-            return all_gather_matmul(x, w1, group)
+            return all_gather_matmul(x, w1, bare)
 
         def run():
             return all_gather_matmul(x, w, group)
@@ -121,14 +135,12 @@ def _measure(op: str, group, x, w, x_rs, w_rs, calls: int) -> dict:
             return [s @ w_rs for s in shards]
 
         def comm():
-            return matmul_reduce_scatter(x1, w1, group)
+            return matmul_reduce_scatter(x1, w1, bare)
 
         def run():
             return matmul_reduce_scatter(x_rs, w_rs, group)
 
-    t_plain, t_compute, t_comm = _timed(plain, calls), _timed(compute, calls), _timed(comm, calls)
-    group.trace.clear()
-    t_over = _timed(run, calls)
+    t_plain, t_compute, t_comm, t_over = _interleaved([plain, compute, comm, run], calls)
     events = _all_events(group)
     calls_seen = sorted({e.call for e in group.trace.events})
     return {

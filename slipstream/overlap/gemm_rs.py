@@ -3,9 +3,10 @@ slice of the inner dimension (x [M, K_local], w [K_local, N]) and receives the s
 [rank * m, (rank + 1) * m) of every rank's partial product, m = M / world.
 
 Tile order (symmetric implementations): rank r computes the partial rows of rank r + 1 first,
-hands them to its producer thread (which puts them while the next tile computes), then r + 2,
-..., and its own rows last; it adds what it receives in the order it arrives (r - 1, r - 2,
-...), the order the pairing above sends them in.
+writing them straight into r + 1's symmetric buffer, and hands the signal to its producer
+thread (which raises it once the link has carried them, while the next tile computes), then
+r + 2, ..., and its own rows last; it adds what it receives in the order it arrives (r - 1,
+r - 2, ...), the order the pairing above sends them in.
 """
 
 from __future__ import annotations
@@ -64,23 +65,25 @@ def _collective(x, w, group: OverlapGroup) -> torch.Tensor:
 
 
 def _symmetric(x, w, group: OverlapGroup) -> torch.Tensor:
-    """Partial rows are computed and sent in growing row chunks (a count per chunk on the
-    sender's flag): the first put starts after a small matmul, and the last one travels while
-    this rank computes its own rows."""
+    """Partial rows are computed in growing row chunks straight into the destination rank's
+    symmetric buffer (the matmul's output is the remote slot: no copy), each chunk then
+    signalled by the producer thread after the link has carried it (a count per chunk on the
+    sender's flag): the first signal follows a small matmul, and the last chunk travels while
+    this rank computes its own rows. Two slots alternate by call, so a rank may write call
+    k + 1 while a slower peer still sums call k."""
     world, rank = group.world_size, group.rank
     m = x.shape[0] // world
-    ws = group.workspace("rs", (world, m, w.shape[1]), torch.result_type(x, w))
+    ws = group.workspace("rs", (2, world, m, w.shape[1]), torch.result_type(x, w))
     epoch = ws.next_epoch()
+    slot = epoch % 2
     heap, chunks = ws.heap, group.row_chunks(m, geometric=True)
     base = (epoch - 1) * len(chunks)  # the flag counts chunks over all calls, never reset
 
-    def send(dst: int, c: int, rows: slice, partial: torch.Tensor, on_copy_stream) -> None:
-        group.wait(ws, ws.ack + dst, epoch - 1)  # dst has summed the last call's slot
+    def send(dst: int, c: int, nbytes: int, on_copy_stream) -> None:
         with on_copy_stream():
             group.record("put_issued", dst, epoch)
-            group.link.send(partial.numel() * partial.element_size())
-            heap.put(dst, ws.buf, partial, index=(rank, rows))
-            # After the data (signals.py; on CUDA, stream order).
+            group.link.send(nbytes)
+            # After the data (signals.py; on CUDA, stream order after the matmul).
             heap.signal(dst, ws.ready + rank, base + c + 1)
             group.record("put_done", dst, epoch)
 
@@ -88,16 +91,20 @@ def _symmetric(x, w, group: OverlapGroup) -> torch.Tensor:
     try:
         for i in range(1, world):
             dst = (rank + i) % world
+            group.wait(ws, ws.ack + dst, epoch - 2)  # dst has summed this slot's last call
+            dest = heap.peer(dst, ws.buf)[slot, rank]
             for c, rows in enumerate(chunks):
                 group.record("tile_start", dst, epoch)
-                partial = x[dst * m + rows.start : dst * m + rows.stop] @ w
+                part = dest[rows]
+                torch.matmul(x[dst * m + rows.start : dst * m + rows.stop], w, out=part)
                 group.record("tile_done", dst, epoch)
-                stream = group.copy_stream(partial)
-                sends.append(group.producer.submit(send, dst, c, rows, partial, stream))
+                stream = group.copy_stream(part, owned=False)
+                nbytes = part.numel() * part.element_size()
+                sends.append(group.producer.submit(send, dst, c, nbytes, stream))
         group.record("tile_start", rank, epoch)
         out = x[rank * m : (rank + 1) * m] @ w
         group.record("tile_done", rank, epoch)
-        buf = heap.local(ws.buf)
+        buf = heap.local(ws.buf)[slot]
         for i in range(1, world):
             src = (rank - i) % world
             for c, rows in enumerate(chunks):

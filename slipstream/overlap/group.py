@@ -106,17 +106,22 @@ class OverlapGroup:
             self._producer = ThreadPoolExecutor(1, thread_name_prefix="slipstream-put")
         return self._producer
 
-    def copy_stream(self, tensor: torch.Tensor) -> Callable[[], contextlib.AbstractContextManager]:
-        """For the put thread: on CUDA, a context that runs its copies on a side stream (so
-        they overlap the caller's matmuls) after the caller's stream has produced `tensor`
-        (an event recorded now, in the caller's thread); elsewhere, nothing."""
+    def copy_stream(
+        self, tensor: torch.Tensor, owned: bool = True
+    ) -> Callable[[], contextlib.AbstractContextManager]:
+        """For the put thread: on CUDA, a context that runs its copies and signals on a side
+        stream (so they overlap the caller's matmuls) after the caller's stream has produced
+        `tensor` (an event recorded now, in the caller's thread); elsewhere, nothing. `owned`:
+        `tensor` comes from the caching allocator (not a view of the symmetric heap), which
+        must keep it until the side stream is done."""
         if not tensor.is_cuda:
             return contextlib.nullcontext
         if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(tensor.device)
         stream = self._copy_stream
         ready = torch.cuda.current_stream(tensor.device).record_event()
-        tensor.record_stream(stream)  # the allocator keeps it until the side stream is done
+        if owned:
+            tensor.record_stream(stream)  # the allocator keeps it until the side stream is done
 
         @contextlib.contextmanager
         def on_side_stream():
