@@ -24,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -100,6 +101,13 @@ def _cpu(procs) -> float:
 
 
 def run(mode: str, world: int, steps: int, env: dict | None = None) -> list[dict]:
+    # A fresh store of shared documents per run: the previous run's must not serve this one.
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    with tempfile.TemporaryDirectory(dir=shm, prefix="slipstream-bench-docs-") as store:
+        return _run(mode, world, steps, {**(env or {}), "SLIPSTREAM_SHARED_DOCS": store})
+
+
+def _run(mode: str, world: int, steps: int, env: dict) -> list[dict]:
     cmd = [sys.executable, "-m", "benchmarks.data_scaling", "--one", mode, "--world", str(world)]
     procs = [
         subprocess.Popen(
@@ -108,7 +116,7 @@ def run(mode: str, world: int, steps: int, env: dict | None = None) -> list[dict
             stderr=subprocess.PIPE,
             text=True,
             cwd=ROOT,
-            env={**os.environ, **(env or {}), "RANK": str(r)},
+            env={**os.environ, **env, "RANK": str(r)},
         )
         for r in range(world)
     ]

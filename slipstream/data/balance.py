@@ -168,7 +168,9 @@ def _refine(costs: np.ndarray, parts: np.ndarray, max_swaps: int = 256) -> np.nd
         lo = order[f, np.argmax(can_sorted[f], axis=1)]
         dd = d[f, :, lo, :]  # [F, k, k]
         half = gap[f, lo][:, None, None] / 2
-        best = np.argmin(np.where(ok[f, :, lo, :], np.abs(dd - half), np.inf).reshape(len(f), -1), 1)
+        best = np.argmin(
+            np.where(ok[f, :, lo, :], np.abs(dd - half), np.inf).reshape(len(f), -1), 1
+        )
         i, j = np.divmod(best, k)
         delta = dd[np.arange(len(f)), i, j]
         parts[b, h, i], parts[b, lo, j] = parts[b, lo, j], parts[b, h, i]

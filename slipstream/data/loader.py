@@ -198,21 +198,40 @@ class MixtureLoader:
             src, doc = plan.piece_source[mine], plan.piece_doc[mine]
         both = np.unique((src << 40) | doc)  # sorted by (source, doc)
         keys = list(zip((both >> 40).tolist(), (both & ((1 << 40) - 1)).tolist()))
-        new: dict[int, list[int]] = defaultdict(list)
-        for key in keys:
+        shared = self._shared_docs(plan, both)
+        new: dict[tuple[int, bool], list[int]] = defaultdict(list)
+        for key, packed in zip(keys, both.tolist()):
             entry = self._inflight.get(key)
             if entry is None:
-                new[key[0]].append(key[1])
+                new[(key[0], packed in shared)].append(key[1])
             else:
                 entry[2] = plan.step  # kept until this step is built
-        for s in sorted(new):
-            ids = new[s]
+        for s, is_shared in sorted(new):
+            ids = new[(s, is_shared)]
+            submit = self.backend.submit_shared if is_shared else self.backend.submit
             for chunk in np.array_split(ids, min(len(ids), self.spec.backend.num_workers)):
                 chunk = [int(d) for d in chunk]
-                task = self.backend.submit(s, chunk)
+                task = submit(s, chunk)
                 for j, d in enumerate(chunk):
                     self._inflight[(s, d)] = [task, j, plan.step]
         return keys
+
+    def _shared_docs(self, plan: StepPlan, mine: np.ndarray) -> set[int]:
+        """Of this rank's documents (packed source << 40 | doc), those other ranks' rows hold
+        too, when the backend can tokenize them once per machine (the local one); Ray
+        already routes each document to one actor."""
+        if self.load_all_rows or not hasattr(self.backend, "submit_shared"):
+            return set()
+        if self.dp_world_size == 1:
+            return set()
+        rank_of_row = np.empty(plan.num_rows, dtype=np.int64)
+        rank_of_row[plan.assignment.reshape(self.dp_world_size, -1)] = np.arange(
+            self.dp_world_size
+        )[:, None]
+        row = np.repeat(np.arange(plan.num_rows), np.diff(plan.row_offsets))
+        packed = (plan.piece_source << 40) | plan.piece_doc
+        others = packed[rank_of_row[row] != self.dp_rank]
+        return set(np.intersect1d(mine, others).tolist())
 
     def _collect(self, plan: StepPlan, keys: list[DocKey]) -> dict[DocKey, np.ndarray]:
         tokens, results = {}, {}

@@ -74,8 +74,10 @@ class StepPlan:
         return [
             Piece(*t)
             for t in zip(
-                self.piece_source[a:b].tolist(), self.piece_doc[a:b].tolist(),
-                self.piece_start[a:b].tolist(), self.piece_length[a:b].tolist(),
+                self.piece_source[a:b].tolist(),
+                self.piece_doc[a:b].tolist(),
+                self.piece_start[a:b].tolist(),
+                self.piece_length[a:b].tolist(),
             )  # fmt: skip
         ]
 
@@ -151,8 +153,10 @@ class Planner:
         ]
         self.num_docs = [len(ids) for ids in self._ids]  # documents in this split
         self._mean_len = np.array(  # to size the lookahead of draws
-            [max(1.0, float(x[ids].mean())) if len(ids) else 1.0
-             for x, ids in zip(self.lengths, self._ids)]  # fmt: skip
+            [
+                max(1.0, float(x[ids].mean())) if len(ids) else 1.0
+                for x, ids in zip(self.lengths, self._ids)
+            ]  # fmt: skip
         )
         self.by_tokens = spec.mix_by == "tokens"
         self.step = 0
@@ -190,9 +194,9 @@ class Planner:
         counts = np.where(open_, np.ceil(1.25 * expected + 4 * np.sqrt(expected)) + 8, 0)
         docs = [self._upcoming(s, int(c)) for s, c in enumerate(counts)]
         doc = np.concatenate(docs).astype(np.int64, copy=False)
-        length = np.concatenate(
-            [x[d] for x, d in zip(self.lengths, docs)] or [np.zeros(0)]
-        ).astype(np.int64, copy=False)
+        length = np.concatenate([x[d] for x, d in zip(self.lengths, docs)] or [np.zeros(0)]).astype(
+            np.int64, copy=False
+        )
         off = np.zeros(len(docs) + 1, dtype=np.int64)
         np.cumsum([len(d) for d in docs], out=off[1:])
         return Lookahead(length, doc, off, np.zeros(len(docs), dtype=np.int64))
@@ -267,9 +271,7 @@ class Planner:
             take[-1] = (need[-1] - over) * (1 if spec.packing else seq_len)
         cut = starts[-1] + take[-1] if len(src) else 0
         self.carry = (
-            Piece(int(src[-1]), int(doc[-1]), int(cut), 0)
-            if len(src) and cut < total[-1]
-            else None
+            Piece(int(src[-1]), int(doc[-1]), int(cut), 0) if len(src) and cut < total[-1] else None
         )
         if spec.packing:
             row_of, p_src, p_doc, p_start, p_len = pack_pieces(

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 
 import torch
 import torch.distributed as dist

@@ -34,9 +34,7 @@ class GradMover:
             return
         self.stream = torch.cuda.Stream(device)
         dtype = buckets[0].params[0].dtype if buckets else torch.bfloat16
-        self.staging = [
-            torch.empty(b.grad.numel(), dtype=dtype, pin_memory=True) for b in buckets
-        ]
+        self.staging = [torch.empty(b.grad.numel(), dtype=dtype, pin_memory=True) for b in buckets]
         self._left = [len(b.params) for b in buckets]
         self._queued = [False] * len(buckets)
         self._start: list[torch.cuda.Event | None] = [None] * len(buckets)

@@ -104,3 +104,35 @@ def test_token_counts_are_cached_and_follow_the_shard(tmp_path):
     grown = build_source_loaders(spec)[0]
     assert grown.num_docs == loaders[0].num_docs + 1
     assert len(grown.lengths()) == grown.num_docs
+
+
+def test_documents_several_ranks_need_are_tokenized_once_per_machine(tmp_path, monkeypatch):
+    from slipstream.data.sources.shared import SharedDocs
+
+    store = tmp_path / "shared"
+    monkeypatch.setenv("SLIPSTREAM_SHARED_DOCS", str(store))
+    inline = _spec(tmp_path)
+    local = replace(inline, backend=replace(inline.backend, kind="local", pool="thread"))
+    made_before = SharedDocs.made
+    ranks = [MixtureLoader(local, r, RANKS) for r in range(RANKS)]
+    refs = [MixtureLoader(inline, r, RANKS) for r in range(RANKS)]
+    for ldr, ref in zip(ranks, refs, strict=True):
+        for _ in range(6):  # the same batches as loading every document in each rank
+            x, y = next(ldr), next(ref)
+            for ma, mb in zip(x.micro_batches, y.micro_batches, strict=True):
+                assert all(np.array_equal(ma[k], mb[k]) for k in ma)
+        ldr._halt()
+        ref.close()
+    made = SharedDocs.made - made_before
+    published = len(list(store.glob("*.npy")))
+    # Shared documents, per rank and step, from the plan: each rank would tokenize its own.
+    per_step = _docs_per_rank(local, ranks[0].planner.lengths, max(x.planner.step for x in ranks))
+    shared = [
+        {d for d in step[r] if any(d in step[o] for o in range(RANKS) if o != r)}
+        for step in per_step
+        for r in range(RANKS)
+    ]
+    assert 0 < made == published <= len(set().union(*shared))  # once each, on this machine
+    assert made < sum(len(s) for s in shared)  # where every rank tokenized its own copy
+    for ldr in ranks:
+        ldr.close()

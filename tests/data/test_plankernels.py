@@ -72,7 +72,9 @@ def test_the_stream_is_round_robin_over_each_sources_permutation(native):
     fresh = Planner(s, lens, dp_world_size=2)
     for src in range(5):  # within a source: its seeded permutation, epoch after epoch
         docs = [d for x, d in stream if x == src]
-        order = np.concatenate([fresh._perm(src, e) for e in range(len(docs) // len(lens[src]) + 1)])
+        order = np.concatenate(
+            [fresh._perm(src, e) for e in range(len(docs) // len(lens[src]) + 1)]
+        )
         assert docs == order[: len(docs)].tolist()
 
 

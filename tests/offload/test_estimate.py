@@ -23,7 +23,9 @@ def test_bytes_per_parameter_follow_the_table():
     assert plain == pytest.approx(12 * 7e9 + max(act, 4 * 7e9))
     off = estimate("offload", SEVEN_B, H100)
     assert off.device_bytes == pytest.approx(2 * 7e9 + H100.bucket_bytes + act)
-    assert off.host_bytes == pytest.approx(20 * 7e9)  # grads 4, masters 4, moments 8, bf16 2, staging 2
+    assert off.host_bytes == pytest.approx(
+        20 * 7e9
+    )  # grads 4, masters 4, moments 8, bf16 2, staging 2
     dpu = estimate("offload+dpu", SEVEN_B, H100)
     assert dpu.host_bytes == pytest.approx(24 * 7e9)  # a second gradient buffer
     four = estimate("offload", Workload(**{**_fields(SEVEN_B), "world_size": 4}), H100)

@@ -13,10 +13,12 @@ import multiprocessing as mp
 import threading
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 
 import numpy as np
 
 from slipstream.data.sources.loader import SourceLoader, build_source_loaders
+from slipstream.data.sources.shared import SharedDocs, source_key
 from slipstream.data.spec import MixtureSpec
 
 _local = threading.local()  # per thread (or per process): {(spec, tokenizer): [SourceLoader]}
@@ -37,6 +39,14 @@ def _load_task(spec_dict: dict, tokenizer: str, source: int, ids: list[int]) -> 
     return _loaders(spec_dict, tokenizer)[source].get_many(ids)
 
 
+def _shared_task(
+    spec_dict: dict, tokenizer: str, source: int, ids: list[int], key: str, root: str
+) -> list[np.ndarray]:
+    """Documents other ranks need too: tokenized once per machine (sources/shared.py)."""
+    loader, shared = _loaders(spec_dict, tokenizer)[source], SharedDocs(Path(root))
+    return [shared.get(f"{key}-{d}", lambda d=d: loader.get_many([d])[0]) for d in ids]
+
+
 def _lengths_task(spec_dict: dict, tokenizer: str, source: int, shard: int) -> np.ndarray:
     return _loaders(spec_dict, tokenizer)[source].shard_lengths(shard)
 
@@ -44,9 +54,9 @@ def _lengths_task(spec_dict: dict, tokenizer: str, source: int, shard: int) -> n
 class _Task:
     """A submitted load that, if its worker process dies, is issued again on a fresh pool."""
 
-    def __init__(self, backend: LocalBackend, source: int, ids: list[int]) -> None:
-        self.backend, self.source, self.ids = backend, source, ids
-        self.pool, self.future = backend._run(source, ids)
+    def __init__(self, backend: LocalBackend, source: int, ids: list[int], fn, extra=()) -> None:
+        self.backend, self.source, self.ids, self.fn, self.extra = backend, source, ids, fn, extra
+        self.pool, self.future = backend._run(source, ids, fn, extra)
 
     def result(self) -> list[np.ndarray]:
         for attempt in range(MAX_RETRIES + 1):
@@ -56,7 +66,9 @@ class _Task:
                 if attempt == MAX_RETRIES:
                     raise
                 self.backend._replace_broken(self.pool)
-                self.pool, self.future = self.backend._run(self.source, self.ids)
+                self.pool, self.future = self.backend._run(
+                    self.source, self.ids, self.fn, self.extra
+                )
         raise AssertionError("unreachable")
 
 
@@ -75,8 +87,10 @@ class LocalBackend:
         self._num_shards = [len(ldr.shards) for ldr in loaders]
         self.num_loaded = [0] * len(loaders)
         self.tokenizer = loaders[0].tokenizer
+        self._source_keys = [source_key(ldr) for ldr in loaders]
         for ldr in loaders:
             ldr.close()
+        self._shared: SharedDocs | None = None
         self._pool: Executor | None = None
         self._lock = threading.Lock()
 
@@ -90,25 +104,35 @@ class LocalBackend:
     def submit(self, source: int, ids: list[int]) -> _Task:
         """Start loading documents `ids` of `source`; `.result()` gives their token arrays."""
         self.num_loaded[source] += len(ids)
-        return _Task(self, source, list(ids))
+        return _Task(self, source, list(ids), _load_task)
+
+    def submit_shared(self, source: int, ids: list[int]) -> _Task:
+        """`submit` for documents other ranks on this machine need too: the first to ask
+        tokenizes each and the others read its tokens (sources/shared.py)."""
+        if self._shared is None:
+            self._shared = SharedDocs()
+            self._shared.sweep()
+        self.num_loaded[source] += len(ids)
+        extra = (self._source_keys[source], str(self._shared.root))
+        return _Task(self, source, list(ids), _shared_task, extra)
 
     def lengths(self) -> list[np.ndarray]:
         """Every shard's token counts, shards in parallel on the pool (cached after the first
         time on this machine)."""
         tasks = [
-            [self._run(s, shard, fn=_lengths_task)[1] for shard in range(n)]
+            [self._run(s, shard, _lengths_task)[1] for shard in range(n)]
             for s, n in enumerate(self._num_shards)
         ]
         return [np.concatenate([t.result() for t in shards]) for shards in tasks]
 
-    def _run(self, source: int, ids, fn=_load_task) -> tuple[Executor, Future]:
+    def _run(self, source: int, ids, fn, extra=()) -> tuple[Executor, Future]:
         with self._lock:
             for _ in range(MAX_RETRIES + 1):
                 if self._pool is None:
                     self._pool = self._make_pool()
                 try:
                     return self._pool, self._pool.submit(
-                        fn, self._spec_dict, self._tokenizer, source, ids
+                        fn, self._spec_dict, self._tokenizer, source, ids, *extra
                     )
                 except BrokenProcessPool:
                     self._pool.shutdown(wait=False, cancel_futures=True)
