@@ -14,7 +14,8 @@ moments.
   (host sums in a fixed order, so the same for any thread count); HostAdamW steps each slice
   with the clipping scale fused in; the slices' new weights are all-gathered and written back
   into the model in its dtype.
-- `state_dict()` is the full state (slices gathered), so a run resumes on any number of ranks.
+- `state_dict()` is this rank's slices only (one process: the whole state); the checkpoint
+  writes one file per rank, and any number of ranks loads them, each reading what it needs.
 - fp16 models get dynamic loss scaling: the trainer multiplies the loss by `loss_scale`; a
   step whose gradients overflow is skipped (no update, no Adam step) and the scale halved;
   after 2,000 clean steps it doubles.
@@ -205,27 +206,27 @@ class OffloadOptimizer:
             for i, p in enumerate(b.params):
                 p.copy_(b.view(src, i))
 
-    # -- state: full (gathered), so it loads on any number of ranks -------------------------
-    def _gather(self, shard: torch.Tensor, b: Bucket) -> torch.Tensor:
-        if self.world == 1:
-            return shard.detach().clone()[: b.numel]
-        out = torch.empty(b.full.numel(), dtype=shard.dtype)
-        dist.all_gather_into_tensor(out, shard.contiguous(), group=self.group)
-        return out[: b.numel]
-
+    # -- state: each rank's own slices; loads on any number of ranks --------------------------
     def state_dict(self) -> dict:
-        """Every rank must call this (it gathers the slices). A host step in flight is
-        finished first."""
+        """This rank's state (a host step in flight is finished first). One process: the whole
+        state. With W ranks, this rank's slices only, marked `shard` (no gather: a rank never
+        holds the whole optimizer state); the checkpoint writes one file per rank and
+        `load_state_dict` takes all of them, on any number of ranks."""
         self.flush()
         buckets = []
         for b in self.buckets:
             st = self.host.state.get(b.master, {})
-            entry = {"master": self._gather(b.master, b), "step": float(st.get("step", 0.0))}
+            keep = b.numel if self.world == 1 else b.master.numel()
+            entry = {
+                "numel": b.numel,
+                "master": b.master.detach()[:keep].clone(),
+                "step": float(st.get("step", 0.0)),
+            }
             for key in ("exp_avg", "exp_avg_sq"):
-                entry[key] = self._gather(st[key], b) if key in st else None
+                entry[key] = st[key].detach()[:keep].clone() if key in st else None
             buckets.append(entry)
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.host.param_groups]
-        return {
+        out = {
             VERSION_KEY: STATE_VERSION,
             "buckets": buckets,
             "groups": groups,
@@ -233,30 +234,49 @@ class OffloadOptimizer:
             "loss_scale": self.loss_scale,
             "clean_steps": self._clean_steps,
         }
+        if self.world > 1:
+            out["shard"] = {"rank": self.rank, "world": self.world}
+        return out
 
     def load_state_dict(self, state: dict) -> None:
-        check_version(state, STATE_VERSION, "offload optimizer state")
-        if [e["master"].numel() for e in state["buckets"]] != [b.numel for b in self.buckets]:
+        """A whole state (one process's), or `{"shards": [...]}`: every rank's `state_dict()`
+        of a sharded run, in rank order, saved with any number of ranks."""
+        shards = state.get("shards", [state])
+        for st in shards:
+            check_version(st, STATE_VERSION, "offload optimizer state")
+        world = shards[0].get("shard", {}).get("world", 1)
+        if [st.get("shard", {}).get("rank", 0) for st in shards] != list(range(world)):
+            raise ValueError(
+                f"offload optimizer state: {len(shards)} shard(s) of a {world}-rank run; "
+                "every rank's file is needed (checkpoints/.../optimizer*.shard<rank>.pt)"
+            )
+        first = shards[0]
+        numels = [e.get("numel", e["master"].numel()) for e in first["buckets"]]
+        if numels != [b.numel for b in self.buckets]:
             raise ValueError(
                 "offload optimizer state: its buckets do not match this model's; resume with "
                 "the model and bucket size it was saved with"
             )
-        for g, saved in zip(self.host.param_groups, state["groups"], strict=True):
+        for g, saved in zip(self.host.param_groups, first["groups"], strict=True):
             g.update(saved)
-        self._num_steps = int(state["num_steps"])
-        self.loss_scale, self._clean_steps = float(state["loss_scale"]), int(state["clean_steps"])
+        self._num_steps = int(first["num_steps"])
+        self.loss_scale, self._clean_steps = float(first["loss_scale"]), int(first["clean_steps"])
         with torch.no_grad():
-            for b, e in zip(self.buckets, state["buckets"], strict=True):
+            for k, b in enumerate(self.buckets):
+                saved = [st["buckets"][k] for st in shards]
+                size = b.master.numel()  # this run's slice, padded to its world size
+                lo, hi = self.rank * size, min((self.rank + 1) * size, b.numel)
                 b.full.zero_()
-                b.full[: b.numel].copy_(e["master"])
+                b.full[: b.numel].copy_(_span([e["master"] for e in saved], 0, b.numel))
                 b.master.copy_(self._slice(b, b.full))
-                if e["exp_avg"] is not None:
+                if saved[0]["exp_avg"] is not None:
                     st = self.host.state[b.master]
-                    st["step"] = torch.tensor(e["step"])
+                    st["step"] = torch.tensor(saved[0]["step"])
                     for key in ("exp_avg", "exp_avg_sq"):
-                        padded = torch.zeros_like(b.full)
-                        padded[: b.numel].copy_(e[key])
-                        st[key] = self._slice(b, padded).clone()
+                        mine = torch.zeros(size, dtype=torch.float32)
+                        if hi > lo:
+                            mine[: hi - lo].copy_(_span([e[key] for e in saved], lo, hi))
+                        st[key] = mine
                 for i, p in enumerate(b.params):
                     p.copy_(b.view(b.full, i))
 
@@ -269,3 +289,17 @@ class OffloadOptimizer:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+def _span(parts: list[torch.Tensor], lo: int, hi: int) -> torch.Tensor:
+    """Elements [lo, hi) of the concatenation of `parts` (equal sizes but the last), reading
+    only the parts that overlap it (memory-mapped shards stay on disk otherwise)."""
+    out, start = [], 0
+    for t in parts:
+        a, b = max(lo, start), min(hi, start + t.numel())
+        if a < b:
+            out.append(t[a - start : b - start])
+        start += t.numel()
+    if start < hi:
+        raise ValueError(f"offload optimizer state: {start} elements saved, {hi} needed")
+    return torch.cat(out) if len(out) != 1 else out[0]

@@ -1,8 +1,9 @@
 """Checkpoints: atomic, resumable, the last K kept.
 
 A checkpoint is a folder `checkpoints/step_00000100/` holding the model, the optimizer (and its
-schedule), the data plane's state (a few counters), each rank's RNG states and `meta.json`
-(version, step, world size, model config). It is written under a temporary name and renamed
+schedule; a sharded optimizer writes one file per rank, `optimizer.shard<r>.pt`), the data
+plane's state (a few counters), each rank's RNG states and `meta.json` (version, step, world
+size, model config). It is written under a temporary name and renamed
 when complete, so a crash mid-write leaves the previous checkpoint intact and no half one.
 """
 
@@ -73,11 +74,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def safe_load(path: Path, device: torch.device | str = "cpu") -> Any:
+def safe_load(path: Path, device: torch.device | str = "cpu", mmap: bool = False) -> Any:
     """`torch.load` of tensors and plain containers only: a checkpoint from anyone can hold a
     pickled callable, which this refuses instead of running."""
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise ValueError(
             f"{path}: refused to load: it holds objects other than tensors and plain values "
@@ -110,6 +111,9 @@ def save_checkpoint(
     torch.save(rng_state(), tmp / f"rng_rank{d.rank}.pt")
     if d.dp_rank == 0:
         torch.save(model, tmp / f"model{_suffix(d)}.pt")
+    if "shard" in optimizer:  # a sharded optimizer (ZeRO-2): every rank writes its own part
+        torch.save(optimizer, tmp / f"optimizer{_suffix(d)}.shard{optimizer['shard']['rank']}.pt")
+    elif d.dp_rank == 0:
         torch.save(optimizer, tmp / f"optimizer{_suffix(d)}.pt")
     if d.is_main:
         (tmp / "data.json").write_text(json.dumps(data))
@@ -130,6 +134,21 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     barrier(d)
     return final if d.is_main else None
+
+
+def _load_optimizer(path: Path, d: Dist) -> dict:
+    """The optimizer's state: one file, or `{"shards": [...]}` from one file per rank of a
+    sharded run (memory-mapped: each rank reads the parts it needs)."""
+    whole = path / f"optimizer{_suffix(d)}.pt"
+    if whole.is_file():
+        return safe_load(whole, d.device)
+    shards = sorted(
+        path.glob(f"optimizer{_suffix(d)}.shard*.pt"),
+        key=lambda p: int(p.name.rsplit(".shard", 1)[1][: -len(".pt")]),
+    )
+    if not shards:
+        raise ValueError(f"{path}: no optimizer state (optimizer{_suffix(d)}.pt or shards)")
+    return {"shards": [safe_load(p, "cpu", mmap=True) for p in shards]}
 
 
 def load_checkpoint(path: Path, d: Dist, model_config: dict) -> dict[str, Any]:
@@ -157,6 +176,6 @@ def load_checkpoint(path: Path, d: Dist, model_config: dict) -> dict[str, Any]:
     return {
         "meta": meta,
         "model": safe_load(path / f"model{_suffix(d)}.pt", d.device),
-        "optimizer": safe_load(path / f"optimizer{_suffix(d)}.pt", d.device),
+        "optimizer": _load_optimizer(path, d),
         "data": json.loads((path / "data.json").read_text()),
     }

@@ -92,3 +92,31 @@ def test_delayed_update_on_two_sharded_ranks_matches_one_process(tmp_path):
     out = torchrun(recipe, *args, "--set", f"train.out_dir='{tmp_path / 'z'}'")
     assert out.returncode == 0, out.stderr[-3000:]
     assert losses(tmp_path / "z") == pytest.approx(want, rel=1e-5)  # as in the test above
+
+
+def test_sharded_checkpoint_resumes_in_one_process_and_on_two_ranks(tmp_path, one_process):
+    """Two ranks save their own slices (one file each, no gather); one process and two ranks
+    both resume from them exactly."""
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path, "two.toml", num_micro_batches=1)
+    zero2 = [*OFFLOAD, "--set", "optim.zero_stage=2", "--set", f"train.out_dir='{run}'"]
+    out = torchrun(recipe, *zero2, "--set", "train.stop_at_step=3")
+    assert out.returncode == 0, out.stderr[-3000:]
+    (saved,) = sorted((run / "checkpoints").glob("step_*"))
+    assert sorted(p.name for p in saved.glob("optimizer*")) == [
+        "optimizer.shard0.pt",
+        "optimizer.shard1.pt",
+    ]
+    import shutil
+
+    one = tmp_path / "one"
+    shutil.copytree(run, one)
+    resumed = RunConfig.load(
+        write_recipe(tmp_path),
+        ["optim.offload=true", "train.eval_every=0", f"train.out_dir='{one}'"],
+    )
+    Trainer(resumed, resume=True).fit()
+    assert losses(one) == pytest.approx(one_process, rel=1e-5)
+    out = torchrun(recipe, *zero2, "--resume")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert losses(run) == pytest.approx(one_process, rel=1e-5)
