@@ -16,7 +16,7 @@ import torch
 from slipstream.data.sources.tokenizers import build_tokenizer
 from slipstream.models import CausalLMBase, GPTConfig, ModelConfig, build_model
 from slipstream.overlap import OverlapGroup
-from slipstream.train.distributed import Dist, ParallelConfig, wrap_ddp
+from slipstream.train.distributed import Dist, ParallelConfig, host_dp_group, wrap_ddp
 from slipstream.train.optim import OptimConfig, build_optimizer, check_parallel_optim
 
 if TYPE_CHECKING:  # the root config imports this package's config: no import at run time
@@ -93,7 +93,7 @@ def build_parallel(model, cfg: OptimConfig, d: Dist):
     them a second time)."""
     check_parallel_optim(cfg, d)
     zero = cfg.zero_stage == 2
-    group = (d.dp_group or torch.distributed.group.WORLD) if zero else None
+    group = host_dp_group(d) if zero else None  # its collectives are on host buffers
     optimizer = build_optimizer(model, cfg, d.device, group)
     ddp, hook_times = (None, []) if zero else wrap_ddp(model, d)
     return optimizer, ddp, hook_times

@@ -125,6 +125,19 @@ def init_distributed(device: str = "auto", parallel: ParallelConfig | None = Non
     return d
 
 
+def host_dp_group(d: Dist):
+    """A gloo group over this rank's data-parallel peers, for collectives on host tensors (the
+    offload engine's ZeRO-2 buckets): NCCL, the default group on GPUs, takes device tensors
+    only. Collective: every rank calls it, in the same order."""
+    world, tp = d.world_size, d.tp_size
+    mine = None
+    for j in range(tp):  # every rank creates every group, in order
+        group = dist.new_group(list(range(j, world, tp)), backend="gloo")
+        if d.tp_rank == j:
+            mine = group
+    return mine
+
+
 def all_reduce_sum(values: list[float], d: Dist) -> list[float]:
     """Sum a few numbers across ranks (one small collective; a sync point)."""
     if not d.enabled:
