@@ -246,16 +246,39 @@ class Planner:
     def plan_step(self) -> StepPlan:
         spec = self.spec
         state = self.state_dict()
+        carried = self.carry is not None
+        src, doc, starts, take = self._take_step()
+        row_of, p_src, p_doc, p_start, p_len = self._place(src, doc, starts, take)
+        num_rows = self.rows_per_step
+        row_offsets = np.zeros(num_rows + 1, dtype=np.int64)
+        np.cumsum(np.bincount(row_of, minlength=num_rows), out=row_offsets[1:])
+        lens = p_len.astype(np.float64)
+        costs = spec.balance.linear_cost * np.bincount(
+            row_of, weights=lens, minlength=num_rows
+        ) + self.attention_cost * np.bincount(row_of, weights=lens * lens, minlength=num_rows)
+        assignment = self._assign(costs, row_offsets, p_src, p_doc, p_len)
+        fresh = src[1:] if carried else src
+        plan = StepPlan(
+            self.step, p_src, p_doc, p_start, p_len, row_offsets, costs, assignment,
+            np.bincount(fresh, minlength=len(self.names)), src, doc, state,
+        )  # fmt: skip
+        self.step += 1
+        return plan
+
+    def _take_step(self) -> tuple[np.ndarray, ...]:
+        """The step's documents in stream order, the carried remainder first: (sources, docs,
+        first token, tokens taken). The last one is cut at the step's capacity and its rest
+        carried into the next step."""
+        spec, seq_len = self.spec, self.spec.seq_len
         weights = np.array(spec.weights_at(self.step), dtype=np.float64)
-        num_rows, seq_len = self.rows_per_step, spec.seq_len
         # A unit is a token when packing (rows are filled to the token), else a row.
-        budget = num_rows * seq_len if spec.packing else num_rows
+        budget = self.rows_per_step * (seq_len if spec.packing else 1)
 
         def units(n: np.ndarray) -> np.ndarray:
             return n if spec.packing else np.maximum(1, -(-n // seq_len))
 
         carry, used = self.carry, 0
-        if carry is not None:  # the remainder of a document cut at the last step's end
+        if carry is not None:
             used = int(units(np.int64(int(self.lengths[carry.source][carry.doc]) - carry.start)))
         src, doc, total = self._draw(weights, budget, used)
         starts = np.zeros(len(src), dtype=np.int64)
@@ -263,7 +286,6 @@ class Planner:
             src, doc = np.r_[carry.source, src], np.r_[carry.doc, doc]
             total = np.r_[int(self.lengths[carry.source][carry.doc]), total]
             starts = np.r_[carry.start, starts]
-        # Cut the last document at the budget; the rest is carried into the next step.
         need = units(total - starts)
         over = int(need.sum()) - budget
         take = total - starts
@@ -273,24 +295,27 @@ class Planner:
         self.carry = (
             Piece(int(src[-1]), int(doc[-1]), int(cut), 0) if len(src) and cut < total[-1] else None
         )
-        if spec.packing:
-            row_of, p_src, p_doc, p_start, p_len = pack_pieces(
-                src, doc, starts, take, num_rows, seq_len, native=self.native
-            )
-        else:  # one piece per row, a long document over several rows
-            n = np.maximum(1, -(-take // seq_len))
-            idx = np.repeat(np.arange(len(src)), n)
-            k = np.arange(len(idx)) - np.repeat(np.cumsum(n) - n, n)
-            p_src, p_doc = src[idx], doc[idx]
-            p_start = starts[idx] + k * seq_len
-            p_len = np.minimum(seq_len, starts[idx] + take[idx] - p_start)
-            row_of = np.arange(len(idx))
-        row_offsets = np.zeros(num_rows + 1, dtype=np.int64)
-        np.cumsum(np.bincount(row_of, minlength=num_rows), out=row_offsets[1:])
-        lens = p_len.astype(np.float64)
-        costs = spec.balance.linear_cost * np.bincount(
-            row_of, weights=lens, minlength=num_rows
-        ) + self.attention_cost * np.bincount(row_of, weights=lens * lens, minlength=num_rows)
+        return src, doc, starts, take
+
+    def _place(self, src, doc, starts, take) -> tuple[np.ndarray, ...]:
+        """Pieces into rows: best fit when packing, else one piece per row (a long document
+        over several rows). Returns (row, source, doc, start, length) of each part, by row."""
+        num_rows, seq_len = self.rows_per_step, self.spec.seq_len
+        if self.spec.packing:
+            return pack_pieces(src, doc, starts, take, num_rows, seq_len, native=self.native)
+        n = np.maximum(1, -(-take // seq_len))
+        idx = np.repeat(np.arange(len(src)), n)
+        k = np.arange(len(idx)) - np.repeat(np.cumsum(n) - n, n)
+        p_start = starts[idx] + k * seq_len
+        p_len = np.minimum(seq_len, starts[idx] + take[idx] - p_start)
+        return np.arange(len(idx)), src[idx], doc[idx], p_start, p_len
+
+    def _assign(self, costs, row_offsets, p_src, p_doc, p_len) -> np.ndarray:
+        """Rows to ranks and micro-batches, balanced; then the rows that are one piece of one
+        long document gathered on as few ranks as possible (no cost moves). Done at one rank
+        too (between micro-batches), so N ranks x 1 micro-batch group rows as 1 rank x N
+        micro-batches."""
+        spec = self.spec
         assignment = assign_rows(
             costs,
             self.dp_world_size,
@@ -299,21 +324,12 @@ class Planner:
             spec.balance.method,
             seed=spec.seed * 1_000_003 + self.step,
         )
-        # Fewer ranks load each long document; no cost moves. Done at one rank too (between
-        # micro-batches), so N ranks x 1 micro-batch group rows as 1 rank x N micro-batches.
         single = np.flatnonzero(np.diff(row_offsets) == 1)
         first = row_offsets[single]
-        whole = p_len[first] == seq_len
-        row_doc = np.full(num_rows, -1, dtype=np.int64)  # the document filling the row, keyed
+        whole = p_len[first] == spec.seq_len
+        row_doc = np.full(len(costs), -1, dtype=np.int64)  # the document filling the row, keyed
         row_doc[single[whole]] = (p_src[first[whole]] << 40) | p_doc[first[whole]]
-        assignment = colocate_whole_rows(assignment, row_doc)
-        fresh = src[1:] if carry is not None else src
-        plan = StepPlan(
-            self.step, p_src, p_doc, p_start, p_len, row_offsets, costs, assignment,
-            np.bincount(fresh, minlength=len(self.names)), src, doc, state,
-        )  # fmt: skip
-        self.step += 1
-        return plan
+        return colocate_whole_rows(assignment, row_doc)
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
