@@ -49,6 +49,20 @@ def make_spec(num_sources: int, method: str):
     return MixtureSpec.from_dict(raw)
 
 
+def rank_work(spec, plan, ranks: int) -> float:
+    """Seconds rank 0 spends on a plan besides planning it: the step's statistics, finding its
+    own rows' pieces and documents, and which of them other ranks need too."""
+    from slipstream.data.loader import shared_docs, step_stats
+
+    t0 = time.perf_counter()
+    step_stats(spec, plan, ranks)
+    mine = plan.pieces_of(plan.rank_rows(0))
+    docs = np.unique((plan.piece_source[mine] << 40) | plan.piece_doc[mine])
+    [plan.row(i) for i in plan.rank_rows(0).tolist()]
+    shared_docs(plan, 0, ranks, docs)
+    return time.perf_counter() - t0
+
+
 def measure(num_sources: int, ranks: int, steps: int, method: str, native=None) -> dict:
     from slipstream.data import Planner
 
@@ -65,6 +79,9 @@ def measure(num_sources: int, ranks: int, steps: int, method: str, native=None) 
         t0 = time.perf_counter()
         plan = planner.plan_step()
         times.append(time.perf_counter() - t0)
+    rank_ms = []  # what a rank does with each plan besides planning: stats, its own rows
+    for _ in range(steps):
+        rank_ms.append(rank_work(spec, planner.plan_step(), ranks) * 1e3)
     tracemalloc.start()  # one more step, traced (tracing slows Python: not timed)
     planner.plan_step()
     peaks = [tracemalloc.get_traced_memory()[1]]
@@ -76,6 +93,7 @@ def measure(num_sources: int, ranks: int, steps: int, method: str, native=None) 
         "docs": int(sum(plan.docs_drawn)),
         "step_ms": [t * 1e3 for t in times],
         "median_ms": statistics.median(times) * 1e3,
+        "rank_ms": statistics.median(rank_ms),
         "peak_alloc_mib": max(peaks) / 2**20,
         "lengths_mib": sum(x.nbytes for x in lengths) / 2**20,
     }
@@ -96,15 +114,17 @@ def main() -> None:
             rows.append(res)
             print(f"{n} sources, {r} ranks: {res['median_ms']:.1f} ms", file=sys.stderr)
     print(f"\nplanning one step from token counts (balance {args.method}), median of {args.steps}")
-    head = ["sources", "ranks", "rows", "docs", "ms/step", "% of 1 s", "peak MiB", "counts MiB"]
+    head = ["sources", "ranks", "rows", "docs", "ms/step", "% of 1 s", "rank ms", "peak MiB",
+            "counts MiB"]  # fmt: skip
     print("".join(f"{h:>11}" for h in head))
     for r in rows:
         cells = [r["sources"], r["ranks"], r["rows"], r["docs"]]
         print(
             "".join(f"{c:>11}" for c in cells)
             + f"{r['median_ms']:>11.1f}{r['median_ms'] / (STEP_S * 10):>10.1f}%"
-            + f"{r['peak_alloc_mib']:>11.1f}{r['lengths_mib']:>11.1f}"
+            + f"{r['rank_ms']:>11.1f}{r['peak_alloc_mib']:>11.1f}{r['lengths_mib']:>11.1f}"
         )
+    print("rank ms: what each rank does with a plan besides computing it (statistics, its rows)")
     last = rows[-1]
     print(
         f"largest: {last['sources']} sources x {last['ranks']} ranks: "

@@ -217,21 +217,12 @@ class MixtureLoader:
         return keys
 
     def _shared_docs(self, plan: StepPlan, mine: np.ndarray) -> set[int]:
-        """Of this rank's documents (packed source << 40 | doc), those other ranks' rows hold
-        too, when the backend can tokenize them once per machine (the local one); Ray
-        already routes each document to one actor."""
+        """Of this rank's documents, those other ranks' rows hold too, when the backend can
+        tokenize them once per machine (the local one); Ray already routes each document to
+        one actor."""
         if self.load_all_rows or not hasattr(self.backend, "submit_shared"):
             return set()
-        if self.dp_world_size == 1:
-            return set()
-        rank_of_row = np.empty(plan.num_rows, dtype=np.int64)
-        rank_of_row[plan.assignment.reshape(self.dp_world_size, -1)] = np.arange(
-            self.dp_world_size
-        )[:, None]
-        row = np.repeat(np.arange(plan.num_rows), np.diff(plan.row_offsets))
-        packed = (plan.piece_source << 40) | plan.piece_doc
-        others = packed[rank_of_row[row] != self.dp_rank]
-        return set(np.intersect1d(mine, others).tolist())
+        return shared_docs(plan, self.dp_rank, self.dp_world_size, mine)
 
     def _collect(self, plan: StepPlan, keys: list[DocKey]) -> dict[DocKey, np.ndarray]:
         tokens, results = {}, {}
@@ -312,3 +303,16 @@ def step_stats(spec: MixtureSpec, plan: StepPlan, dp_world_size: int) -> StepSta
         imbalance_random=imbalance(plan.row_costs, random),
         max_rank_cost=float(plan.row_costs[rank_rows].sum(axis=1).max()),
     )
+
+
+def shared_docs(plan: StepPlan, dp_rank: int, dp_world_size: int, mine: np.ndarray) -> set[int]:
+    """Of `mine` (this rank's documents, packed source << 40 | doc), those that other ranks'
+    rows in `plan` hold too."""
+    if dp_world_size == 1:
+        return set()
+    rank_of_row = np.empty(plan.num_rows, dtype=np.int64)
+    rank_of_row[plan.assignment.reshape(dp_world_size, -1)] = np.arange(dp_world_size)[:, None]
+    packed = (plan.piece_source << 40) | plan.piece_doc
+    hits = np.flatnonzero(np.isin(packed, mine))  # pieces of this rank's documents
+    row = np.searchsorted(plan.row_offsets, hits, side="right") - 1
+    return set(packed[hits[rank_of_row[row] != dp_rank]].tolist())
