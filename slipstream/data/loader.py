@@ -206,10 +206,13 @@ class MixtureLoader:
                 new[(key[0], packed in shared)].append(key[1])
             else:
                 entry[2] = plan.step  # kept until this step is built
+        # Local pools run a task per worker; Ray spreads one request over the source's
+        # replicas itself, and each extra request costs every actor a call.
+        tasks = 1 if self.spec.backend.kind == "ray" else self.spec.backend.num_workers
         for s, is_shared in sorted(new):
             ids = new[(s, is_shared)]
             submit = self.backend.submit_shared if is_shared else self.backend.submit
-            for chunk in np.array_split(ids, min(len(ids), self.spec.backend.num_workers)):
+            for chunk in np.array_split(ids, min(len(ids), tasks)):
                 chunk = [int(d) for d in chunk]
                 task = submit(s, chunk)
                 for j, d in enumerate(chunk):

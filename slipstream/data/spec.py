@@ -160,7 +160,8 @@ class BackendSpec:
     pool: str = "thread"
     """`thread` or `process` (for Python-heavy preprocessing); local only."""
     num_workers: int = 2
-    """Loader workers in the pool (local); load tasks per source per step (all kinds)."""
+    """Loader workers in the pool (local), and load tasks per source per step (local and
+    inline; Ray sends one request per source and replica)."""
     prefetch_steps: int = 4
     """Steps planned and loaded ahead of the consumer."""
     ray_address: str = ""
