@@ -136,3 +136,27 @@ def test_documents_several_ranks_need_are_tokenized_once_per_machine(tmp_path, m
     assert made < sum(len(s) for s in shared)  # where every rank tokenized its own copy
     for ldr in ranks:
         ldr.close()
+
+
+def test_shared_store_makes_each_document_once_and_sweeps_old_ones(tmp_path):
+    import threading
+
+    from slipstream.data.sources.shared import SharedDocs
+
+    store, calls = SharedDocs(tmp_path / "s"), []
+
+    def make():
+        calls.append(1)
+        return np.arange(5, dtype=np.int32)
+
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(store.get("k", make))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and all(np.array_equal(g, np.arange(5)) for g in got)
+    old = tmp_path / "s" / "k.npy"
+    os.utime(old, (1, 1))  # long ago
+    assert store.sweep() >= 1 and not old.exists()
+    assert np.array_equal(store.get("k", make), np.arange(5)) and len(calls) == 2  # made again

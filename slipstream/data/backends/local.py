@@ -9,8 +9,10 @@ state, so the retry returns the very same tokens.
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import threading
+import time
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -23,6 +25,7 @@ from slipstream.data.spec import MixtureSpec
 
 _local = threading.local()  # per thread (or per process): {(spec, tokenizer): [SourceLoader]}
 MAX_RETRIES = 3
+SWEEP_EVERY_S = 60.0
 
 
 def _loaders(spec_dict: dict, tokenizer: str) -> list[SourceLoader]:
@@ -91,6 +94,7 @@ class LocalBackend:
         for ldr in loaders:
             ldr.close()
         self._shared: SharedDocs | None = None
+        self._swept = -math.inf
         self._pool: Executor | None = None
         self._lock = threading.Lock()
 
@@ -111,7 +115,10 @@ class LocalBackend:
         tokenizes each and the others read its tokens (sources/shared.py)."""
         if self._shared is None:
             self._shared = SharedDocs()
+        now = time.monotonic()
+        if now - self._swept >= SWEEP_EVERY_S:  # the store holds only the last few minutes
             self._shared.sweep()
+            self._swept = now
         self.num_loaded[source] += len(ids)
         extra = (self._source_keys[source], str(self._shared.root))
         return _Task(self, source, list(ids), _shared_task, extra)

@@ -8,7 +8,8 @@ others wait on the lock and read them.
 
 Entries are addressed by content (the source's files, the tokenizer, the transform and the
 document), so jobs on one machine may share them and a stale entry is never read. They are
-small (only documents that span ranks pass here) and removed after `MAX_AGE_S`; a rank that
+small (only documents that span ranks pass here) and removed after `MAX_AGE_S` (each local
+backend sweeps the store every minute), so the store holds a few minutes of them; a rank that
 finds an entry gone tokenizes the document itself: the same tokens, only slower.
 """
 
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-MAX_AGE_S = 600.0
+MAX_AGE_S = 120.0  # ranks of a job are seconds apart; a lagging one re-tokenizes
 MIN_FREE_BYTES = 256 * 2**20  # below this free in the directory's file system, publish nothing
 
 
