@@ -173,7 +173,8 @@ class BackendSpec:
     replicas: int = 1
     """ray: loader actors per source at the start (the autoscaler moves it)."""
     shadow: int = 1
-    """ray: idle hot-standby actors per source that take over a failed one's requests."""
+    """ray: idle hot-standby actors, each holding every source's loaders, that take over a
+    failed actor's requests (whatever its source)."""
     cpu_budget: int = 0
     """ray: loader actors in all sources together, shadows aside; 0 = the cluster's CPUs."""
     autoscale_every: int = 10

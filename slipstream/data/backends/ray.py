@@ -161,7 +161,7 @@ class RayBackend:
         parts = []
         for name, part in by_name.items():
             try:
-                parts.append((name, part, self._actor(name).get_many.remote(part)))
+                parts.append((name, part, self._actor(name).get_many.remote(source, part)))
             except ValueError:
                 # The name is gone: removed by the autoscaler (the directory no longer lists
                 # it) or dead (the directory replaces it now). Either way, the new layout.
@@ -185,7 +185,7 @@ class RayBackend:
         for _ in range(MAX_RETRIES + 1):
             name = self._layout[source]["serving"][0]
             try:
-                return ray.get(getattr(self._actor(name), method).remote(*args))
+                return ray.get(getattr(self._actor(name), method).remote(source, *args))
             except (ValueError, RayActorError, ActorDiedError, ActorUnavailableError):
                 self._report_dead(name)
         raise RuntimeError(f"source {self.names[source]!r}: loader actors keep failing")
@@ -193,7 +193,7 @@ class RayBackend:
     def actor_stats(self) -> dict[str, dict]:
         """Every serving and standby actor's counters (documents tokenized, cache hits, busy
         seconds, process id), by name."""
-        names = [n for lay in self._layout.values() for n in lay["serving"] + lay["shadows"]]
+        names = {n for lay in self._layout.values() for n in lay["serving"] + lay["shadows"]}
         out = {}
         for n in names:
             try:

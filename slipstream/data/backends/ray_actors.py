@@ -26,44 +26,51 @@ one actor, so ranks whose rows share a long document find it tokenized once."""
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class SourceActor:
-    """One source's loader: documents by id, tokenized, as numpy arrays (through the object
-    store). Holds files, the index and the tokenizer, never the stream's state: any replica
-    can serve any request, and a failed request is simply issued again elsewhere."""
+    """Loaders of one source (a serving replica) or of every source (a hot standby, which
+    can take over from any source's failed replica): documents by id, tokenized, as numpy
+    arrays (through the object store). Holds files, indexes and the tokenizer, never the
+    stream's state: any replica can serve any request, and a failed request is simply issued
+    again elsewhere."""
 
-    def __init__(self, spec_dict: dict, tokenizer: str, source: int) -> None:
+    def __init__(self, spec_dict: dict, tokenizer: str, sources: list[int]) -> None:
         spec = MixtureSpec.from_dict(spec_dict)
-        tok = build_tokenizer(tokenizer, spec.base_dir)
-        self.loader = SourceLoader(spec.sources[source], tok, spec.resolve)
-        self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        self.num_tokenized, self.num_hits, self.busy_s = 0, 0, 0.0
+        tok = build_tokenizer(tokenizer, spec.base_dir)  # one tokenizer for all its sources
+        self.loaders = {s: SourceLoader(spec.sources[s], tok, spec.resolve) for s in sources}
+        self.cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self.num_tokenized = dict.fromkeys(sources, 0)
+        self.busy_s = dict.fromkeys(sources, 0.0)
+        self.num_hits = 0
 
-    def meta(self) -> tuple[int, int, int]:
-        return self.loader.num_docs, self.loader.num_bad, len(self.loader.shards)
+    def meta(self, source: int) -> tuple[int, int, int]:
+        ldr = self.loaders[source]
+        return ldr.num_docs, ldr.num_bad, len(ldr.shards)
 
-    def shard_lengths(self, shard: int) -> np.ndarray:
-        return self.loader.shard_lengths(shard)
+    def shard_lengths(self, source: int, shard: int) -> np.ndarray:
+        return self.loaders[source].shard_lengths(shard)
 
-    def get_many(self, ids: list[int]) -> list[np.ndarray]:
+    def get_many(self, source: int, ids: list[int]) -> list[np.ndarray]:
         t0 = time.perf_counter()
-        missing = [d for d in dict.fromkeys(ids) if d not in self.cache]
-        for d, tokens in zip(missing, self.loader.get_many(missing) if missing else []):
-            self.cache[d] = tokens
-        self.num_tokenized += len(missing)
+        missing = [d for d in dict.fromkeys(ids) if (source, d) not in self.cache]
+        loaded = self.loaders[source].get_many(missing) if missing else []
+        for d, tokens in zip(missing, loaded):
+            self.cache[(source, d)] = tokens
+        self.num_tokenized[source] += len(missing)
         self.num_hits += len(ids) - len(missing)
         out = []
         for d in ids:
-            self.cache.move_to_end(d)
-            out.append(self.cache[d])
+            self.cache.move_to_end((source, d))
+            out.append(self.cache[(source, d)])
         while len(self.cache) > CACHE_DOCS:
             self.cache.popitem(last=False)
-        self.busy_s += time.perf_counter() - t0
+        self.busy_s[source] += time.perf_counter() - t0
         return out
 
     def stats(self) -> dict:
         return {
-            "tokenized": self.num_tokenized,
+            "tokenized": sum(self.num_tokenized.values()),
+            "tokenized_by_source": dict(self.num_tokenized),
+            "busy_by_source": dict(self.busy_s),
             "hits": self.num_hits,
-            "busy_s": self.busy_s,
             "pid": os.getpid(),
         }
 
@@ -71,7 +78,8 @@ class SourceActor:
 @ray.remote(num_cpus=0, max_restarts=0)
 class JobDirectory:
     """Which actors serve each source (`serving`, requests routed by document id) and which
-    wait as hot standbys (`shadows`); a version that changes with the layout."""
+    wait as hot standbys (`shadows`: the same processes for every source); a version that
+    changes with the layout."""
 
     def __init__(self, job: str, spec_dict: dict, tokenizer: str) -> None:
         self.job, self.spec_dict, self.tokenizer = job, spec_dict, tokenizer
@@ -80,11 +88,14 @@ class JobDirectory:
         n = len(self.spec.sources)
         self.handles: dict[str, object] = {}
         self.next_index = [0] * n
+        self.next_standby = 0
+        # Hot standbys hold every source's loaders, so `shadow` processes cover all sources
+        # (one per source each would cost a process per source).
+        standbys = [self._new_standby() for _ in range(b.shadow)]
         self.layout = {
-            s: {"serving": [self._new(s) for _ in range(b.replicas)],
-                "shadows": [self._new(s) for _ in range(b.shadow)]}
+            s: {"serving": [self._new(s) for _ in range(b.replicas)], "shadows": list(standbys)}
             for s in range(n)
-        }  # fmt: skip
+        }
         self.version = 0
         self.events: list[str] = []
         self.clients = 0
@@ -105,35 +116,53 @@ class JobDirectory:
     def _new(self, s: int) -> str:
         name = f"{self.job}:{self.spec.sources[s].name}:{self.next_index[s]}"
         self.next_index[s] += 1
+        return self._start(name, [s])
+
+    def _new_standby(self) -> str:
+        name = f"{self.job}:standby:{self.next_standby}"
+        self.next_standby += 1
+        return self._start(name, list(range(len(self.spec.sources))))
+
+    def _start(self, name: str, sources: list[int]) -> str:
         # The directory owns its actors: it keeps the handles (an actor nobody holds is gone).
         self.handles[name] = SourceActor.options(
             name=name, namespace=NAMESPACE, get_if_exists=True
-        ).remote(self.spec_dict, self.tokenizer, s)
+        ).remote(self.spec_dict, self.tokenizer, sources)
         return name
 
     def get(self) -> tuple[int, dict]:
         return self.version, self.layout
 
     def report_dead(self, name: str) -> tuple[int, dict]:
-        """A client saw `name` fail: a shadow takes its place (the same routing slot), and a
-        new shadow is started behind it. Idempotent: later reports of the same actor find it
+        """A client saw `name` fail. A failed serving actor's routing slot goes to a standby,
+        which then serves that source only; a new standby for every source is started behind
+        it (and behind a failed standby). Idempotent: later reports of the same actor find it
         already replaced."""
         for s, lay in self.layout.items():
-            for kind in ("serving", "shadows"):
-                if name in lay[kind]:
-                    i = lay[kind].index(name)
-                    if kind == "serving" and lay["shadows"]:
-                        lay["serving"][i] = lay["shadows"].pop(0)
-                    elif kind == "serving":
-                        lay["serving"][i] = self._new(s)
-                    else:
-                        lay["shadows"].pop(i)
-                    lay["shadows"].append(self._new(s))
-                    self.version += 1
-                    self.events.append(
-                        f"{name} failed; {lay['serving'][i] if kind == 'serving' else 'shadow'} took over"
-                    )
+            if name not in lay["serving"]:
+                continue
+            i = lay["serving"].index(name)
+            if lay["shadows"]:
+                lay["serving"][i] = self._retire_standby(lay["shadows"][0])
+            else:
+                lay["serving"][i] = self._new(s)
+            self._record(f"{name} failed; {lay['serving'][i]} took over")
+            return self.version, self.layout
+        if any(name in lay["shadows"] for lay in self.layout.values()):
+            self._retire_standby(name)
+            self._record(f"standby {name} failed; replaced")
         return self.version, self.layout
+
+    def _retire_standby(self, name: str) -> str:
+        """`name` stops standing by for every source; a fresh standby takes its place."""
+        fresh = self._new_standby()
+        for lay in self.layout.values():
+            lay["shadows"] = [fresh if x == name else x for x in lay["shadows"]]
+        return name
+
+    def _record(self, event: str) -> None:
+        self.version += 1
+        self.events.append(event)
 
     def autoscale(self, step: int) -> tuple[int, dict]:
         """Replicas per source in proportion to (measured seconds per document) x (the
@@ -173,8 +202,8 @@ class JobDirectory:
                     stats.append(ray.get(self.handles[name].stats.remote()))
                 except Exception:  # noqa: BLE001 - a dead actor has no stats; failover handles it
                     continue
-            docs = sum(x["tokenized"] for x in stats)
-            busy = sum(x["busy_s"] for x in stats)
+            docs = sum(x["tokenized_by_source"].get(s, 0) for x in stats)
+            busy = sum(x["busy_by_source"].get(s, 0.0) for x in stats)
             out.append(busy / docs if docs else math.nan)
         known = [c for c in out if not math.isnan(c)]
         default = float(np.median(known)) if known else 1.0
@@ -184,7 +213,7 @@ class JobDirectory:
         return list(self.events)
 
     def shutdown(self) -> None:
-        for lay in self.layout.values():
-            for name in lay["serving"] + lay["shadows"]:
-                with contextlib.suppress(Exception):  # already gone
-                    ray.kill(self.handles.pop(name))
+        names = {n for lay in self.layout.values() for n in lay["serving"] + lay["shadows"]}
+        for name in names:
+            with contextlib.suppress(Exception):  # already gone
+                ray.kill(self.handles.pop(name))
