@@ -171,7 +171,8 @@ class BackendSpec:
     """ray: the name under which the job's loader actors are found by every rank; empty =
     derived from torchrun's run id (or this process) and the spec."""
     replicas: int = 1
-    """ray: loader actors per source at the start (the autoscaler moves it)."""
+    """ray: loader actors per source at the start (the autoscaler moves it). With more
+    sources than `cpu_budget` allows, light sources start on shared actors."""
     shadow: int = 1
     """ray: idle hot-standby actors, each holding every source's loaders, that take over a
     failed actor's requests (whatever its source)."""

@@ -60,7 +60,10 @@ def test_four_ranks_tokenize_each_document_once_for_the_job(tmp_path):
         ldr.close()
 
 
-def test_a_killed_loader_actor_loses_and_repeats_nothing(tmp_path):
+@pytest.mark.parametrize("source", [0, 2])
+def test_a_killed_loader_actor_loses_and_repeats_nothing(tmp_path, source):
+    """Source 0 has an actor of its own; with 2 CPUs, sources 1 and 2 start on one shared
+    actor: killing that one moves both sources to the standby."""
     local, spec = _specs(tmp_path)
     ref, _ = run_steps(local, 10, world_size=2)
     loaders = [MixtureLoader(spec, r, 2) for r in range(2)]
@@ -70,7 +73,9 @@ def test_a_killed_loader_actor_loses_and_repeats_nothing(tmp_path):
             backend = loaders[0].backend
             standbys = {n for lay in backend._layout.values() for n in lay["shadows"]}
             assert len(standbys) == spec.backend.shadow  # one standby covers every source
-            victim = backend._layout[0]["serving"][0]
+            victim = backend._layout[source]["serving"][0]
+            served = [s for s, lay in backend._layout.items() if victim in lay["serving"]]
+            assert len(served) == (1 if source == 0 else 2)
             ray.kill(backend._actor(victim))
         t0 = time.perf_counter()
         got.append([next(ldr) for ldr in loaders])

@@ -1,7 +1,9 @@
-"""The Ray actors of the `ray` backend: a source's loader (`SourceActor`) and the job's
-directory (`JobDirectory`), which knows which actors serve each source, promotes a hot-standby
-actor when one fails, and sizes each source's replicas from its measured cost and its weight
-ahead on the schedule. Imported only where Ray is installed."""
+"""The Ray actors of the `ray` backend: loaders (`SourceActor`: one source's, a few light
+sources' together, or, as a hot standby, every source's) and the job's directory
+(`JobDirectory`), which knows which actors serve each source, starts no more serving actors
+than the CPU budget holds, promotes a standby when an actor fails, and sizes each source's
+replicas from its measured cost and its weight ahead on the schedule. Imported only where Ray
+is installed."""
 
 from __future__ import annotations
 
@@ -92,10 +94,12 @@ class JobDirectory:
         # Hot standbys hold every source's loaders, so `shadow` processes cover all sources
         # (one per source each would cost a process per source).
         standbys = [self._new_standby() for _ in range(b.shadow)]
-        self.layout = {
-            s: {"serving": [self._new(s) for _ in range(b.replicas)], "shadows": list(standbys)}
-            for s in range(n)
-        }
+        self.layout = {s: {"serving": [], "shadows": list(standbys)} for s in range(n)}
+        for group in self._groups():
+            for _ in range(b.replicas):
+                name = self._new_group(group)
+                for s in group:
+                    self.layout[s]["serving"].append(name)
         self.version = 0
         self.events: list[str] = []
         self.clients = 0
@@ -118,6 +122,32 @@ class JobDirectory:
         self.next_index[s] += 1
         return self._start(name, [s])
 
+    def _groups(self) -> list[list[int]]:
+        """Sources that start on a shared actor: no more serving processes than the CPU
+        budget holds (an actor uses one CPU at most; more processes would cost memory, not
+        speed). The heaviest sources are dealt first, each to the lightest group; the
+        autoscaler later gives a source that needs it actors of its own."""
+        b, n = self.spec.backend, len(self.spec.sources)
+        budget = b.cpu_budget or int(ray.cluster_resources().get("CPU", n))
+        slots = max(1, budget // b.replicas)
+        if n <= slots:
+            return [[s] for s in range(n)]
+        weights = np.max([self.spec.weights_at(t) for t in range(b.lookahead_steps + 1)], axis=0)
+        groups: list[list[int]] = [[] for _ in range(slots)]
+        loads = np.zeros(slots)
+        for s in np.argsort(-weights, kind="stable").tolist():
+            g = int(np.argmin(loads))
+            groups[g].append(s)
+            loads[g] += weights[s]
+        return [sorted(g) for g in groups if g]
+
+    def _new_group(self, sources: list[int]) -> str:
+        if len(sources) == 1:
+            return self._new(sources[0])
+        name = f"{self.job}:shared:{'+'.join(str(s) for s in sources)}:{self.next_standby}"
+        self.next_standby += 1
+        return self._start(name, sources)
+
     def _new_standby(self) -> str:
         name = f"{self.job}:standby:{self.next_standby}"
         self.next_standby += 1
@@ -134,19 +164,21 @@ class JobDirectory:
         return self.version, self.layout
 
     def report_dead(self, name: str) -> tuple[int, dict]:
-        """A client saw `name` fail. A failed serving actor's routing slot goes to a standby,
-        which then serves that source only; a new standby for every source is started behind
-        it (and behind a failed standby). Idempotent: later reports of the same actor find it
-        already replaced."""
-        for s, lay in self.layout.items():
-            if name not in lay["serving"]:
-                continue
-            i = lay["serving"].index(name)
-            if lay["shadows"]:
-                lay["serving"][i] = self._retire_standby(lay["shadows"][0])
+        """A client saw `name` fail. A failed serving actor's routing slots (in every source
+        it served) go to a standby, which then serves those sources only; a new standby for
+        every source is started behind it (and behind a failed standby). Idempotent: later
+        reports of the same actor find it already replaced."""
+        slots = [(s, lay["serving"].index(name)) for s, lay in self.layout.items()
+                 if name in lay["serving"]]  # fmt: skip
+        if slots:
+            shadows = self.layout[slots[0][0]]["shadows"]
+            if shadows:
+                new = self._retire_standby(shadows[0])
             else:
-                lay["serving"][i] = self._new(s)
-            self._record(f"{name} failed; {lay['serving'][i]} took over")
+                new = self._new_group([s for s, _ in slots])
+            for s, i in slots:
+                self.layout[s]["serving"][i] = new
+            self._record(f"{name} failed; {new} took over")
             return self.version, self.layout
         if any(name in lay["shadows"] for lay in self.layout.values()):
             self._retire_standby(name)
@@ -186,7 +218,9 @@ class JobDirectory:
                 serving.append(self._new(s))
                 changed = True
             while len(serving) > want[s]:
-                ray.kill(self.handles.pop(serving.pop()))
+                name = serving.pop()
+                if not any(name in lay["serving"] for lay in self.layout.values()):
+                    ray.kill(self.handles.pop(name))  # no other source is served by it
                 changed = True
         if changed:
             self.version += 1
