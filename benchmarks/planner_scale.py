@@ -53,11 +53,12 @@ def rank_work(spec, plan, ranks: int) -> float:
     """Seconds rank 0 spends on a plan besides planning it: the step's statistics, finding its
     own rows' pieces and documents, and which of them other ranks need too."""
     from slipstream.data.loader import shared_docs, step_stats
+    from slipstream.data.packing import doc_keys
 
     t0 = time.perf_counter()
     step_stats(spec, plan, ranks)
     mine = plan.pieces_of(plan.rank_rows(0))
-    docs = np.unique((plan.piece_source[mine] << 40) | plan.piece_doc[mine])
+    docs = np.unique(doc_keys(plan.piece_source[mine], plan.piece_doc[mine]))
     [plan.row(i) for i in plan.rank_rows(0).tolist()]
     shared_docs(plan, 0, ranks, docs)
     return time.perf_counter() - t0

@@ -26,7 +26,7 @@ from slipstream.configfile import VERSION_KEY, check_version
 from slipstream.data.backends import Backend, build_backend
 from slipstream.data.balance import imbalance, partition
 from slipstream.data.batch import LABELS, build_micro_batch
-from slipstream.data.packing import DocKey
+from slipstream.data.packing import DocKey, doc_keys, unpack_keys
 from slipstream.data.planner import Planner, StepPlan
 from slipstream.data.spec import MixtureSpec
 
@@ -190,14 +190,15 @@ class MixtureLoader:
     def _load(self, plan: StepPlan) -> list[DocKey]:
         """Submit the loads of this rank's documents in `plan` that no step in flight has
         asked for already (a document cut at a step boundary is needed by the next step too:
-        it is loaded once), per source in up to `num_workers` tasks. Returns the documents."""
+        it is loaded once), per source in up to `num_workers` tasks (Ray: one). Returns the
+        documents."""
         if self.load_all_rows:
             src, doc = plan.piece_source, plan.piece_doc
         else:
             mine = plan.pieces_of(plan.rank_rows(self.dp_rank))
             src, doc = plan.piece_source[mine], plan.piece_doc[mine]
-        both = np.unique((src << 40) | doc)  # sorted by (source, doc)
-        keys = list(zip((both >> 40).tolist(), (both & ((1 << 40) - 1)).tolist()))
+        both = np.unique(doc_keys(src, doc))  # sorted by (source, doc)
+        keys = unpack_keys(both)
         shared = self._shared_docs(plan, both)
         new: dict[tuple[int, bool], list[int]] = defaultdict(list)
         for key, packed in zip(keys, both.tolist()):
@@ -309,13 +310,13 @@ def step_stats(spec: MixtureSpec, plan: StepPlan, dp_world_size: int) -> StepSta
 
 
 def shared_docs(plan: StepPlan, dp_rank: int, dp_world_size: int, mine: np.ndarray) -> set[int]:
-    """Of `mine` (this rank's documents, packed source << 40 | doc), those that other ranks'
-    rows in `plan` hold too."""
+    """Of `mine` (this rank's documents, as `doc_keys`), those that other ranks' rows in
+    `plan` hold too."""
     if dp_world_size == 1:
         return set()
     rank_of_row = np.empty(plan.num_rows, dtype=np.int64)
     rank_of_row[plan.assignment.reshape(dp_world_size, -1)] = np.arange(dp_world_size)[:, None]
-    packed = (plan.piece_source << 40) | plan.piece_doc
+    packed = doc_keys(plan.piece_source, plan.piece_doc)
     hits = np.flatnonzero(np.isin(packed, mine))  # pieces of this rank's documents
     row = np.searchsorted(plan.row_offsets, hits, side="right") - 1
     return set(packed[hits[rank_of_row[row] != dp_rank]].tolist())

@@ -12,6 +12,16 @@ import numpy as np
 from slipstream.data import plankernels
 
 DocKey = tuple[int, int]  # (source index, document index within the source)
+DOC_BITS = 40  # a document as one int64: source << DOC_BITS | doc (sorts like (source, doc))
+
+
+def doc_keys(source: np.ndarray, doc: np.ndarray) -> np.ndarray:
+    """Documents as int64 keys (`DOC_BITS`), for set and sort operations on arrays."""
+    return (source.astype(np.int64) << DOC_BITS) | doc
+
+
+def unpack_keys(keys: np.ndarray) -> list[DocKey]:
+    return list(zip((keys >> DOC_BITS).tolist(), (keys & ((1 << DOC_BITS) - 1)).tolist()))
 
 
 @dataclass(slots=True, frozen=True)

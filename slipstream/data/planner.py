@@ -28,7 +28,7 @@ import numpy as np
 
 from slipstream.configfile import VERSION_KEY, check_version
 from slipstream.data.balance import assign_rows, colocate_whole_rows
-from slipstream.data.packing import DocKey, Piece, pack_pieces
+from slipstream.data.packing import DocKey, Piece, doc_keys, pack_pieces
 from slipstream.data.plankernels import Lookahead, draw_docs
 from slipstream.data.spec import DEFAULT_ATTENTION_COST, MixtureSpec
 
@@ -328,7 +328,7 @@ class Planner:
         first = row_offsets[single]
         whole = p_len[first] == spec.seq_len
         row_doc = np.full(len(costs), -1, dtype=np.int64)  # the document filling the row, keyed
-        row_doc[single[whole]] = (p_src[first[whole]] << 40) | p_doc[first[whole]]
+        row_doc[single[whole]] = doc_keys(p_src[first[whole]], p_doc[first[whole]])
         return colocate_whole_rows(assignment, row_doc)
 
     # -- state ------------------------------------------------------------------------------
