@@ -5,6 +5,9 @@ summed PSS (shared pages counted once) of every process that holds data state:
                     dataset that holds every source's state (file list, offset index, tokenizer)
   slipstream-local  every rank a MixtureLoader with a 2-process pool (each worker opens every
                     source it is asked for: the same replication, by design of a local pool)
+  slipstream-local-threads
+                    the same with the default 2-thread pool (the tokenizer releases the GIL,
+                    so threads load as fast; no worker processes to hold copies)
   slipstream-ray    every rank a MixtureLoader on the Ray backend: one loader actor per source
                     (and one standby) for the whole job, the ranks holding token counts only;
                     Ray's own processes (raylet, GCS, ...) are counted too
@@ -31,7 +34,7 @@ from pathlib import Path
 from benchmarks.data_throughput import TOKENIZER, ensure_inputs
 from benchmarks.harness import ROOT, provenance
 
-MODES = ("bare", "dataloader", "slipstream-local", "slipstream-ray")
+MODES = ("bare", "dataloader", "slipstream-local", "slipstream-local-threads", "slipstream-ray")
 
 
 def load_spec(num_sources: int, mode: str, ranks: int):
@@ -45,7 +48,8 @@ def load_spec(num_sources: int, mode: str, ranks: int):
         for i in range(num_sources)
     ]
     raw.update(tokenizer=str(TOKENIZER), seq_len=1024, micro_batch_size=4)
-    raw["backend"] = {"num_workers": 2, "prefetch_steps": 2, "pool": "process"}
+    pool = "thread" if mode == "slipstream-local-threads" else "process"
+    raw["backend"] = {"num_workers": 2, "prefetch_steps": 2, "pool": pool}
     if mode == "slipstream-ray":
         raw["backend"] = {"kind": "ray", "job": f"memory-{ranks}", "prefetch_steps": 2}
     return MixtureSpec.from_dict(raw, base_dir=str(ROOT / "recipes" / "data"))
@@ -176,15 +180,15 @@ def main() -> None:
     results = {m: measure(m, args.ranks, args.sources) for m in MODES}
     bare = results["bare"]["total_pss_mib"]
     print(f"\n{args.sources} sources x {args.ranks} ranks x 2 workers: summed PSS, MiB")
-    print(f"{'pipeline':<18}{'processes':>10}{'all':>10}{'data side':>11}")
+    print(f"{'pipeline':<26}{'processes':>10}{'all':>10}{'data side':>11}")
     for m in MODES[1:]:
         r = results[m]
         r["data_side_mib"] = r["total_pss_mib"] - bare
         print(
-            f"{m:<18}{r['processes']:>10}{r['total_pss_mib']:>10,.0f}{r['data_side_mib']:>11,.0f}"
+            f"{m:<26}{r['processes']:>10}{r['total_pss_mib']:>10,.0f}{r['data_side_mib']:>11,.0f}"
         )
     base = results["dataloader"]["data_side_mib"]
-    for m in ("slipstream-local", "slipstream-ray"):
+    for m in MODES[2:]:
         print(
             f"{m}: {base / results[m]['data_side_mib']:.2f}x less data-side memory than dataloader"
         )
