@@ -25,10 +25,6 @@ FLAGS = [
 ]
 
 
-def library_path() -> Path:
-    return native.library_path(SOURCE, FLAGS)
-
-
 def build(verbose: bool = False) -> Path | None:
     """Compile the kernel into the cache (once); its path, or None without a C compiler."""
     return native.build(SOURCE, FLAGS, verbose)
