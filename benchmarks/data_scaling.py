@@ -14,7 +14,8 @@ over the ranks, the local backend with 2 loader threads per rank. The ranks run 
 processes (on 2 cores, 8 ranks share them: tokens/s per rank falls for that reason alone);
 each measures --steps steps after 3 warm-up steps (the token-count cache is built first).
 
-    python -m benchmarks.data_scaling [--ranks 1,2,4,8] [--steps 20] [--json out.json]
+    python -m benchmarks.data_scaling [--ranks 1,2,4,8] [--steps 20] [--rows 32]
+        [--modes before,after,ray] [--sequential] [--json out.json]
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ from pathlib import Path
 from benchmarks.data_throughput import TOKENIZER, _tree_cpu_s, ensure_inputs
 from benchmarks.harness import ROOT, provenance
 
-ROWS_PER_STEP, SEQ_LEN = 32, 1024
+ROWS_PER_STEP, SEQ_LEN = 32, 1024  # the default global batch: --rows changes it
 MODES = ("before", "after", "ray")
 
 
-def load_spec(world: int, mode: str = "after"):
+def load_spec(world: int, mode: str = "after", rows: int = ROWS_PER_STEP):
     from slipstream.data import MixtureSpec
 
     ray = ["backend.kind='ray'", f"backend.job='scaling-{world}'", "backend.shadow=0"]
@@ -45,7 +46,7 @@ def load_spec(world: int, mode: str = "after"):
             *(ray if mode == "ray" else []),
             f"tokenizer='{TOKENIZER}'",
             f"seq_len={SEQ_LEN}",
-            f"micro_batch_size={ROWS_PER_STEP // world}",
+            f"micro_batch_size={rows // world}",
             "num_micro_batches=1",
             "backend.num_workers=2",
             "backend.prefetch_steps=4",
@@ -53,24 +54,29 @@ def load_spec(world: int, mode: str = "after"):
     )
 
 
-def one_rank(mode: str, rank: int, world: int, steps: int) -> dict:
+def one_rank(
+    mode: str, rank: int, world: int, steps: int, rows: int = ROWS_PER_STEP, alone: bool = False
+) -> dict:
     import psutil
 
     from slipstream.data import MixtureLoader
 
-    loader = MixtureLoader(load_spec(world, mode), rank, world, load_all_rows=mode == "before")
+    loader = MixtureLoader(
+        load_spec(world, mode, rows), rank, world, load_all_rows=mode == "before"
+    )
     for _ in range(3):
         next(loader)
     me = psutil.Process()
     docs0 = sum(loader.backend.num_loaded)
-    # Rank 0 also counts the loader actors' CPU (they serve every rank at once).
-    actors = _actor_procs(loader) if mode == "ray" and rank == 0 else []
+    # The loader actors' CPU is counted by rank 0 when the ranks run at once (the actors serve
+    # them all in its window), by every rank when each runs alone.
+    actors = _actor_procs(loader) if mode == "ray" and (rank == 0 or alone) else []
     cpu0, t0 = _tree_cpu_s(me) + _cpu(actors), time.perf_counter()
-    tokens = 0
+    held = []  # counted after the clock stops: counting is the consumer's work, not the data's
     for _ in range(steps):
-        step = next(loader)
-        tokens += sum(int((mb["doc_ids"] >= 0).sum()) for mb in step.micro_batches)
+        held.extend(mb["doc_ids"] for mb in next(loader).micro_batches)
     wall, cpu = time.perf_counter() - t0, _tree_cpu_s(me) + _cpu(actors) - cpu0
+    tokens = sum(int((ids >= 0).sum()) for ids in held)
     docs = sum(loader.backend.num_loaded) - docs0
     tokenized = None
     if actors:
@@ -100,33 +106,46 @@ def _cpu(procs) -> float:
     return total
 
 
-def run(mode: str, world: int, steps: int, env: dict | None = None) -> list[dict]:
+def run(
+    mode: str,
+    world: int,
+    steps: int,
+    env: dict | None = None,
+    rows: int = ROWS_PER_STEP,
+    sequential: bool = False,
+) -> list[dict]:
     # A fresh store of shared documents per run: the previous run's must not serve this one.
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
     with tempfile.TemporaryDirectory(dir=shm, prefix="slipstream-bench-docs-") as store:
-        return _run(mode, world, steps, {**(env or {}), "SLIPSTREAM_SHARED_DOCS": store})
+        return _run(
+            mode, world, steps, {**(env or {}), "SLIPSTREAM_SHARED_DOCS": store}, rows, sequential
+        )
 
 
-def _run(mode: str, world: int, steps: int, env: dict) -> list[dict]:
+def _run(mode: str, world: int, steps: int, env: dict, rows: int, sequential: bool) -> list[dict]:
     cmd = [sys.executable, "-m", "benchmarks.data_scaling", "--one", mode, "--world", str(world)]
-    procs = [
-        subprocess.Popen(
-            [*cmd, "--rank", str(r), "--steps", str(steps)],
+    cmd += ["--rows", str(rows)]
+
+    def start(r: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [*cmd, "--rank", str(r), "--steps", str(steps), *(["--sequential"] * sequential)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             cwd=ROOT,
             env={**os.environ, **env, "RANK": str(r)},
         )
-        for r in range(world)
-    ]
-    out = []
-    for p in procs:
+
+    def finish(p: subprocess.Popen) -> dict:
         stdout, stderr = p.communicate(timeout=1800)
         if p.returncode:
             raise RuntimeError(stderr[-3000:])
-        out.append(json.loads(stdout.strip().splitlines()[-1]))
-    return out
+        return json.loads(stdout.strip().splitlines()[-1])
+
+    if sequential:  # one rank at a time: the work itself, without time-sharing the cores
+        return [finish(start(r)) for r in range(world)]
+    procs = [start(r) for r in range(world)]
+    return [finish(p) for p in procs]
 
 
 def main() -> None:
@@ -136,24 +155,45 @@ def main() -> None:
     ap.add_argument("--world", type=int, default=1)
     ap.add_argument("--ranks", default="1,2,4,8")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rows", type=int, default=ROWS_PER_STEP, help="rows of the global batch")
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument(
+        "--sequential",
+        action="store_true",
+        help="run a job's ranks one after another (no time-sharing of the cores)",
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one_rank(args.one, args.rank, args.world, args.steps)))
+        one = one_rank(args.one, args.rank, args.world, args.steps, args.rows, args.sequential)
+        print(json.dumps(one))
         return
     ensure_inputs()
+    modes = args.modes.split(",")
+    if unknown := set(modes) - set(MODES):
+        ap.error(f"--modes: unknown {sorted(unknown)}; choose from {MODES}")
     run("after", 1, 1)  # builds the token-count cache once, outside the measurements
-    import ray
+    env = None
+    if "ray" in modes:
+        import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    env = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        env = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     results = {}
     head = ["ranks", "mode", "CPU s/step", "docs/step", "tok/s/rank"]
     print("".join(f"{h:>14}" for h in head))
     for world in [int(x) for x in args.ranks.split(",")]:
-        for mode in MODES:
-            rs = run(mode, world, args.steps, env if mode == "ray" else None)
+        for mode in modes:
+            ray_env = env if mode == "ray" else None
+            hold = None
+            if mode == "ray" and args.sequential:  # the job's actors outlive each rank
+                from slipstream.data.backends.ray import RayBackend
+
+                hold = RayBackend(load_spec(world, mode, args.rows))
+            rs = run(mode, world, args.steps, ray_env, args.rows, args.sequential)
+            if hold is not None:
+                hold.close()
             cpu = sum(r["cpu_s"] for r in rs) / args.steps
             docs = sum(r["docs_loaded"] for r in rs) / args.steps
             per_rank = sum(r["tokens"] / r["wall_s"] for r in rs) / world
@@ -165,14 +205,16 @@ def main() -> None:
             }
             print(f"{world:>14}{mode:>14}{cpu:>14.3f}{docs:>14.1f}{per_rank:>14,.0f}")
     ranks = [int(x) for x in args.ranks.split(",")]
-    for mode in MODES:
+    for mode in modes:
         a, b = results[f"{mode}/{ranks[0]}"], results[f"{mode}/{ranks[-1]}"]
         print(
             f"{mode}: job data CPU per step {ranks[0]} -> {ranks[-1]} ranks: "
             f"{b['cpu_s_per_step'] / a['cpu_s_per_step']:.2f}x"
         )
     if args.json:
-        out = {**provenance(("tokenizers", "psutil")), "results": results}
+        shape = {"rows_per_step": args.rows, "seq_len": SEQ_LEN, "steps": args.steps,
+                 "sequential": args.sequential}  # fmt: skip
+        out = {**provenance(("tokenizers", "psutil")), **shape, "results": results}
         args.json.write_text(json.dumps(out, indent=2))
 
 

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from slipstream.data import plankernels
+
 
 def row_cost(doc_lens: Sequence[int], linear_cost: float, attention_cost: float) -> float:
     """a * tokens + b * sum(len^2): attention runs per document under document masking."""
@@ -27,22 +29,33 @@ def imbalance(costs: np.ndarray, parts: list[list[int]]) -> float:
 
 
 def partition(
-    costs: np.ndarray, num_parts: int, part_size: int, method: str, seed: int = 0
+    costs: np.ndarray,
+    num_parts: int,
+    part_size: int,
+    method: str,
+    seed: int = 0,
+    native: bool | None = None,
 ) -> np.ndarray:
     """Split indices 0..len(costs)-1 into `num_parts` parts of exactly `part_size` each; an
     int array [num_parts, part_size].
 
     `none` keeps the order (contiguous blocks); `random` deals a seeded shuffle (what a user
     gets without balancing, since packing order says nothing about cost); `greedy` and `kk`
-    minimize the largest part's cost."""
+    minimize the largest part's cost. `native` as for the planner: None runs `kk` and the
+    refinement in C when it builds (plankernels), False in Python; the same result."""
     costs = np.asarray(costs, dtype=np.float64)
     if len(costs) != num_parts * part_size:
         raise ValueError(f"partition: {len(costs)} items != {num_parts} parts x {part_size}")
-    return partition_many(costs[None], num_parts, part_size, method, seed)[0]
+    return partition_many(costs[None], num_parts, part_size, method, seed, native)[0]
 
 
 def partition_many(
-    costs: np.ndarray, num_parts: int, part_size: int, method: str, seed: int = 0
+    costs: np.ndarray,
+    num_parts: int,
+    part_size: int,
+    method: str,
+    seed: int = 0,
+    native: bool | None = None,
 ) -> np.ndarray:
     """`partition` of each row of `costs` [batch, num_parts * part_size] at once (every rank's
     rows into its micro-batches, say): [batch, num_parts, part_size]. Each row gets what
@@ -58,8 +71,14 @@ def partition_many(
     if method == "random":
         order = np.random.default_rng(seed).permutation(n)
         return np.broadcast_to(order, (batch, n)).reshape(batch, num_parts, part_size).copy()
-    build = _greedy if method == "greedy" else _karmarkar_karp
-    return _refine(costs, build(costs, num_parts, part_size))
+    lib = plankernels.library(native)
+    if method == "greedy":
+        parts = _greedy(costs, num_parts, part_size)
+    elif lib is not None:
+        parts = plankernels.kk_partition(lib, costs, num_parts, part_size)
+    else:
+        parts = _karmarkar_karp(costs, num_parts, part_size)
+    return _refine(costs, parts, lib=lib)
 
 
 METHODS = ("none", "random", "greedy", "kk")
@@ -90,7 +109,8 @@ def _karmarkar_karp(costs: np.ndarray, num_parts: int, part_size: int) -> np.nda
     with the largest spread (heaviest minus lightest part; the older first on a tie) are
     merged, pairing the heaviest part of one with the lightest of the other, which cancels
     their differences. Each part takes one item per chunk, so sizes stay equal.
-    Returns [batch, num_parts, part_size], parts in falling load order, items sorted."""
+    Returns [batch, num_parts, part_size], parts in falling load order, items sorted.
+    The Python twin of `kk_partition` in plan.c."""
     batch, n = costs.shape
     rows = np.arange(batch)
     order = np.argsort(-costs, axis=1, kind="stable")
@@ -126,24 +146,29 @@ REFINE_WORK = 1 << 20
 MIN_GAIN = 1e-5  # of the mean load: a swap that moves less is not worth making
 
 
-def _refine(costs: np.ndarray, parts: np.ndarray, max_swaps: int = 256) -> np.ndarray:
+def _refine(costs: np.ndarray, parts: np.ndarray, max_swaps: int = 256, lib=None) -> np.ndarray:
     """Local search on every row at once: swap one item of the heaviest part with a lighter
     item of another part while that lowers both below the current maximum (sizes are
     unchanged). The other part is the lightest that has such a swap; the pair is the one
     whose difference is closest to half the two parts' gap. A swap must move at least
     `MIN_GAIN` of the mean load, and a row stops once `num_parts` swaps in a row have not
     lowered its maximum by that much: nearly equal items would otherwise trade places for
-    nothing (measured: 256 swaps, 16 ms, max/mean unchanged to 5 digits)."""
+    nothing (measured: 256 swaps, 16 ms, max/mean unchanged to 5 digits).
+
+    The Python twin of `refine_parts` in plan.c (run instead when `lib` is given): sums run in
+    index order (accumulate, not numpy's pairwise sum) and sorts are stable, so both agree."""
     batch, num_parts, k = parts.shape
     if num_parts < 2:
         return parts
+    swaps = min(max_swaps, max(1, REFINE_WORK // (k * k * num_parts)))
+    if lib is not None:
+        return plankernels.refine_parts(lib, costs, parts, swaps, MIN_GAIN)
     parts = parts.copy()
     rows = np.arange(batch)
-    loads = costs[rows[:, None, None], parts].sum(axis=2)
-    min_gain = MIN_GAIN * loads.mean(axis=1)  # [batch]
+    loads = np.add.accumulate(costs[rows[:, None, None], parts], axis=2)[..., -1]
+    min_gain = MIN_GAIN * (np.add.accumulate(loads, axis=1)[:, -1] / num_parts)  # [batch]
     lowest, stalled = loads.max(axis=1), np.zeros(batch, dtype=np.int64)
     active = np.ones(batch, dtype=bool)
-    swaps = min(max_swaps, max(1, REFINE_WORK // (k * k * num_parts)))
     for _ in range(swaps):
         idx = np.flatnonzero(active)
         if len(idx) == 0:
@@ -157,7 +182,7 @@ def _refine(costs: np.ndarray, parts: np.ndarray, max_swaps: int = 256) -> np.nd
         ok = (d >= min_gain[idx, None, None, None]) & (d < gap[:, None, :, None])
         can = ok.any(axis=(1, 3)) & (gap > 0)
         can[np.arange(len(idx)), hi] = False
-        order = np.argsort(lo_, axis=1)
+        order = np.argsort(lo_, axis=1, kind="stable")
         can_sorted = np.take_along_axis(can, order, axis=1)
         found = can_sorted.any(axis=1)
         active[idx[~found]] = False
@@ -192,16 +217,17 @@ def assign_rows(
     micro_batch_size: int,
     method: str,
     seed: int = 0,
+    native: bool | None = None,
 ) -> np.ndarray:
     """Rows to ranks (equal counts, smallest max cost), then each rank's rows to micro-batches:
     [rank, micro_batch, row], rows sorted within each micro-batch. `seed` (used by `random`
     only) must be the same on every rank: the step, say."""
     costs = np.asarray(costs, dtype=np.float64)
-    ranks = partition(costs, dp_world_size, num_micro * micro_batch_size, method, seed)
+    ranks = partition(costs, dp_world_size, num_micro * micro_batch_size, method, seed, native)
     if num_micro == 1:
         out = ranks[:, None, :].copy()
     else:
-        micro = partition_many(costs[ranks], num_micro, micro_batch_size, method, seed)
+        micro = partition_many(costs[ranks], num_micro, micro_batch_size, method, seed, native)
         out = np.take_along_axis(ranks[:, None, :], micro.reshape(dp_world_size, 1, -1), axis=2)
         out = out.reshape(dp_world_size, num_micro, micro_batch_size)
     out.sort(axis=2)

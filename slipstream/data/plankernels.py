@@ -1,5 +1,6 @@
-"""The planner's two sequential loops, drawing and best-fit packing, in C (`kernels/plan.c`)
-with Python twins that give the same results bit for bit. The C build is used when a compiler
+"""The planner's sequential loops in C (`kernels/plan.c`): drawing, best-fit packing, and
+balancing's largest differencing and swap refinement, with Python twins (here and in
+`balance.py`) that give the same results bit for bit. The C build is used when a compiler
 is there (`native=None`); `native=False` forces the Python twin (tests compare the two). A job
 whose machines differ in this respect still computes one plan: the results do not depend on
 which one ran.
@@ -28,6 +29,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.draw_docs.restype = i64
     lib.pack_best_fit.argtypes = [p, i64, i64, i64, p, p, p, p]
     lib.pack_best_fit.restype = i64
+    lib.kk_partition.argtypes = [p, i64, i64, i64, p]
+    lib.kk_partition.restype = i64
+    lib.refine_parts.argtypes = [p, i64, i64, i64, i64, p, i64, ctypes.c_double]
+    lib.refine_parts.restype = i64
 
 
 def library(native: bool | None = None) -> ctypes.CDLL | None:
@@ -173,3 +178,27 @@ def _pack_py(chunk_len: list[int], num_rows: int, seq_len: int, outs) -> int:
             left -= take
             off += take
     return parts
+
+
+def kk_partition(lib: ctypes.CDLL, costs: np.ndarray, num_parts: int, part_size: int) -> np.ndarray:
+    """`balance._karmarkar_karp` in C: [batch, num_parts, part_size]."""
+    costs = np.ascontiguousarray(costs, dtype=np.float64)
+    out = np.empty((len(costs), num_parts, part_size), dtype=np.int64)
+    if lib.kk_partition(_ptr(costs), len(costs), num_parts, part_size, _ptr(out)) < 0:
+        raise MemoryError("kk_partition: out of memory")
+    return out
+
+
+def refine_parts(
+    lib: ctypes.CDLL, costs: np.ndarray, parts: np.ndarray, swaps: int, min_gain_frac: float
+) -> np.ndarray:
+    """`balance._refine` in C: a refined copy of `parts` [batch, num_parts, part_size]."""
+    costs = np.ascontiguousarray(costs, dtype=np.float64)
+    out = np.array(parts, dtype=np.int64, order="C")  # a copy: refined in place
+    batch, num_parts, k = out.shape
+    rc = lib.refine_parts(
+        _ptr(costs), batch, costs.shape[1], num_parts, k, _ptr(out), swaps, min_gain_frac
+    )
+    if rc < 0:
+        raise MemoryError("refine_parts: out of memory")
+    return out

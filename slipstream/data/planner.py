@@ -323,6 +323,7 @@ class Planner:
             spec.micro_batch_size,
             spec.balance.method,
             seed=spec.seed * 1_000_003 + self.step,
+            native=self.native,
         )
         single = np.flatnonzero(np.diff(row_offsets) == 1)
         first = row_offsets[single]

@@ -132,3 +132,24 @@ def test_packing_fills_every_row_and_splits_only_what_does_not_fit(native):
         assert all(np.array_equal(a, b) for a, b in zip((chunk, off, length, row), other))
     with pytest.raises(AssertionError, match="more tokens"):
         pack_best_fit(np.r_[lens, 1], num_rows, seq_len, native=native)
+
+
+@needs_c
+def test_c_and_python_balance_rows_the_same():
+    from slipstream.data.balance import _karmarkar_karp, _refine
+    from slipstream.data.plankernels import kk_partition
+
+    lib, rng = library(), np.random.default_rng(0)
+    shapes = [(2, 1), (2, 40), (3, 5), (8, 4), (64, 4), (5, 9)]
+    for trial in range(300):
+        parts, size = shapes[trial % len(shapes)]
+        batch = 1 + trial % 3
+        if trial % 2:  # integer costs: many ties, where sort order decides
+            costs = rng.integers(0, 4, size=(batch, parts * size)).astype(np.float64)
+        else:
+            costs = rng.lognormal(0.0, 1.5, size=(batch, parts * size))
+        py = _karmarkar_karp(costs, parts, size)
+        assert np.array_equal(kk_partition(lib, costs, parts, size), py)
+        refined = _refine(costs, py)
+        assert np.array_equal(_refine(costs, py, lib=lib), refined)
+        assert np.array_equal(np.sort(refined.reshape(batch, -1)), np.sort(py.reshape(batch, -1)))

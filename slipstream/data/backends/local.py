@@ -46,8 +46,15 @@ def _shared_task(
     spec_dict: dict, tokenizer: str, source: int, ids: list[int], key: str, root: str
 ) -> list[np.ndarray]:
     """Documents other ranks need too: tokenized once per machine (sources/shared.py)."""
-    loader, shared = _loaders(spec_dict, tokenizer)[source], SharedDocs(Path(root))
-    return [shared.get(f"{key}-{d}", lambda d=d: loader.get_many([d])[0]) for d in ids]
+    stores = getattr(_local, "shared", None)
+    if stores is None:
+        stores = _local.shared = {}
+    if root not in stores:
+        stores[root] = SharedDocs(Path(root))
+    loader, shared = _loaders(spec_dict, tokenizer)[source], stores[root]
+    return shared.get_many(
+        [f"{key}-{d}" for d in ids], lambda idx: loader.get_many([ids[i] for i in idx])
+    )
 
 
 def _lengths_task(spec_dict: dict, tokenizer: str, source: int, shard: int) -> np.ndarray:

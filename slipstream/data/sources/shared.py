@@ -47,7 +47,8 @@ def source_key(loader) -> str:
 
 
 class SharedDocs:
-    """get(key, make): the tokens published under `key`, or make() them, publish and return."""
+    """get_many(keys, make): the tokens published under `keys`; those absent are made (in one
+    call, so a source reads its files once for all of them), published and returned."""
 
     made = 0  # documents this process tokenized here (for tests and benchmarks)
     _count_lock = threading.Lock()
@@ -57,23 +58,58 @@ class SharedDocs:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def get(self, key: str, make: Callable[[], np.ndarray]) -> np.ndarray:
-        path = self.root / f"{key}.npy"
-        found = _read(path)
-        if found is not None:
-            return found
-        with _locked(self.root / f"{key}.lock"):
-            found = _read(path)  # published while this rank waited
-            if found is not None:
-                return found
-            tokens = make()
-            with SharedDocs._count_lock:
-                SharedDocs.made += 1
-            if shutil.disk_usage(self.root).free > MIN_FREE_BYTES + tokens.nbytes:
-                tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-                with open(tmp, "wb") as f:
-                    np.save(f, tokens)
-                os.replace(tmp, path)  # whole or absent: a reader never sees half a file
-            return tokens
+        return self.get_many([key], lambda idx: [make()])[0]
+
+    def get_many(
+        self, keys: list[str], make: Callable[[list[int]], list[np.ndarray]]
+    ) -> list[np.ndarray]:
+        """`make(indices)` returns the tokens of `keys[i]` for each i given, in that order.
+
+        Entries nobody is making are locked without waiting and made together; then, with no
+        lock held (so no two ranks can wait on each other), each entry another rank was making
+        is waited for and read, or made alone if it never appeared."""
+        out: list[np.ndarray | None] = [_read(self._path(k)) for k in keys]
+        held, busy = {}, []
+        try:
+            for i, k in enumerate(keys):
+                if out[i] is None:
+                    f = _try_lock(self.root / f"{k}.lock")
+                    if f is None:
+                        busy.append(i)
+                    else:
+                        held[i] = f
+            mine = []
+            for i in held:
+                out[i] = _read(self._path(keys[i]))  # published between the look and the lock
+                if out[i] is None:
+                    mine.append(i)
+            if mine:
+                for i, tokens in zip(mine, make(mine), strict=True):
+                    out[i] = tokens
+                    self._publish(keys[i], tokens)
+        finally:
+            for f in held.values():
+                _unlock(f)
+        for i in busy:
+            with _locked(self.root / f"{keys[i]}.lock"):
+                out[i] = _read(self._path(keys[i]))  # published while this rank waited
+                if out[i] is None:
+                    out[i] = make([i])[0]
+                    self._publish(keys[i], out[i])
+        return out  # type: ignore[return-value]
+
+    def _path(self, key: str) -> Path:
+        return self.root / f"{key}.npy"
+
+    def _publish(self, key: str, tokens: np.ndarray) -> None:
+        with SharedDocs._count_lock:
+            SharedDocs.made += 1
+        if shutil.disk_usage(self.root).free > MIN_FREE_BYTES + tokens.nbytes:
+            path = self._path(key)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+            with open(tmp, "wb") as f:
+                np.save(f, tokens)
+            os.replace(tmp, path)  # whole or absent: a reader never sees half a file
 
     def sweep(self, max_age_s: float = MAX_AGE_S) -> int:
         """Remove entries (and their locks) older than `max_age_s`; returns how many."""
@@ -92,6 +128,22 @@ def _read(path: Path) -> np.ndarray | None:
             return np.load(f)
     except (FileNotFoundError, ValueError, EOFError):
         return None  # absent, or removed by a sweep while being read
+
+
+def _try_lock(path: Path):
+    """The lock file, open and held; None if another process or thread holds it."""
+    f = open(path, "a")  # noqa: SIM115 - closed by _unlock
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    return f
+
+
+def _unlock(f) -> None:
+    fcntl.flock(f, fcntl.LOCK_UN)
+    f.close()
 
 
 @contextlib.contextmanager
