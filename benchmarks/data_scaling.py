@@ -71,11 +71,13 @@ def one_rank(
     # The loader actors' CPU is counted by rank 0 when the ranks run at once (the actors serve
     # them all in its window), by every rank when each runs alone.
     actors = _actor_procs(loader) if mode == "ray" and (rank == 0 or alone) else []
-    cpu0, t0 = _tree_cpu_s(me) + _cpu(actors), time.perf_counter()
+    actor0 = _cpu(actors)
+    cpu0, t0 = _tree_cpu_s(me) + actor0, time.perf_counter()
     held = []  # counted after the clock stops: counting is the consumer's work, not the data's
     for _ in range(steps):
         held.extend(mb["doc_ids"] for mb in next(loader).micro_batches)
-    wall, cpu = time.perf_counter() - t0, _tree_cpu_s(me) + _cpu(actors) - cpu0
+    actor_cpu = _cpu(actors) - actor0
+    wall, cpu = time.perf_counter() - t0, _tree_cpu_s(me) + actor_cpu + actor0 - cpu0
     tokens = sum(int((ids >= 0).sum()) for ids in held)
     docs = sum(loader.backend.num_loaded) - docs0
     tokenized = None
@@ -84,6 +86,7 @@ def one_rank(
     loader.close()
     return {
         "cpu_s": cpu,
+        "actor_cpu_s": actor_cpu,
         "wall_s": wall,
         "tokens": tokens,
         "docs_loaded": docs,

@@ -218,6 +218,8 @@ class MixtureLoader:
                 task = submit(s, chunk)
                 for j, d in enumerate(chunk):
                     self._inflight[(s, d)] = [task, j, plan.step]
+        if hasattr(self.backend, "flush"):  # Ray: the step's loads, one call per actor
+            self.backend.flush()
         return keys
 
     def _shared_docs(self, plan: StepPlan, mine: np.ndarray) -> set[int]:

@@ -73,20 +73,25 @@ def job_name(spec: MixtureSpec, tokenizer: str) -> str:
 
 
 class _Load:
-    """One submit: per replica a request, re-issued on failure; `result()` in the order asked."""
+    """One submit: per replica a request, re-issued on failure; `result()` in the order asked.
+    Sent with the other submits of its step (`RayBackend.flush`): one call per actor."""
 
     def __init__(self, backend: RayBackend, source: int, ids: list[int]) -> None:
         self.backend, self.source, self.ids = backend, source, ids
-        self.parts = backend._send(source, ids)
+        self.parts: list[tuple[str, list[int], object, int | None]] | None = None
 
     def result(self) -> list[np.ndarray]:
+        if self.parts is None:
+            self.backend.flush()
+        assert self.parts is not None
         got: dict[int, np.ndarray] = {}
         parts = self.parts
         for attempt in range(MAX_RETRIES + 1):
             failed: list[int] = []
-            for name, ids, ref in parts:
+            for name, ids, ref, at in parts:
                 try:
-                    got.update(zip(ids, ray.get(ref), strict=True))
+                    tokens = ray.get(ref)
+                    got.update(zip(ids, tokens if at is None else tokens[at], strict=True))
                 except (RayActorError, ActorDiedError, ActorUnavailableError):
                     self.backend._report_dead(name)
                     failed.extend(ids)
@@ -95,7 +100,7 @@ class _Load:
             if attempt == MAX_RETRIES:
                 break
             self.backend.num_reissued += len(failed)
-            parts = self.backend._send(self.source, failed)
+            parts = [(*part, None) for part in self.backend._send(self.source, failed)]
         raise RuntimeError(
             f"source {self.backend.names[self.source]!r}: loader actors keep failing "
             f"({MAX_RETRIES} retries); see the Ray logs"
@@ -130,6 +135,7 @@ class RayBackend:
         self._num_shards = [m[2] for m in metas]
         self.num_loaded = [0] * len(self.names)
         self.num_reissued = 0
+        self._queued: list[_Load] = []
 
     # -- the layout -----------------------------------------------------------------------------
     def _actor(self, name: str):
@@ -154,12 +160,8 @@ class RayBackend:
         return [len(self._layout[s]["serving"]) for s in range(len(self.names))]
 
     def _send(self, source: int, ids: list[int]) -> list[tuple[str, list[int], object]]:
-        serving = self._layout[source]["serving"]
-        by_name: dict[str, list[int]] = {}
-        for d in ids:
-            by_name.setdefault(serving[d % len(serving)], []).append(d)
         parts = []
-        for name, part in by_name.items():
+        for name, part in self._route(source, ids).items():
             try:
                 parts.append((name, part, self._actor(name).get_many.remote(source, part)))
             except ValueError:
@@ -169,10 +171,45 @@ class RayBackend:
                 return self._send(source, ids)
         return parts
 
+    def _route(self, source: int, ids: list[int]) -> dict[str, list[int]]:
+        serving = self._layout[source]["serving"]
+        by_name: dict[str, list[int]] = {}
+        for d in ids:
+            by_name.setdefault(serving[d % len(serving)], []).append(d)
+        return by_name
+
     # -- the Backend protocol --------------------------------------------------------------------
     def submit(self, source: int, ids: list[int]) -> _Load:
+        """Queued until `flush()` (or its first `result()`), so a step's loads of several
+        sources go to each actor in one call (a Ray call costs ~1 ms of CPU either side)."""
         self.num_loaded[source] += len(ids)
-        return _Load(self, source, list(ids))
+        load = _Load(self, source, list(ids))
+        self._queued.append(load)
+        return load
+
+    def flush(self) -> None:
+        """Send the queued loads: per actor, one call for all the sources it serves."""
+        queued, self._queued = self._queued, []
+        while queued:
+            calls: dict[str, list[tuple[int, list[int], _Load]]] = {}
+            for load in queued:
+                for name, part in self._route(load.source, load.ids).items():
+                    calls.setdefault(name, []).append((load.source, part, load))
+            handles = {}
+            for name in calls:
+                try:
+                    handles[name] = self._actor(name)
+                except ValueError:  # gone (removed or dead): route again on the new layout
+                    self._report_dead(name)
+                    break
+            else:
+                for load in queued:
+                    load.parts = []
+                for name, items in calls.items():
+                    ref = handles[name].get_sources.remote([(s, part) for s, part, _ in items])
+                    for at, (_, part, load) in enumerate(items):
+                        load.parts.append((name, part, ref, at))
+                return
 
     def lengths(self) -> list[np.ndarray]:
         return [

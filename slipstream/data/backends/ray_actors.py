@@ -67,6 +67,10 @@ class SourceActor:
         self.busy_s[source] += time.perf_counter() - t0
         return out
 
+    def get_sources(self, requests: list[tuple[int, list[int]]]) -> list[list[np.ndarray]]:
+        """`get_many` of several sources in one call: per (source, ids), the token arrays."""
+        return [self.get_many(source, ids) for source, ids in requests]
+
     def stats(self) -> dict:
         return {
             "tokenized": sum(self.num_tokenized.values()),
