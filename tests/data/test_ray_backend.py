@@ -56,6 +56,11 @@ def test_four_ranks_tokenize_each_document_once_for_the_job(tmp_path):
     asked = sum(sum(ldr.backend.num_loaded) for ldr in loaders)
     # Ranks sharing a long document ask for it more than once; one actor serves them all.
     assert tokenized == len(docs) < asked
+    # Each rank sends one request per actor and step, whatever the sources it needs from it.
+    serving = {n for lay in loaders[0].backend._layout.values() for n in lay["serving"]}
+    calls = sum(s["calls"] for s in stats.values())
+    planned = sum(ldr.planner.step for ldr in loaders)
+    assert len(serving) < len(spec.sources) and 0 < calls <= planned * len(serving)
     for ldr in loaders:
         ldr.close()
 

@@ -42,6 +42,7 @@ class SourceActor:
         self.num_tokenized = dict.fromkeys(sources, 0)
         self.busy_s = dict.fromkeys(sources, 0.0)
         self.num_hits = 0
+        self.num_calls = 0  # load requests received (a rank sends one per actor and step)
 
     def meta(self, source: int) -> tuple[int, int, int]:
         ldr = self.loaders[source]
@@ -51,6 +52,15 @@ class SourceActor:
         return self.loaders[source].shard_lengths(shard)
 
     def get_many(self, source: int, ids: list[int]) -> list[np.ndarray]:
+        self.num_calls += 1
+        return self._get(source, ids)
+
+    def get_sources(self, requests: list[tuple[int, list[int]]]) -> list[list[np.ndarray]]:
+        """`get_many` of several sources in one call: per (source, ids), the token arrays."""
+        self.num_calls += 1
+        return [self._get(source, ids) for source, ids in requests]
+
+    def _get(self, source: int, ids: list[int]) -> list[np.ndarray]:
         t0 = time.perf_counter()
         missing = [d for d in dict.fromkeys(ids) if (source, d) not in self.cache]
         loaded = self.loaders[source].get_many(missing) if missing else []
@@ -67,16 +77,13 @@ class SourceActor:
         self.busy_s[source] += time.perf_counter() - t0
         return out
 
-    def get_sources(self, requests: list[tuple[int, list[int]]]) -> list[list[np.ndarray]]:
-        """`get_many` of several sources in one call: per (source, ids), the token arrays."""
-        return [self.get_many(source, ids) for source, ids in requests]
-
     def stats(self) -> dict:
         return {
             "tokenized": sum(self.num_tokenized.values()),
             "tokenized_by_source": dict(self.num_tokenized),
             "busy_by_source": dict(self.busy_s),
             "hits": self.num_hits,
+            "calls": self.num_calls,
             "pid": os.getpid(),
         }
 
