@@ -1,5 +1,6 @@
 """Flat host buckets: parameters grouped so the host steps a few large buffers, each padded to
-a multiple of the data-parallel world size so that every rank owns an equal slice (ZeRO-2)."""
+a multiple of the data-parallel world size so that every rank owns an equal slice (ZeRO-2) and
+holds nothing of the others' (not their gradients, not their weights)."""
 
 from __future__ import annotations
 
@@ -14,21 +15,29 @@ from torch import nn
 class Bucket:
     params: list[nn.Parameter]
     offsets: list[int]
-    numel: int  # real elements; the buffers are padded to a multiple of the world size
-    grad: torch.Tensor  # fp32 host, padded: this rank's gradients, summed over micro-steps
-    master: torch.Tensor  # fp32 host, this rank's slice; .grad is the slice's reduced gradient
-    working: torch.Tensor | None  # bf16 host copy of the new weights (bf16 models, W = 1)
-    full: torch.Tensor  # fp32 host, padded: all slices' new weights (one process: `master`)
+    numel: int  # real elements
+    padded: int  # numel rounded up to a multiple of the world size: W equal slices
+    grad: torch.Tensor  # fp32 host, this rank's slice (one process: the whole bucket): the
+    # gradient summed over micro-steps (and, W > 1, reduced over ranks before it lands here)
+    master: torch.Tensor  # fp32 host, this rank's slice; .grad is what the host step reads
+    working: torch.Tensor | None  # bf16 host copy of the slice's new weights (bf16 models)
 
     def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
         p = self.params[i]
         return flat[self.offsets[i] : self.offsets[i] + p.numel()].view(p.shape)
 
+    @property
+    def slice_numel(self) -> int:
+        return self.master.numel()
+
 
 def make_bucket(
     params: list[nn.Parameter], world: int, rank: int, group: dist.ProcessGroup | None
 ) -> Bucket:
-    """A bucket over `params`, padded to a multiple of `world`, holding rank `rank`'s slice."""
+    """A bucket over `params`, padded to a multiple of `world`, holding rank `rank`'s slice.
+    Host memory per rank: 4 + 4 (+ 2 for bf16) bytes per element of its slice; the whole
+    bucket exists only briefly (the first broadcast here; each backward's transient on the
+    device, `streams.py`)."""
     if any(p.dtype != params[0].dtype for p in params):
         raise ValueError("optim.offload: every parameter must have the same dtype")
     offsets, total = [], 0
@@ -39,7 +48,7 @@ def make_bucket(
     # The buffers the new weights leave from are pinned on CUDA: copies from pinned memory run
     # at the link's speed and do not stage through a bounce buffer.
     pin = params[0].is_cuda
-    full = torch.zeros(padded, dtype=torch.float32, pin_memory=pin)
+    full = torch.zeros(padded, dtype=torch.float32, pin_memory=pin and world == 1)
     for p, o in zip(params, offsets, strict=True):
         full[o : o + p.numel()].copy_(p.detach().reshape(-1))
     if world > 1:  # every rank starts from rank 0's weights, as DDP would make sure
@@ -48,15 +57,18 @@ def make_bucket(
             for p, o in zip(params, offsets, strict=True):
                 p.copy_(full[o : o + p.numel()].view(p.shape))
     size = padded // world
-    # One process: the slice is the whole bucket, and `full` is not needed beside it.
-    master = full if world == 1 else full[rank * size : (rank + 1) * size].clone()
-    grad = torch.zeros(padded, dtype=torch.float32)
-    master.grad = grad if world == 1 else torch.zeros(size, dtype=torch.float32)
-    # One process writes bf16 weights back from here; with W > 1 the gather is fp32 (gloo
-    # has no bf16), so a staging copy would be written and never read.
-    bf16 = params[0].dtype == torch.bfloat16 and world == 1
+    master = full
+    if world > 1:
+        master = torch.empty(size, dtype=torch.float32, pin_memory=pin)
+        master.copy_(full[rank * size : (rank + 1) * size])
+        del full
+    grad = torch.zeros(size, dtype=torch.float32)
+    master.grad = grad
+    # bf16 models: the host step writes the slice's bf16 weights in the same pass, and these
+    # are what go back to the device (and, W > 1, what the ranks gather).
+    bf16 = params[0].dtype == torch.bfloat16
     working = torch.empty(size, dtype=torch.bfloat16, pin_memory=pin) if bf16 else None
-    return Bucket(params, offsets, total, grad, master, working, full)
+    return Bucket(params, offsets, total, padded, grad, master, working)
 
 
 def chunk_params(params: list[nn.Parameter], bucket_numel: int) -> list[list[nn.Parameter]]:

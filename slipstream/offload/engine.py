@@ -6,14 +6,16 @@ moments.
 - Parameters are grouped into flat buckets, in the reverse of registration order (about the
   order backward produces their gradients), never mixing weight-decay groups. A bucket is
   padded to a multiple of W; rank r owns the r-th slice.
-- A post-accumulate-grad hook adds each parameter's gradient into its bucket's fp32 host
-  buffer as soon as backward has produced it, and frees the model's gradient. Every micro-step
-  of gradient accumulation is added, none is dropped; `zero_grad()` clears the buffers.
-- `step(max_norm)`: with W > 1, each bucket's gradient is reduce-scattered (summed, then
-  averaged like DDP) so a rank holds only its slice; the global norm is summed across ranks
-  (host sums in a fixed order, so the same for any thread count); HostAdamW steps each slice
-  with the clipping scale fused in; the slices' new weights are all-gathered and written back
-  into the model in its dtype.
+- A post-accumulate-grad hook moves each parameter's gradient toward its bucket's fp32 host
+  buffer as soon as backward has produced it, and frees the model's gradient. With W > 1 the
+  bucket is reduce-scattered on the device when its last gradient arrives, and only this
+  rank's slice goes to the host (`streams.py`). Every micro-step of gradient accumulation is
+  added, none is dropped; `zero_grad()` clears the buffers.
+- `step(max_norm)`: the gradients are summed over ranks, then averaged like DDP; the global
+  norm is summed across ranks (host sums in a fixed order, so the same for any thread count);
+  HostAdamW steps each slice with the clipping scale fused in and, for bf16 models, writes
+  the slice's bf16 weights in the same pass; with W > 1 those slices are all-gathered on the
+  device; the model's weights are written from them.
 - `state_dict()` is this rank's slices only (one process: the whole state); the checkpoint
   writes one file per rank, and any number of ranks loads them, each reading what it needs.
 - fp16 models get dynamic loss scaling: the trainer multiplies the loss by `loss_scale`; a
@@ -58,8 +60,14 @@ class OffloadOptimizer:
         group: dist.ProcessGroup | None = None,
         delayed_update: bool = False,
         delay_start: int = 0,
+        device_group: dist.ProcessGroup | None = None,
     ) -> None:
+        """`group`: the data-parallel ranks over gloo (host tensors: the broadcast of the first
+        weights, the norm); `device_group`: the same ranks on the device's backend (NCCL on
+        GPUs) for the gradients' reduce-scatter and the weights' all-gather, `group` if not
+        given. No group: one process."""
         self.group = group
+        self.device_group = device_group if device_group is not None else group
         self.delayed_update, self.delay_start = delayed_update, delay_start
         self._num_steps = 0
         # fp16 models: dynamic loss scaling. The trainer multiplies the loss by loss_scale;
@@ -79,8 +87,8 @@ class OffloadOptimizer:
                 self.buckets.append(bucket)
                 host_groups.append({"params": [bucket.master], "weight_decay": g["weight_decay"]})
         self.host = HostAdamW(host_groups, lr=lr, betas=betas, eps=eps, num_threads=num_threads)
-        device = self.buckets[0].params[0].device if self.buckets else torch.device("cpu")
-        self.mover = GradMover(self.buckets, device)
+        self.device = self.buckets[0].params[0].device if self.buckets else torch.device("cpu")
+        self.mover = GradMover(self.buckets, self.device, self.device_group, group, self.world)
         self.fp16 = any(b.params[0].dtype == torch.float16 for b in self.buckets)
         if self.fp16:
             self.loss_scale = 2.0**16
@@ -151,11 +159,8 @@ class OffloadOptimizer:
         self._write_back()
 
     def _launch(self, max_norm: float, background: bool) -> float:
-        self.mover.wait()
-        if self.world > 1:
-            for b in self.buckets:  # sum over ranks, this rank's slice only
-                dist.reduce_scatter_tensor(b.master.grad, b.grad, group=self.group)
-        elif background:  # the host step reads one buffer while backward fills the other
+        self.mover.wait()  # with W > 1 already summed over ranks: this rank's slices
+        if background:  # the host step reads one buffer while backward fills the other
             for b in self.buckets:
                 if b.master.grad is b.grad:
                     b.master.grad = torch.zeros_like(b.grad)
@@ -198,11 +203,13 @@ class OffloadOptimizer:
     @torch.no_grad()
     def _write_back(self) -> None:
         for b in self.buckets:
-            if self.world > 1:  # fp32 on the wire: gloo has no bf16; the copy rounds once
-                dist.all_gather_into_tensor(b.full, b.master, group=self.group)
-                src = b.full
-            else:  # the kernel already wrote the bf16 weights in its pass
-                src = b.working if b.working is not None else b.master
+            # bf16 models: the weights the kernel wrote in its pass (half the bytes to move).
+            src = b.working if b.working is not None else b.master
+            if self.world > 1:  # every slice, gathered on the device (a transient)
+                # Blocking: the next host step may rewrite `src` (the delayed update).
+                mine = src.to(self.device)
+                src = torch.empty(b.padded, dtype=src.dtype, device=self.device)
+                dist.all_gather_into_tensor(src, mine, group=self.device_group)
             for i, p in enumerate(b.params):
                 p.copy_(b.view(src, i))
 
@@ -266,9 +273,9 @@ class OffloadOptimizer:
                 saved = [st["buckets"][k] for st in shards]
                 size = b.master.numel()  # this run's slice, padded to its world size
                 lo, hi = self.rank * size, min((self.rank + 1) * size, b.numel)
-                b.full.zero_()
-                b.full[: b.numel].copy_(_span([e["master"] for e in saved], 0, b.numel))
-                b.master.copy_(self._slice(b, b.full))
+                full = torch.zeros(b.padded, dtype=torch.float32)  # a transient
+                full[: b.numel].copy_(_span([e["master"] for e in saved], 0, b.numel))
+                b.master.copy_(full[self.rank * size : (self.rank + 1) * size])
                 if saved[0]["exp_avg"] is not None:
                     st = self.host.state[b.master]
                     st["step"] = torch.tensor(saved[0]["step"])
@@ -278,11 +285,7 @@ class OffloadOptimizer:
                             mine[: hi - lo].copy_(_span([e[key] for e in saved], lo, hi))
                         st[key] = mine
                 for i, p in enumerate(b.params):
-                    p.copy_(b.view(b.full, i))
-
-    def _slice(self, b: Bucket, flat: torch.Tensor) -> torch.Tensor:
-        size = b.master.numel()
-        return flat[self.rank * size : (self.rank + 1) * size]
+                    p.copy_(b.view(full, i))
 
     def close(self) -> None:
         self.mover.close()

@@ -7,14 +7,16 @@ Bytes per parameter (P parameters, W data-parallel ranks):
 |---|---|---|
 | plain (fp32 weights, grads, Adam m and v on the device) | 12 + 4 (grads, made as activations are freed) | - |
 | zero2 (bf16 weights and grads; fp32 masters and moments sharded) | 4 + 12/W | - |
-| offload (bf16 weights on the device; this engine's host buffers) | 2 + buckets | 18 (W = 1); 8 + 16/W; + 2 |
-| offload + DPU | 2 + buckets | 22 (W = 1); 8 + 16/W; + 2 |
+| offload (bf16 weights on the device; this engine's host buffers) | 2 + buckets | 18/W (+ 2 or 4/W) |
+| offload + DPU | 2 + buckets | 22/W (+ 2 or 4/W) |
 
-The host column is what `engine.py` allocates: a full fp32 gradient buffer (4), fp32 masters
-(4) and two moments (8) of its slice; with W = 1 a bf16 copy of the new weights (2), with
-W > 1 the slice's reduced gradient (4/W) and a full fp32 gather buffer (4) instead; with the
-delayed update and W = 1 a second gradient buffer (4), which backward fills while the host
-steps the first; on a GPU, pinned staging for the gradients' copies (2), which a CPU needs not.
+The host column is what `engine.py` allocates, all of it for this rank's slice only: the fp32
+gradient (4), fp32 masters (4), two moments (8) and a bf16 copy of the new weights (2); with
+the delayed update a second gradient buffer (4), which backward fills while the host steps the
+first; on a GPU, pinned staging for the gradients' copies (2 with W = 1: the whole gradient in
+bf16; 4/W with W > 1: the reduced fp32 slice), which a CPU needs not. With W > 1 the gradients
+are reduce-scattered and the weights all-gathered on the device, in whole-bucket fp32
+transients there (twice the buckets in flight).
 Activations per layer and token (Korthikanti et al., 2022, without stored attention scores:
 fused attention recomputes them): 34 * width bytes in 16-bit, 68 in fp32; with activation
 checkpointing only each layer's input (2 or 4 * width bytes) is kept, plus one layer's full
@@ -23,7 +25,8 @@ Logits and their gradient: 2 * vocab * 4 bytes per token.
 
 Step time: compute = 6 * P * tokens / device FLOP/s (8 * P with activation checkpointing, which
 runs the forward twice); the host step moves 30 bytes per parameter of its slice at the host
-AdamW rate; copies move 2 bytes per parameter each way over the host link. Offload adds the
+AdamW rate; copies move 2 bytes per parameter each way over the host link (W > 1: 4/W to the
+host, the reduced fp32 slice, and 2/W back). Offload adds the
 host step and the copies to the step; the delayed update (DPU) overlaps them with the next
 step's compute, so the step is the larger of the two.
 """
@@ -107,11 +110,12 @@ def estimate(strategy: str, w: Workload, hw: Hardware) -> Estimate:
     elif strategy == "zero2":
         device, host, step = (4 + 12 / W) * P + act, 0.0, compute_s
     elif strategy in ("offload", "offload+ckpt", "offload+dpu"):
-        device = 2 * P + hw.bucket_bytes + act
-        per_param = (22 if strategy == "offload+dpu" else 18) if W == 1 else 8 + 16 / W
-        host = (per_param + (2 if hw.separate_device else 0)) * P
+        device = 2 * P + hw.bucket_bytes * (1 if W == 1 else 2) + act
+        per_param = (22 if strategy == "offload+dpu" else 18) / W
+        staging = (2 if W == 1 else 4 / W) if hw.separate_device else 0
+        host = (per_param + staging) * P
         host_step = P / W / hw.host_adam_params_per_s
-        copies = 4 * P / hw.link_bytes_per_s
+        copies = (4 if W == 1 else 6 / W) * P / hw.link_bytes_per_s
         if strategy == "offload+dpu":
             step = max(compute_s, host_step + copies)
         else:

@@ -1,16 +1,26 @@
 """Gradients from the device to the host during backward.
 
-On CUDA each gradient is copied on a side stream into its bucket's pinned staging buffer (the
-model's dtype), so backward keeps running while the copy crosses the link; the device
-gradient is freed at once (the caching allocator keeps its memory until the copy stream is
-done with it). When the last gradient of a bucket has been queued, a host thread waits for
+One process: on CUDA each gradient is copied on a side stream into its bucket's pinned staging
+buffer (the model's dtype), so backward keeps running while the copy crosses the link; the
+device gradient is freed at once (the caching allocator keeps its memory until the copy stream
+is done with it). When the last gradient of a bucket has been queued, a host thread waits for
 that bucket's copies and adds the staging buffer into the bucket's fp32 gradient, so the host
-work overlaps backward too. `wait()` (before the optimizer step) finishes what is in flight;
-the time it blocks is the copy time backward did not hide (`exposed_s`), beside the copy
-streams' own busy time (`copy_s`, from CUDA events).
+work overlaps backward too.
 
-On a CPU the "device" gradient is already in host memory: it is added straight into the fp32
-buffer (the same result).
+W data-parallel ranks (ZeRO-2): each gradient is added into its bucket's whole-bucket fp32
+buffer on the device, a transient that lives from the bucket's first gradient to its last;
+then the bucket is reduce-scattered there (NCCL on GPUs: NVLink, not PCIe) and only this
+rank's slice, 1/W of it, crosses to the host and is added into the slice's fp32 gradient.
+Neither the link nor host memory ever carries the other ranks' slices. On CUDA the
+reduce-scatter runs on the collective's stream and the copy stream waits for it, so both
+overlap the rest of backward.
+
+`wait()` (before the optimizer step) finishes what is in flight; the time it blocks is the
+copy time backward did not hide (`exposed_s`), beside the copy streams' own busy time
+(`copy_s`, from CUDA events).
+
+On a CPU the "device" gradient is already in host memory: one process adds it straight into
+the fp32 buffer; W ranks reduce-scatter each bucket (gloo) as it completes, as above.
 """
 
 from __future__ import annotations
@@ -19,23 +29,36 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
+import torch.distributed as dist
 
 from slipstream.offload.buckets import Bucket
 
 
 class GradMover:
-    def __init__(self, buckets: list[Bucket], device: torch.device) -> None:
-        self.buckets = buckets
+    def __init__(
+        self,
+        buckets: list[Bucket],
+        device: torch.device,
+        group: dist.ProcessGroup | None = None,
+        host_group: dist.ProcessGroup | None = None,
+        world: int = 1,
+    ) -> None:
+        """`group`: the data-parallel ranks on the device's backend (the reduce-scatters);
+        `host_group`: the same ranks over gloo (a few flags per step). Both only when W > 1."""
+        self.buckets, self.group, self.host_group, self.world = buckets, group, host_group, world
         self.cuda = device.type == "cuda"
         self.exposed_s = 0.0  # host time spent moving or waiting for gradients
         self.copy_s = 0.0  # CUDA: the copy stream's busy time (summed per bucket)
         self._index = {id(b): k for k, b in enumerate(buckets)}
+        self._left = [len(b.params) for b in buckets]
+        self._flat: list[torch.Tensor | None] = [None] * len(buckets)  # W > 1, on the device
+        self._moved = False  # a gradient arrived since the last wait()
         if not self.cuda:
             return
         self.stream = torch.cuda.Stream(device)
-        dtype = buckets[0].params[0].dtype if buckets else torch.bfloat16
+        # One process: the gradients in the model's dtype; W ranks: this rank's reduced slice.
+        dtype = buckets[0].params[0].dtype if buckets and world == 1 else torch.float32
         self.staging = [torch.empty(b.grad.numel(), dtype=dtype, pin_memory=True) for b in buckets]
-        self._left = [len(b.params) for b in buckets]
         self._queued = [False] * len(buckets)
         self._start: list[torch.cuda.Event | None] = [None] * len(buckets)
         self._timed: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
@@ -45,33 +68,75 @@ class GradMover:
     def move(self, bucket: Bucket, i: int, p: torch.nn.Parameter) -> None:
         """Called by the post-accumulate-grad hook of parameter i of `bucket`."""
         t0 = time.perf_counter()
-        if not self.cuda:
-            bucket.view(bucket.grad, i).add_(p.grad.detach().to(torch.float32))
-            p.grad = None
-            self.exposed_s += time.perf_counter() - t0
-            return
+        self._moved = True
         k = self._index[id(bucket)]
-        pending = self._adds[k]
-        if pending is not None:  # the last micro-step's add must have read the staging buffer
-            pending.result()
-            self._adds[k] = None
         g = p.grad.detach()
-        self.stream.wait_stream(torch.cuda.current_stream(g.device))
-        with torch.cuda.stream(self.stream):
-            if self._start[k] is None:
-                self._start[k] = torch.cuda.Event(enable_timing=True)
-                self._start[k].record(self.stream)
-            bucket.view(self.staging[k], i).copy_(g, non_blocking=True)
-        g.record_stream(self.stream)  # its memory is reused only after the copy
-        p.grad = None
-        self._queued[k] = True
-        self._left[k] -= 1
-        if self._left[k] == 0:
-            self._finish(k)
+        if self.world > 1:
+            flat = self._flat[k]
+            if flat is None:
+                flat = self._flat[k] = torch.zeros(
+                    bucket.padded, dtype=torch.float32, device=g.device
+                )
+            bucket.view(flat, i).add_(g)  # on the device's stream; fp32 from here on
+            p.grad = None
+            self._left[k] -= 1
+            if self._left[k] == 0:
+                self._reduce(k)
+        elif not self.cuda:
+            bucket.view(bucket.grad, i).add_(g.to(torch.float32))
+            p.grad = None
+        else:
+            self._await_add(k)  # the last micro-step's add must have read the staging buffer
+            self.stream.wait_stream(torch.cuda.current_stream(g.device))
+            with torch.cuda.stream(self.stream):
+                if self._start[k] is None:
+                    self._start[k] = torch.cuda.Event(enable_timing=True)
+                    self._start[k].record(self.stream)
+                bucket.view(self.staging[k], i).copy_(g, non_blocking=True)
+            g.record_stream(self.stream)  # its memory is reused only after the copy
+            p.grad = None
+            self._queued[k] = True
+            self._left[k] -= 1
+            if self._left[k] == 0:
+                self._finish(k)
         self.exposed_s += time.perf_counter() - t0
 
+    def _await_add(self, k: int) -> None:
+        pending = self._adds[k]
+        if pending is not None:
+            pending.result()
+            self._adds[k] = None
+
+    def _reduce(self, k: int) -> None:
+        """W > 1: bucket k's whole gradient is on the device; reduce-scatter it and bring this
+        rank's slice to the host."""
+        b, flat = self.buckets[k], self._flat[k]
+        assert flat is not None
+        self._flat[k], self._left[k] = None, len(b.params)
+        if not self.cuda:
+            mine = torch.empty(b.grad.numel(), dtype=torch.float32)
+            dist.reduce_scatter_tensor(mine, flat, group=self.group)
+            b.grad.add_(mine)
+            return
+        self._await_add(k)
+        mine = torch.empty(b.grad.numel(), dtype=torch.float32, device=flat.device)
+        # Launched on the collective's stream, after what the device's stream queued so far
+        # (the adds into `flat`); the copy stream waits for it, not the device's stream.
+        work = dist.reduce_scatter_tensor(mine, flat, group=self.group, async_op=True)
+        start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(self.stream):
+            work.wait()
+            start.record(self.stream)
+            self.staging[k].copy_(mine, non_blocking=True)
+            done.record(self.stream)
+        mine.record_stream(self.stream)
+        self._timed.append((start, done))
+        # The transients stay referenced until the copy has landed.
+        self._adds[k] = self._pool.submit(self._add, k, done, (flat, mine, work))
+
     def _finish(self, k: int) -> None:
-        """The bucket's copies are queued: a host thread adds them once they have landed."""
+        """One process: the bucket's copies are queued; a host thread adds them once they have
+        landed."""
         done = torch.cuda.Event(enable_timing=True)
         done.record(self.stream)
         self._timed.append((self._start[k], done))
@@ -79,26 +144,36 @@ class GradMover:
         self._left[k] = len(self.buckets[k].params)
         self._adds[k] = self._pool.submit(self._add, k, done)
 
-    def _add(self, k: int, done: torch.cuda.Event) -> None:
+    def _add(self, k: int, done: torch.cuda.Event, keep=None) -> None:
         done.synchronize()
-        self.buckets[k].grad.add_(self.staging[k])  # bf16 -> fp32 in the add, no temporary
+        self.buckets[k].grad.add_(self.staging[k])  # to fp32 in the add, no temporary
 
     def wait(self) -> None:
-        """Every gradient of this backward is in the fp32 buffers (buckets whose parameters
-        did not all get a gradient included)."""
-        if not self.cuda:
-            return
+        """Every gradient of the backward passes so far is in the fp32 buffers (buckets whose
+        parameters did not all get a gradient included). With W ranks, the buckets still open
+        on any rank are reduced on every rank, in order (a few flags are exchanged first), so
+        the ranks' collectives always match."""
         t0 = time.perf_counter()
-        for k in range(len(self.buckets)):
-            if self._queued[k]:
-                self._finish(k)
-        for k, fut in enumerate(self._adds):
-            if fut is not None:
-                fut.result()
-                self._adds[k] = None
+        if self.world > 1 and self._moved:
+            open_ = torch.tensor([f is not None for f in self._flat], dtype=torch.int32)
+            dist.all_reduce(open_, op=dist.ReduceOp.MAX, group=self.host_group)
+            for k in open_.nonzero().flatten().tolist():
+                if self._flat[k] is None:  # no gradient here: this rank adds zeros
+                    b = self.buckets[k]
+                    self._flat[k] = torch.zeros(
+                        b.padded, dtype=torch.float32, device=b.params[0].device
+                    )
+                self._reduce(k)
+        self._moved = False
+        if self.cuda:
+            for k in range(len(self.buckets)):
+                if self._queued[k]:
+                    self._finish(k)
+            for k in range(len(self.buckets)):
+                self._await_add(k)
+            self.copy_s += sum(a.elapsed_time(b) for a, b in self._timed) / 1e3
+            self._timed.clear()
         self.exposed_s += time.perf_counter() - t0
-        self.copy_s += sum(a.elapsed_time(b) for a, b in self._timed) / 1e3
-        self._timed.clear()
 
     def close(self) -> None:
         if self.cuda:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 
 from slipstream.data.sources.tokenizers import build_tokenizer
 from slipstream.models import CausalLMBase, GPTConfig, ModelConfig, build_model
@@ -93,8 +94,10 @@ def build_parallel(model, cfg: OptimConfig, d: Dist):
     them a second time)."""
     check_parallel_optim(cfg, d)
     zero = cfg.zero_stage == 2
-    group = host_dp_group(d) if zero else None  # its collectives are on host buffers
-    optimizer = build_optimizer(model, cfg, d.device, group)
+    group = host_dp_group(d) if zero else None  # for its collectives on host tensors
+    # Gradients are reduced and weights gathered on the device: NCCL's data-parallel group.
+    device_group = (d.dp_group or dist.group.WORLD) if zero else None
+    optimizer = build_optimizer(model, cfg, d.device, group, device_group)
     ddp, hook_times = (None, []) if zero else wrap_ddp(model, d)
     return optimizer, ddp, hook_times
 

@@ -72,9 +72,12 @@ class OptimConfig:
         return asdict(self)
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device, group=None):
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, device: torch.device, group=None, device_group=None
+):
     """torch's AdamW, or the OffloadOptimizer (which first casts the model's parameters to
-    `cfg.offload_dtype`; with `group`, ZeRO-2 across its ranks)."""
+    `cfg.offload_dtype`; with `group` (gloo), ZeRO-2 across its ranks, reducing gradients and
+    gathering weights over `device_group`, the same ranks on the device's backend)."""
     params = [p for p in model.parameters() if p.requires_grad]
     seen, decay, no_decay = set(), [], []
     for p in params:  # tied weights appear once
@@ -97,6 +100,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device, gr
             eps=cfg.eps,
             num_threads=cfg.offload_threads,
             group=group,
+            device_group=device_group,
             delayed_update=cfg.delayed_update,
             delay_start=cfg.delayed_update_start,
         )

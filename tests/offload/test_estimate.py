@@ -29,7 +29,10 @@ def test_bytes_per_parameter_follow_the_table():
     dpu = estimate("offload+dpu", SEVEN_B, H100)
     assert dpu.host_bytes == pytest.approx(24 * 7e9)  # a second gradient buffer
     four = estimate("offload", Workload(**{**_fields(SEVEN_B), "world_size": 4}), H100)
-    assert four.host_bytes == pytest.approx((8 + 16 / 4 + 2) * 7e9)
+    # ZeRO-2: every host buffer is the rank's slice; staging holds the reduced fp32 slice.
+    assert four.host_bytes == pytest.approx((18 / 4 + 4 / 4) * 7e9)
+    # The reduce-scatter and all-gather run in whole-bucket transients on the device.
+    assert four.device_bytes == pytest.approx(2 * 7e9 + 2 * H100.bucket_bytes + act)
 
 
 def test_checkpointing_keeps_less_and_runs_the_forward_twice():
