@@ -68,16 +68,20 @@ def one_rank(
         next(loader)
     me = psutil.Process()
     docs0 = sum(loader.backend.num_loaded)
-    # The loader actors' CPU is counted by rank 0 when the ranks run at once (the actors serve
-    # them all in its window), by every rank when each runs alone.
+    # The loader actors serve every rank: their CPU is counted once, by rank 0, between
+    # barriers that all ranks pass (when the ranks run at once), or by each rank in its own
+    # window (when each runs alone).
     actors = _actor_procs(loader) if mode == "ray" and (rank == 0 or alone) else []
+    _barrier("start", rank, world)
     actor0 = _cpu(actors)
-    cpu0, t0 = _tree_cpu_s(me) + actor0, time.perf_counter()
+    cpu0, t0 = _tree_cpu_s(me), time.perf_counter()
     held = []  # counted after the clock stops: counting is the consumer's work, not the data's
     for _ in range(steps):
         held.extend(mb["doc_ids"] for mb in next(loader).micro_batches)
+    wall, cpu = time.perf_counter() - t0, _tree_cpu_s(me) - cpu0
+    _barrier("end", rank, world)
     actor_cpu = _cpu(actors) - actor0
-    wall, cpu = time.perf_counter() - t0, _tree_cpu_s(me) + actor_cpu + actor0 - cpu0
+    cpu += actor_cpu
     tokens = sum(int((ids >= 0).sum()) for ids in held)
     docs = sum(loader.backend.num_loaded) - docs0
     tokenized = None
@@ -93,6 +97,16 @@ def one_rank(
         "actor_docs_tokenized_total": tokenized,
         "steps": steps,
     }
+
+
+def _barrier(tag: str, rank: int, world: int) -> None:
+    """Wait until every rank of a job running at once got here (files in SCALING_SYNC)."""
+    where = os.environ.get("SCALING_SYNC")
+    if not where:
+        return
+    Path(where, f"{tag}.{rank}").touch()
+    while len(list(Path(where).glob(f"{tag}.*"))) < world:
+        time.sleep(0.005)
 
 
 def _actor_procs(loader) -> list:
@@ -147,8 +161,10 @@ def _run(mode: str, world: int, steps: int, env: dict, rows: int, sequential: bo
 
     if sequential:  # one rank at a time: the work itself, without time-sharing the cores
         return [finish(start(r)) for r in range(world)]
-    procs = [start(r) for r in range(world)]
-    return [finish(p) for p in procs]
+    with tempfile.TemporaryDirectory(prefix="slipstream-bench-sync-") as sync:
+        env["SCALING_SYNC"] = sync
+        procs = [start(r) for r in range(world)]
+        return [finish(p) for p in procs]
 
 
 def main() -> None:
