@@ -2,7 +2,9 @@
 GPT trained plain (fp32 weights, torch's fused AdamW), with `optim.offload` (bf16 working
 weights, fp32 masters and moments stepped by HostAdamW), and with the delayed update as well
 (the host step overlaps the next forward and backward), with the memory planner's estimate
-beside each measurement.
+beside each measurement; and ZeRO-2 offload over 2 data-parallel ranks (gloo, under torchrun,
+each rank with its own batch of the same size: the job's tokens/s, and each rank's memory
+against the planner's estimate for one rank of 2).
 
 On a CPU the "device" and the host are the same memory. Two measurements, both from just
 before the model is built, against the planner's device + host bytes:
@@ -21,15 +23,18 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import re
 import statistics
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-from benchmarks.harness import provenance, run_isolated
+from benchmarks.harness import ROOT, provenance, run_isolated
 
-SIDES = ("plain", "offload", "offload+dpu")
+SIDES = ("plain", "offload", "offload+dpu", "zero2")
+ZERO2_RANKS = 2  # zero2: offload with its state sharded over 2 data-parallel ranks (gloo)
 VOCAB, SEQ_LEN, MICRO_BATCH = 2048, 128, 4
 WARMUP = 3
 
@@ -60,6 +65,13 @@ def measure(side: str, layers: int, width: int, steps: int) -> dict:
     from slipstream.tools.memory import saved_activation_bytes
     from slipstream.train.optim import OptimConfig, build_optimizer, clip_and_step
 
+    zero2 = side == "zero2"
+    group = None
+    if zero2:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+        group = dist.group.WORLD
     me = psutil.Process()
     base, live_base = me.memory_info().rss, malloc_live()
     peak, peak_live, done = [base], [live_base], threading.Event()
@@ -82,11 +94,14 @@ def measure(side: str, layers: int, width: int, steps: int) -> dict:
         delayed_update=side == "offload+dpu",
         delayed_update_start=WARMUP - 1,
     )
-    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    opt = build_optimizer(model, cfg, torch.device("cpu"), group, group)
     # The fp32 model was cast to bf16 (offload): hand its freed pages back to the OS, so RSS
     # measures live memory rather than glibc's leftovers.
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    x = torch.randint(0, VOCAB, (MICRO_BATCH, SEQ_LEN + 1))
+    rank = group.rank() if zero2 else 0
+    x = torch.randint(
+        0, VOCAB, (MICRO_BATCH, SEQ_LEN + 1), generator=torch.Generator().manual_seed(rank)
+    )
     times = []
     for step in range(steps):
         t0 = time.perf_counter()
@@ -104,6 +119,7 @@ def measure(side: str, layers: int, width: int, steps: int) -> dict:
         vocab_size=VOCAB,
         seq_len=SEQ_LEN,
         micro_batch=MICRO_BATCH,
+        world_size=ZERO2_RANKS if zero2 else 1,
         act_bytes=4 if side == "plain" else 2,
         saved_bytes=saved_activation_bytes(
             model_cfg, MICRO_BATCH, SEQ_LEN, torch.float32 if side == "plain" else torch.bfloat16
@@ -111,6 +127,8 @@ def measure(side: str, layers: int, width: int, steps: int) -> dict:
     )
     # On a CPU gradients leave one parameter at a time: the largest is what is in flight.
     largest = max(p.numel() for p in model.parameters()) * (4 if side == "plain" else 2)
+    if zero2:  # the whole bucket fills on the "device" before its reduce-scatter
+        largest = max(b.padded for b in opt.buckets) * 2  # bf16 bytes; the planner doubles
     hw = Hardware(
         device_bytes=1e12,
         host_bytes=1e12,
@@ -118,8 +136,11 @@ def measure(side: str, layers: int, width: int, steps: int) -> dict:
         bucket_bytes=largest,
         separate_device=False,
     )
-    est = estimate(side, w, hw)
+    est = estimate("offload" if zero2 else side, w, hw)
+    if zero2:
+        dist.destroy_process_group()
     return {
+        "rank": rank,
         "num_params": model.num_params(),
         "tokens_per_s": MICRO_BATCH * SEQ_LEN / statistics.median(times),
         "peak_mib": (peak[0] - base) / 2**20,
@@ -128,6 +149,26 @@ def measure(side: str, layers: int, width: int, steps: int) -> dict:
         "estimate_device_mib": est.device_bytes / 2**20,
         "estimate_host_mib": est.host_bytes / 2**20,
     }
+
+
+def run_ranks(cmd: list[str]) -> dict:
+    """The zero2 side under torchrun: the job's tokens/s (the slower rank's step time), and the
+    larger rank's memory (each rank holds its own)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ZERO2_RANKS),
+         "--standalone", "-m", "benchmarks.offload_train", *cmd],
+        capture_output=True, text=True, cwd=ROOT, timeout=900,
+    )  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(f"zero2 failed:\n{out.stderr[-3000:]}")
+    # The ranks share torchrun's stdout: their lines may run together.
+    ranks = [json.loads(m) for m in re.findall(r"\{[^{}]*\}", out.stdout)]
+    if len(ranks) != ZERO2_RANKS:
+        raise RuntimeError(f"zero2: {len(ranks)} ranks reported, {ZERO2_RANKS} expected")
+    res = {k: max(x[k] for x in ranks) for k in ranks[0] if k != "tokens_per_s"}
+    res["tokens_per_s"] = ZERO2_RANKS * min(x["tokens_per_s"] for x in ranks)
+    res["ranks"] = ranks
+    return res
 
 
 def main() -> None:
@@ -146,7 +187,11 @@ def main() -> None:
     for r in range(args.repeats):
         for side in SIDES:
             cmd = ["--one", side, "--layers", str(args.layers), "--width", str(args.width)]
-            res = run_isolated("benchmarks.offload_train", [*cmd, "--steps", str(args.steps)], 900)
+            cmd += ["--steps", str(args.steps)]
+            if side == "zero2":
+                res = run_ranks(cmd)
+            else:
+                res = run_isolated("benchmarks.offload_train", cmd, 900)
             runs[side].append(res)
             print(
                 f"repeat {r + 1}/{args.repeats} {side:>8}: {res['tokens_per_s']:,.0f} tokens/s, "
@@ -172,6 +217,7 @@ def main() -> None:
             f"{side:<12}{tps:>10,.0f}{est:>13,.0f}{live:>10,.0f}{est / live - 1:>+7.0%}"
             f"{rss:>9,.0f}{est / rss - 1:>+7.0%}  {each}"
         )
+    print(f"zero2: {ZERO2_RANKS} ranks; tokens/s of the job, memory of one rank (the larger)")
     if args.json:
         args.json.write_text(json.dumps({**provenance(("psutil",)), "runs": runs}, indent=2))
 
