@@ -233,7 +233,7 @@ def main() -> None:
     if args.json:
         shape = {"rows_per_step": args.rows, "seq_len": SEQ_LEN, "steps": args.steps,
                  "sequential": args.sequential}  # fmt: skip
-        out = {**provenance(("tokenizers", "psutil")), **shape, "results": results}
+        out = {**provenance(("tokenizers", "psutil", "ray")), **shape, "results": results}
         args.json.write_text(json.dumps(out, indent=2))
 
 
