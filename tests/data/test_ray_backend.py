@@ -122,6 +122,36 @@ def test_slow_source_gets_replicas_before_its_weight_rises(tmp_path):
     loader.close()
 
 
+def test_fewer_cpus_than_sources_keeps_the_budget_and_isolates_the_slow_source(tmp_path):
+    raw = corpus_spec(tmp_path, "jsonl", seq_len=256, micro_batch_size=16)
+    raw["sources"][0]["transform"] = "tests.data.slow:slow_identity"
+    # By weight alone (how actors start) the light, slow source shares an actor; by measured
+    # cost x weight it is the heaviest, and alone it lowers the busiest actor's load ~17%.
+    for src, w in zip(raw["sources"], (0.08, 0.46, 0.46), strict=True):
+        src["weight"] = w
+    raw["backend"] = {"kind": "ray", "prefetch_steps": 1, "autoscale_every": 3, "cpu_budget": 2}
+    spec = MixtureSpec.from_dict(raw, base_dir=str(tmp_path))
+    loader = MixtureLoader(spec, 0, 1)
+    layout = loader.backend._layout
+    assert layout[0]["serving"] in (layout[1]["serving"], layout[2]["serving"])
+    served = []
+    for _ in range(30):  # enough documents of every source to measure its cost
+        next(loader)
+        layout = loader.backend._layout
+        assert all(layout[s]["serving"] for s in range(len(spec.sources)))
+        served.append({n for lay in layout.values() for n in lay["serving"]})
+    # 3 sources on a budget of 2: never more than 2 serving actors (the autoscaler used to
+    # give every source its own), and once the costs are measured the slow source has an
+    # actor to itself.
+    assert max(len(names) for names in served) <= 2
+    events = ray.get(loader.backend.directory.history.remote())
+    assert len(events) == 1, events  # regrouped once, then stable (no churn on noise)
+    slow = loader.backend._layout[0]["serving"]
+    others = {n for s in range(1, len(spec.sources)) for n in loader.backend._layout[s]["serving"]}
+    assert len(slow) == 1 and slow[0] not in others
+    loader.close()
+
+
 def test_planner_state_restored_in_new_loaders_continues_on_ray(tmp_path):
     _, spec = _specs(tmp_path)
     check_resume(spec, split=3, total=7)

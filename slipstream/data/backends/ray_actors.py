@@ -88,6 +88,21 @@ class SourceActor:
         }
 
 
+REGROUP_GAIN = 0.1  # a new grouping of sources must lower the heaviest actor's load this much
+MIN_COST_DOCS = 3  # documents per source measured before sources are regrouped by cost
+
+
+def _deal(loads, slots: int) -> list[list[int]]:
+    """Sources dealt to at most `slots` groups: the heaviest first, each to the lightest group."""
+    groups: list[list[int]] = [[] for _ in range(slots)]
+    total = np.zeros(slots)
+    for s in np.argsort(-np.asarray(loads, dtype=np.float64), kind="stable").tolist():
+        g = int(np.argmin(total))
+        groups[g].append(s)
+        total[g] += loads[s]
+    return [sorted(g) for g in groups if g]
+
+
 @ray.remote(num_cpus=0, max_restarts=0)
 class JobDirectory:
     """Which actors serve each source (`serving`, requests routed by document id) and which
@@ -113,6 +128,9 @@ class JobDirectory:
                     self.layout[s]["serving"].append(name)
         self.version = 0
         self.events: list[str] = []
+        # Measured (busy seconds, documents) per source of actors no longer serving it: a
+        # regrouping must not forget the costs it was based on.
+        self.retired = np.zeros((n, 2))
         self.clients = 0
 
     def attach(self) -> None:
@@ -133,24 +151,22 @@ class JobDirectory:
         self.next_index[s] += 1
         return self._start(name, [s])
 
+    def _budget(self) -> int:
+        b = self.spec.backend
+        return b.cpu_budget or int(ray.cluster_resources().get("CPU", len(self.spec.sources)))
+
     def _groups(self) -> list[list[int]]:
         """Sources that start on a shared actor: no more serving processes than the CPU
         budget holds (an actor uses one CPU at most; more processes would cost memory, not
         speed). The heaviest sources are dealt first, each to the lightest group; the
-        autoscaler later gives a source that needs it actors of its own."""
+        autoscaler later regroups them by measured cost, or, when the budget has room for a
+        process per source, gives a source that needs it actors of its own."""
         b, n = self.spec.backend, len(self.spec.sources)
-        budget = b.cpu_budget or int(ray.cluster_resources().get("CPU", n))
-        slots = max(1, budget // b.replicas)
+        slots = max(1, self._budget() // b.replicas)
         if n <= slots:
             return [[s] for s in range(n)]
         weights = np.max([self.spec.weights_at(t) for t in range(b.lookahead_steps + 1)], axis=0)
-        groups: list[list[int]] = [[] for _ in range(slots)]
-        loads = np.zeros(slots)
-        for s in np.argsort(-weights, kind="stable").tolist():
-            g = int(np.argmin(loads))
-            groups[g].append(s)
-            loads[g] += weights[s]
-        return [sorted(g) for g in groups if g]
+        return _deal(weights, slots)
 
     def _new_group(self, sources: list[int]) -> str:
         if len(sources) == 1:
@@ -217,8 +233,9 @@ class JobDirectory:
         ahead = range(step, step + b.lookahead_steps + 1, max(1, b.lookahead_steps // 10))
         weights = np.max([self.spec.weights_at(t) for t in ahead], axis=0)
         load = np.array([cost[s] * weights[s] for s in range(n)])
-        budget = b.cpu_budget or int(ray.cluster_resources().get("CPU", n))
-        budget = max(budget, n)
+        budget = self._budget()
+        if n > budget:  # fewer CPUs than sources: one actor per group of sources
+            return self._regroup(load, budget, step)
         want = np.maximum(1, np.floor(load / max(load.sum(), 1e-12) * budget)).astype(int)
         while want.sum() > budget:
             want[int(np.argmax(want))] -= 1
@@ -238,18 +255,62 @@ class JobDirectory:
             self.events.append(f"step {step}: replicas {want.tolist()}")
         return self.version, self.layout
 
-    def _cost_per_doc(self) -> list[float]:
-        out = []
+    def _regroup(self, load: np.ndarray, slots: int, step: int) -> tuple[int, dict]:
+        """Sources dealt to `slots` shared actors by measured load (cost x weight ahead). A new
+        grouping replaces the current one only if it lowers the heaviest actor's load by
+        REGROUP_GAIN: new actors start with empty caches and fresh cost estimates, and
+        regrouping on noise would churn them."""
+        n = len(self.spec.sources)
+        current: dict[str, set[int]] = {}
+        for s in range(n):
+            for name in self.layout[s]["serving"]:
+                current.setdefault(name, set()).add(s)
+        within = len(current) <= slots
+        if within and self._measured()[:, 1].min() < MIN_COST_DOCS:
+            return self.version, self.layout  # a source's cost is not known well enough yet
+        groups = _deal(load, slots)
+        heaviest = max(sum(load[s] for s in g) for g in groups)
+        now = max(sum(load[s] for s in g) / len(self.layout[min(g)]["serving"])
+                  for g in current.values())  # fmt: skip
+        if within and heaviest > now * (1 - REGROUP_GAIN):
+            return self.version, self.layout
+        by_sources = {frozenset(v): k for k, v in current.items()}
+        serving, keep = {}, set()
+        for g in groups:
+            name = by_sources.get(frozenset(g)) or self._new_group(g)
+            keep.add(name)
+            for s in g:
+                serving[s] = [name]
+        for name, sources in current.items():
+            if name not in keep:
+                try:  # what it measured stays in the costs
+                    x = ray.get(self.handles[name].stats.remote())
+                    for s in sources:
+                        self.retired[s] += (x["busy_by_source"].get(s, 0.0),
+                                            x["tokenized_by_source"].get(s, 0))  # fmt: skip
+                except Exception:  # noqa: BLE001 - a dead actor has no stats
+                    pass
+                ray.kill(self.handles.pop(name))  # clients that still call it fail over
+        for s in range(n):
+            self.layout[s]["serving"] = serving[s]
+        self._record(f"step {step}: sources grouped {groups} on {len(groups)} actors")
+        return self.version, self.layout
+
+    def _measured(self) -> np.ndarray:
+        """(busy seconds, documents tokenized) per source, over every actor that served it."""
+        out = self.retired.copy()
         for s in range(len(self.spec.sources)):
-            stats = []
             for name in self.layout[s]["serving"]:
                 try:
-                    stats.append(ray.get(self.handles[name].stats.remote()))
+                    x = ray.get(self.handles[name].stats.remote())
                 except Exception:  # noqa: BLE001 - a dead actor has no stats; failover handles it
                     continue
-            docs = sum(x["tokenized_by_source"].get(s, 0) for x in stats)
-            busy = sum(x["busy_by_source"].get(s, 0.0) for x in stats)
-            out.append(busy / docs if docs else math.nan)
+                out[s] += (x["busy_by_source"].get(s, 0.0), x["tokenized_by_source"].get(s, 0))
+        return out
+
+    def _cost_per_doc(self) -> list[float]:
+        measured = self._measured()
+        out = [busy / docs if docs else math.nan for busy, docs in measured]
         known = [c for c in out if not math.isnan(c)]
         default = float(np.median(known)) if known else 1.0
         return [default if math.isnan(c) else c for c in out]
