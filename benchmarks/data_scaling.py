@@ -26,6 +26,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -71,21 +72,22 @@ def one_rank(
     # The loader actors serve every rank: their CPU is counted once, by rank 0, between
     # barriers that all ranks pass (when the ranks run at once), or by each rank in its own
     # window (when each runs alone).
-    actors = _actor_procs(loader) if mode == "ray" and (rank == 0 or alone) else []
+    actors = _ActorCPU() if mode == "ray" and (rank == 0 or alone) else None
     _barrier("start", rank, world)
-    actor0 = _cpu(actors)
+    if actors is not None:
+        actors.start()
     cpu0, t0 = _tree_cpu_s(me), time.perf_counter()
     held = []  # counted after the clock stops: counting is the consumer's work, not the data's
     for _ in range(steps):
         held.extend(mb["doc_ids"] for mb in next(loader).micro_batches)
     wall, cpu = time.perf_counter() - t0, _tree_cpu_s(me) - cpu0
     _barrier("end", rank, world)
-    actor_cpu = _cpu(actors) - actor0
-    cpu += actor_cpu
+    actor_cpu, sampler_cpu = actors.stop() if actors is not None else (0.0, 0.0)
+    cpu += actor_cpu - sampler_cpu
     tokens = sum(int((ids >= 0).sum()) for ids in held)
     docs = sum(loader.backend.num_loaded) - docs0
     tokenized = None
-    if actors:
+    if actors is not None:
         tokenized = sum(x["tokenized"] for x in loader.backend.actor_stats().values())
     loader.close()
     return {
@@ -109,18 +111,46 @@ def _barrier(tag: str, rank: int, world: int) -> None:
         time.sleep(0.005)
 
 
-def _actor_procs(loader) -> list:
-    import psutil
+class _ActorCPU:
+    """CPU seconds of the loader actors (processes named `ray::SourceActor...`, children of
+    the raylet) over a window, counting actors the directory starts or removes during it
+    (autoscaling, regrouping): sampled every 50 ms, a removed actor's last sample stands."""
 
-    return [psutil.Process(x["pid"]) for x in loader.backend.actor_stats().values()]
+    def __init__(self) -> None:
+        self.first: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+        self._done = threading.Event()
 
+    def _sample(self, initial: bool = False) -> None:
+        import psutil
 
-def _cpu(procs) -> float:
-    total = 0.0
-    for p in procs:
-        t = p.cpu_times()
-        total += t.user + t.system
-    return total
+        for p in psutil.process_iter(["name"]):
+            if not (p.info["name"] or "").startswith("ray::SourceAct"):
+                continue
+            try:
+                t = p.cpu_times()
+            except psutil.Error:
+                continue
+            self.last[p.pid] = t.user + t.system
+            self.first.setdefault(p.pid, self.last[p.pid] if initial else 0.0)
+
+    def start(self) -> None:
+        self._sample(initial=True)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        t0 = time.thread_time()
+        while not self._done.wait(0.05):
+            self._sample()
+        self.own_cpu_s = time.thread_time() - t0
+
+    def stop(self) -> tuple[float, float]:
+        """(the actors' CPU seconds, this sampler's own, which is not the data's)."""
+        self._done.set()
+        self._thread.join()
+        self._sample()
+        return sum(self.last[pid] - self.first[pid] for pid in self.last), self.own_cpu_s
 
 
 def run(
