@@ -15,7 +15,7 @@ processes (on 2 cores, 8 ranks share them: tokens/s per rank falls for that reas
 each measures --steps steps after 3 warm-up steps (the token-count cache is built first).
 
     python -m benchmarks.data_scaling [--ranks 1,2,4,8] [--steps 20] [--rows 32]
-        [--modes before,after,ray] [--sequential] [--json out.json]
+        [--modes before,after,ray] [--sequential] [--fixed-actors] [--json out.json]
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ def load_spec(world: int, mode: str = "after", rows: int = ROWS_PER_STEP):
     from slipstream.data import MixtureSpec
 
     ray = ["backend.kind='ray'", f"backend.job='scaling-{world}'", "backend.shadow=0"]
+    if os.environ.get("SCALING_FIXED_ACTORS"):  # --fixed-actors: no autoscaling, no regrouping
+        ray.append("backend.autoscale_every=0")
     return MixtureSpec.from_toml(
         ROOT / "recipes" / "data" / "demo.toml",
         [
@@ -207,6 +209,11 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=ROWS_PER_STEP, help="rows of the global batch")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument(
+        "--fixed-actors",
+        action="store_true",
+        help="ray: keep the starting actors (a regroup inside a window starts actors there)",
+    )
+    ap.add_argument(
         "--sequential",
         action="store_true",
         help="run a job's ranks one after another (no time-sharing of the cores)",
@@ -219,6 +226,8 @@ def main() -> None:
         return
     ensure_inputs()
     modes = args.modes.split(",")
+    if args.fixed_actors:  # read by every rank's process (and by the benchmark's own backend)
+        os.environ["SCALING_FIXED_ACTORS"] = "1"
     if unknown := set(modes) - set(MODES):
         ap.error(f"--modes: unknown {sorted(unknown)}; choose from {MODES}")
     run("after", 1, 1)  # builds the token-count cache once, outside the measurements
@@ -262,7 +271,7 @@ def main() -> None:
         )
     if args.json:
         shape = {"rows_per_step": args.rows, "seq_len": SEQ_LEN, "steps": args.steps,
-                 "sequential": args.sequential}  # fmt: skip
+                 "sequential": args.sequential, "fixed_actors": args.fixed_actors}  # fmt: skip
         out = {**provenance(("tokenizers", "psutil", "ray")), **shape, "results": results}
         args.json.write_text(json.dumps(out, indent=2))
 
