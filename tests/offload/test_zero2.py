@@ -123,10 +123,11 @@ def test_sharded_checkpoint_resumes_in_one_process_and_on_two_ranks(tmp_path, on
     assert losses(run) == pytest.approx(one_process, rel=1e-5)
 
 
-def _rank(rank: int, world: int, init: str, bf16: bool, out) -> None:
+def _rank(rank: int, world: int, init: str, bf16: bool, device: str, out) -> None:
     """One rank of a 2-rank ZeRO-2 engine: after two micro-steps, its slice of every bucket
     must hold the sum over ranks and micro-steps of the plain autograd gradients, and every
-    host buffer it holds must be slice-sized."""
+    host buffer it holds must be slice-sized. On CUDA (one GPU per rank) the reduce-scatter
+    and the all-gather run over NCCL on the device, the rest over a gloo group."""
     import copy
 
     import torch.distributed as dist
@@ -134,21 +135,25 @@ def _rank(rank: int, world: int, init: str, bf16: bool, out) -> None:
 
     from slipstream.offload.engine import OffloadOptimizer
 
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.set_device(rank)
+    backend = "nccl" if cuda else "gloo"
+    dist.init_process_group(backend, init_method=init, rank=rank, world_size=world)
+    host = dist.new_group(backend="gloo") if cuda else dist.group.WORLD
     try:
         torch.manual_seed(0)
         model = nn.ModuleDict(
             {"a": nn.Linear(8, 8), "b": nn.Linear(8, 8), "unused": nn.Linear(8, 3)}
         )
-        ref = copy.deepcopy(model)
-        if bf16:
-            model.to(torch.bfloat16)
+        ref = copy.deepcopy(model).to(device)
+        model.to(device, torch.bfloat16 if bf16 else torch.float32)
         params = list(model.parameters())
         opt = OffloadOptimizer(
             [{"params": params, "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.95), eps=1e-8,
-            bucket_numel=100, group=dist.group.WORLD,
+            bucket_numel=100, group=host, device_group=dist.group.WORLD,
         )  # fmt: skip
-        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(rank))
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(rank)).to(device)
 
         def loss(m):  # "unused" gets no gradient on any rank: its bucket stays open
             return m["b"](m["a"](x.to(m["a"].weight.dtype))).float().square().sum()
@@ -158,7 +163,7 @@ def _rank(rank: int, world: int, init: str, bf16: bool, out) -> None:
             loss(ref).backward()
         opt.wait_grads()
         ref_grads = [
-            p.grad if p.grad is not None else torch.zeros_like(p) for p in ref.parameters()
+            (p.grad if p.grad is not None else torch.zeros_like(p)).cpu() for p in ref.parameters()
         ]
         by_param = dict(zip(map(id, params), ref_grads, strict=True))
         worst, host_bytes = 0.0, 0
@@ -166,7 +171,7 @@ def _rank(rank: int, world: int, init: str, bf16: bool, out) -> None:
             flat = torch.zeros(b.padded)
             for i, p in enumerate(b.params):
                 b.view(flat, i).copy_(by_param[id(p)])
-            dist.all_reduce(flat)
+            dist.all_reduce(flat, group=host)
             size = b.padded // world
             want = flat[rank * size : (rank + 1) * size]
             worst = max(worst, float((b.grad - want).abs().max() / want.abs().max()))
@@ -187,21 +192,25 @@ def _rank(rank: int, world: int, init: str, bf16: bool, out) -> None:
                 worst,
                 host_bytes,
                 total,
-                [p.detach().float().flatten().tolist() for p in params],
+                [p.detach().float().cpu().flatten().tolist() for p in params],
             )
         )
     finally:
         dist.destroy_process_group()
 
 
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=TWO_GPUS)])
 @pytest.mark.parametrize("bf16", [False, True])
-def test_zero2_reduces_on_the_device_and_keeps_only_slices_on_the_host(tmp_path, bf16):
+def test_zero2_reduces_on_the_device_and_keeps_only_slices_on_the_host(tmp_path, bf16, device):
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     init = f"file://{tmp_path / 'init'}"
-    procs = [ctx.Process(target=_rank, args=(r, 2, init, bf16, out)) for r in range(2)]
+    procs = [ctx.Process(target=_rank, args=(r, 2, init, bf16, device, out)) for r in range(2)]
     for p in procs:
         p.start()
     got = sorted(out.get(timeout=120) for _ in procs)
