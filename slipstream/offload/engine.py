@@ -16,6 +16,9 @@ moments.
   HostAdamW steps each slice with the clipping scale fused in and, for bf16 models, writes
   the slice's bf16 weights in the same pass; with W > 1 those slices are all-gathered on the
   device; the model's weights are written from them.
+- Without clipping, fp16 or the delayed update, a bucket's host step starts as soon as its
+  gradient is complete in the step's last backward (`prepare_final_backward`), in a worker
+  thread beside the rest of backward: the same update, bit for bit.
 - `state_dict()` is this rank's slices only (one process: the whole state); the checkpoint
   writes one file per rank, and any number of ranks loads them, each reading what it needs.
 - fp16 models get dynamic loss scaling: the trainer multiplies the loss by `loss_scale`; a
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import math
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -88,7 +92,15 @@ class OffloadOptimizer:
                 host_groups.append({"params": [bucket.master], "weight_decay": g["weight_decay"]})
         self.host = HostAdamW(host_groups, lr=lr, betas=betas, eps=eps, num_threads=num_threads)
         self.device = self.buckets[0].params[0].device if self.buckets else torch.device("cpu")
-        self.mover = GradMover(self.buckets, self.device, self.device_group, group, self.world)
+        self.mover = GradMover(
+            self.buckets, self.device, self.device_group, group, self.world, self._bucket_ready
+        )
+        # Host steps of buckets whose gradient was complete during the last backward.
+        self._armed = False
+        self._early: dict[int, Future] = {}
+        self._early_pool: ThreadPoolExecutor | None = None
+        self.early_steps = 0  # buckets stepped during backward, over the run
+        self._early_lrs: list[float] = []
         self.fp16 = any(b.params[0].dtype == torch.float16 for b in self.buckets)
         if self.fp16:
             self.loss_scale = 2.0**16
@@ -97,6 +109,42 @@ class OffloadOptimizer:
             for b in self.buckets
             for i, p in enumerate(b.params)
         ]
+
+    def prepare_final_backward(self, lr: float, max_norm: float) -> None:
+        """Called before the backward of a step's last micro-batch, with the step's learning
+        rate. Without clipping (max_norm infinite), fp16 or the delayed update, each bucket's
+        host step then starts as soon as its gradient is complete, while backward goes on:
+        the same update, bit for bit (with clipping the scale is known only once every bucket
+        is in). Not when some parameter got no gradient earlier (its bucket never completes)."""
+        delayed = self.delayed_update and self._num_steps >= self.delay_start
+        self._armed = (
+            not math.isfinite(max_norm) and not self.fp16 and not delayed and self.mover.clean()
+        )
+        self._early_lrs = [lr] * len(self.host.param_groups)
+
+    def _bucket_ready(self, k: int) -> None:
+        if not self._armed:
+            return
+        if self._early_pool is None:
+            self._early_pool = ThreadPoolExecutor(1, thread_name_prefix="slipstream-early-step")
+        self._early[k] = self._early_pool.submit(self._step_bucket, k)
+
+    def _step_bucket(self, k: int) -> None:
+        b = self.buckets[k]
+        out = {b.master: b.working} if b.working is not None else None
+        # The scale `_launch` uses without clipping: clip = 1.0.
+        self.host.step(grad_scale=1.0 / (self.world * self.loss_scale), bf16_out=out,
+                       only={b.master}, lrs=self._early_lrs)  # fmt: skip
+
+    def _join_early(self) -> set[int]:
+        """The buckets stepped during backward (their host steps finished)."""
+        done = set(self._early)
+        for fut in self._early.values():
+            fut.result()
+        self._early.clear()
+        self._armed = False
+        self.early_steps += len(done)
+        return done
 
     def _hook(self, bucket: Bucket, i: int):
         def move_to_host(p: nn.Parameter) -> None:
@@ -160,6 +208,7 @@ class OffloadOptimizer:
 
     def _launch(self, max_norm: float, background: bool) -> float:
         self.mover.wait()  # with W > 1 already summed over ranks: this rank's slices
+        early = self._join_early()
         if background:  # the host step reads one buffer while backward fills the other
             for b in self.buckets:
                 if b.master.grad is b.grad:
@@ -182,7 +231,16 @@ class OffloadOptimizer:
             if self._clean_steps == self.growth_interval:
                 self.loss_scale, self._clean_steps = self.loss_scale * 2, 0
         outs = {b.master: b.working for b in self.buckets if b.working is not None}
-        kwargs = {"grad_scale": scale, "bf16_out": outs or None}
+        # The learning rates now: a background step must not see the next step's.
+        lrs = [g["lr"] for g in self.host.param_groups]
+        kwargs = {"grad_scale": scale, "bf16_out": outs or None, "lrs": lrs}
+        if early:  # stepped during backward (no clipping, so with this very scale)
+            if self._early_lrs != lrs:
+                raise ValueError(
+                    "offload: the learning rate changed between prepare_final_backward() and "
+                    "step(); pass the step's rate to both"
+                )
+            kwargs["only"] = {b.master for k, b in enumerate(self.buckets) if k not in early}
         if not background:
             self.host.step(**kwargs)
             return norm
@@ -288,6 +346,9 @@ class OffloadOptimizer:
                     p.copy_(b.view(full, i))
 
     def close(self) -> None:
+        self._join_early()
+        if self._early_pool is not None:
+            self._early_pool.shutdown(wait=True)
         self.mover.close()
         for h in self._handles:
             h.remove()

@@ -79,14 +79,19 @@ class HostAdamW(torch.optim.Optimizer):
         closure=None,
         grad_scale: float = 1.0,
         bf16_out: dict[torch.Tensor, torch.Tensor] | None = None,
+        only: set[torch.Tensor] | None = None,
+        lrs: list[float] | None = None,
     ):
-        """One AdamW step on every parameter with a gradient. `grad_scale` multiplies each
-        gradient first; `bf16_out[p]` (a bf16 tensor shaped like p) receives the new weights."""
+        """One AdamW step on every parameter with a gradient (of those in `only`, if given).
+        `grad_scale` multiplies each gradient first; `bf16_out[p]` (a bf16 tensor shaped like
+        p) receives the new weights. `lrs`: each group's learning rate as it was when the step
+        was launched (a step in a background thread must not see the next step's)."""
         loss = closure() if closure is not None else None
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
+            lr = group["lr"] if lrs is None else lrs[gi]
             for p in group["params"]:
-                if p.grad is None:
+                if p.grad is None or (only is not None and p not in only):
                     continue
                 state = self.state[p]
                 if not state:
@@ -96,11 +101,11 @@ class HostAdamW(torch.optim.Optimizer):
                 state["step"] += 1
                 step = int(state["step"])
                 out = None if bf16_out is None else bf16_out.get(p)
-                self._update(p, p.grad, state, group, beta1, beta2, step, grad_scale, out)
+                self._update(p, p.grad, state, group, lr, beta1, beta2, step, grad_scale, out)
         return loss
 
-    def _update(self, p, g, state, group, beta1, beta2, step, grad_scale, out) -> None:
-        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+    def _update(self, p, g, state, group, lr, beta1, beta2, step, grad_scale, out) -> None:
+        wd, eps = group["weight_decay"], group["eps"]
         bc1 = 1 - beta1**step
         bc2_sqrt = math.sqrt(1 - beta2**step)
         m, v = state["exp_avg"], state["exp_avg_sq"]

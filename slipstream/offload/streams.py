@@ -42,10 +42,14 @@ class GradMover:
         group: dist.ProcessGroup | None = None,
         host_group: dist.ProcessGroup | None = None,
         world: int = 1,
+        on_ready=None,
     ) -> None:
         """`group`: the data-parallel ranks on the device's backend (the reduce-scatters);
         `host_group`: the same ranks over gloo (a few flags per step). Both only when W > 1."""
         self.buckets, self.group, self.host_group, self.world = buckets, group, host_group, world
+        # Called with a bucket's index once its gradient of this backward is complete in the
+        # host buffer (every parameter's; with W > 1 reduced): the engine may step it then.
+        self.on_ready = on_ready or (lambda k: None)
         self.cuda = device.type == "cuda"
         self.exposed_s = 0.0  # host time spent moving or waiting for gradients
         self.copy_s = 0.0  # CUDA: the copy stream's busy time (summed per bucket)
@@ -85,6 +89,10 @@ class GradMover:
         elif not self.cuda:
             bucket.view(bucket.grad, i).add_(g.to(torch.float32))
             p.grad = None
+            self._left[k] -= 1
+            if self._left[k] == 0:
+                self._left[k] = len(bucket.params)
+                self.on_ready(k)
         else:
             self._await_add(k)  # the last micro-step's add must have read the staging buffer
             self.stream.wait_stream(torch.cuda.current_stream(g.device))
@@ -100,6 +108,12 @@ class GradMover:
             if self._left[k] == 0:
                 self._finish(k)
         self.exposed_s += time.perf_counter() - t0
+
+    def clean(self) -> bool:
+        """No bucket holds part of a backward's gradients: each one's next `on_ready` will
+        mean its gradient of the next backward is whole (False for good once some parameter
+        gets no gradient, which leaves its bucket's count open)."""
+        return all(n == len(b.params) for n, b in zip(self._left, self.buckets, strict=True))
 
     def _await_add(self, k: int) -> None:
         pending = self._adds[k]
@@ -117,6 +131,7 @@ class GradMover:
             mine = torch.empty(b.grad.numel(), dtype=torch.float32)
             dist.reduce_scatter_tensor(mine, flat, group=self.group)
             b.grad.add_(mine)
+            self.on_ready(k)
             return
         self._await_add(k)
         mine = torch.empty(b.grad.numel(), dtype=torch.float32, device=flat.device)
@@ -147,6 +162,7 @@ class GradMover:
     def _add(self, k: int, done: torch.cuda.Event, keep=None) -> None:
         done.synchronize()
         self.buckets[k].grad.add_(self.staging[k])  # to fp32 in the add, no temporary
+        self.on_ready(k)
 
     def wait(self) -> None:
         """Every gradient of the backward passes so far is in the fp32 buffers (buckets whose

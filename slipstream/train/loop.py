@@ -118,9 +118,14 @@ class Trainer:
         loss_scale = getattr(self.optimizer, "loss_scale", 1.0)
         scale = self.d.dp_size / max(total_targets, 1.0) * loss_scale
         model = self.ddp or self.model
+        lr = self.cfg.optim.lr * lr_factor(self.step, self.cfg.train.steps, self.cfg.optim)
+        clip = self.cfg.optim.grad_clip or float("inf")
         loss_local = 0.0
         for i, mb in enumerate(mbs):
             last = i == len(mbs) - 1
+            if last and hasattr(self.optimizer, "prepare_final_backward"):
+                # Offload: without clipping, buckets are stepped on the host during backward.
+                self.optimizer.prepare_final_backward(lr, clip)
             sync = nullcontext() if (self.ddp is None or last) else self.ddp.no_sync()
             with sync:
                 tp_before = self._tp_exposed_s()
@@ -151,10 +156,8 @@ class Trainer:
             with timer.phase("comm"):  # norms that saw only this rank's rows
                 plan.reduce_partial_grads()
         with timer.phase("optimizer"):
-            lr = self.cfg.optim.lr * lr_factor(self.step, self.cfg.train.steps, self.cfg.optim)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            clip = self.cfg.optim.grad_clip or float("inf")
             grad_norm = clip_and_step(self.optimizer, self.model, clip)
             self.optimizer.zero_grad(set_to_none=True)
         with timer.phase("comm"):  # the stop flag rides along, so all ranks stop at one step

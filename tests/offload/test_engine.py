@@ -71,6 +71,45 @@ def test_every_micro_step_of_accumulation_counts():
     assert not torch.allclose(next(one.parameters()), next(three.parameters()))
 
 
+def _train_early(model, opt, data, micro: int, clip: float, early: bool) -> None:
+    """Steps of `micro` micro-batches; `early`: announce the last backward, as the trainer does."""
+    for i in range(0, len(data), micro):
+        for j, x in enumerate(data[i : i + micro]):
+            if early and j == micro - 1:
+                opt.prepare_final_backward(1e-2, clip)
+            logits = model(x[:, :-1]).float()
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+            (loss / micro).backward()
+        opt.step(clip)
+        opt.zero_grad(set_to_none=True)
+
+
+def _small_buckets(model, dtype: torch.dtype) -> OffloadOptimizer:
+    model.to(dtype)  # several buckets, so most step while backward still runs
+    groups = [{"params": list(model.parameters()), "weight_decay": 0.1}]
+    return OffloadOptimizer(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, bucket_numel=3000)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_buckets_step_during_backward_without_clipping_bit_for_bit(dtype):
+    runs = {}
+    for early in (False, True):
+        model = tiny()
+        opt = _small_buckets(model, dtype)
+        _train_early(model, opt, batches(6), micro=2, clip=float("inf"), early=early)
+        runs[early] = (model, opt.early_steps, len(opt.buckets))
+        opt.close()
+    (plain, none, _), (early, stepped, buckets) = runs[False], runs[True]
+    assert buckets > 3 and none == 0 and stepped == 3 * buckets  # every bucket, every step
+    for a, b in zip(plain.parameters(), early.parameters(), strict=True):
+        assert torch.equal(a, b)
+    # With clipping the scale waits for the last bucket: nothing steps early.
+    model = tiny()
+    opt = _small_buckets(model, dtype)
+    _train_early(model, opt, batches(2), micro=2, clip=1.0, early=True)
+    assert opt.early_steps == 0
+
+
 def test_bf16_working_weights_come_from_fp32_masters():
     model = tiny()
     opt = build_optimizer(model, OptimConfig(lr=1e-3, offload=True), torch.device("cpu"))

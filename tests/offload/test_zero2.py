@@ -123,7 +123,7 @@ def test_sharded_checkpoint_resumes_in_one_process_and_on_two_ranks(tmp_path, on
     assert losses(run) == pytest.approx(one_process, rel=1e-5)
 
 
-def _rank(rank: int, world: int, init: str, bf16: bool, device: str, out) -> None:
+def _rank(rank: int, world: int, init: str, bf16: bool, device: str, unused: bool, out) -> None:
     """One rank of a 2-rank ZeRO-2 engine: after two micro-steps, its slice of every bucket
     must hold the sum over ranks and micro-steps of the plain autograd gradients, and every
     host buffer it holds must be slice-sized. On CUDA (one GPU per rank) the reduce-scatter
@@ -143,9 +143,10 @@ def _rank(rank: int, world: int, init: str, bf16: bool, device: str, out) -> Non
     host = dist.new_group(backend="gloo") if cuda else dist.group.WORLD
     try:
         torch.manual_seed(0)
-        model = nn.ModuleDict(
-            {"a": nn.Linear(8, 8), "b": nn.Linear(8, 8), "unused": nn.Linear(8, 3)}
-        )
+        layers = {"a": nn.Linear(8, 8), "b": nn.Linear(8, 8)}
+        if unused:  # gets no gradient on any rank: its bucket stays open
+            layers["unused"] = nn.Linear(8, 3)
+        model = nn.ModuleDict(layers)
         ref = copy.deepcopy(model).to(device)
         model.to(device, torch.bfloat16 if bf16 else torch.float32)
         params = list(model.parameters())
@@ -155,10 +156,12 @@ def _rank(rank: int, world: int, init: str, bf16: bool, device: str, out) -> Non
         )  # fmt: skip
         x = torch.randn(4, 8, generator=torch.Generator().manual_seed(rank)).to(device)
 
-        def loss(m):  # "unused" gets no gradient on any rank: its bucket stays open
+        def loss(m):
             return m["b"](m["a"](x.to(m["a"].weight.dtype))).float().square().sum()
 
-        for _ in range(2):  # two micro-steps of accumulation
+        for micro in range(2):  # two micro-steps of accumulation
+            if micro == 1:  # no clipping: buckets step as their slices land, unless one is open
+                opt.prepare_final_backward(1e-3, float("inf"))
             loss(model).backward()
             loss(ref).backward()
         opt.wait_grads()
@@ -175,13 +178,9 @@ def _rank(rank: int, world: int, init: str, bf16: bool, device: str, out) -> Non
             size = b.padded // world
             want = flat[rank * size : (rank + 1) * size]
             worst = max(worst, float((b.grad - want).abs().max() / want.abs().max()))
-            st = opt.host.state.get(b.master, {})
-            host_bytes += sum(
-                t.nbytes
-                for t in (b.grad, b.master, b.working, st.get("exp_avg"), st.get("exp_avg_sq"))
-                if t is not None
-            )
-        opt.step()  # the first step creates the moments
+            host_bytes += sum(t.nbytes for t in (b.grad, b.master, b.working) if t is not None)
+        opt.step()  # the first step creates the moments (early steps may have already)
+        assert opt.early_steps == (0 if unused else len(opt.buckets))
         for b in opt.buckets:
             st = opt.host.state[b.master]
             host_bytes += st["exp_avg"].nbytes + st["exp_avg_sq"].nbytes
@@ -203,14 +202,18 @@ TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUD
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=TWO_GPUS)])
-@pytest.mark.parametrize("bf16", [False, True])
-def test_zero2_reduces_on_the_device_and_keeps_only_slices_on_the_host(tmp_path, bf16, device):
+@pytest.mark.parametrize(("bf16", "unused"), [(False, True), (True, True), (True, False)])
+def test_zero2_reduces_on_the_device_and_keeps_only_slices_on_the_host(
+    tmp_path, bf16, unused, device
+):
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     init = f"file://{tmp_path / 'init'}"
-    procs = [ctx.Process(target=_rank, args=(r, 2, init, bf16, device, out)) for r in range(2)]
+    procs = [
+        ctx.Process(target=_rank, args=(r, 2, init, bf16, device, unused, out)) for r in range(2)
+    ]
     for p in procs:
         p.start()
     got = sorted(out.get(timeout=120) for _ in procs)
