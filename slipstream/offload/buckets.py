@@ -26,10 +26,6 @@ class Bucket:
         p = self.params[i]
         return flat[self.offsets[i] : self.offsets[i] + p.numel()].view(p.shape)
 
-    @property
-    def slice_numel(self) -> int:
-        return self.master.numel()
-
 
 def make_bucket(
     params: list[nn.Parameter], world: int, rank: int, group: dist.ProcessGroup | None

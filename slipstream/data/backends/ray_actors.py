@@ -92,6 +92,15 @@ REGROUP_GAIN = 0.1  # a new grouping of sources must lower the heaviest actor's 
 MIN_COST_DOCS = 3  # documents per source measured before sources are regrouped by cost
 
 
+def _cost_per_doc(measured: np.ndarray) -> list[float]:
+    """Seconds per document per source from (busy seconds, documents); the median of the
+    known ones where a source has none measured yet."""
+    out = [busy / docs if docs else math.nan for busy, docs in measured]
+    known = [c for c in out if not math.isnan(c)]
+    default = float(np.median(known)) if known else 1.0
+    return [default if math.isnan(c) else c for c in out]
+
+
 def _deal(loads, slots: int) -> list[list[int]]:
     """Sources dealt to at most `slots` groups: the heaviest first, each to the lightest group."""
     groups: list[list[int]] = [[] for _ in range(slots)]
@@ -229,13 +238,14 @@ class JobDirectory:
         within the CPU budget. New actors start before the weight rises; removed ones go
         once clients have the new layout (they fail over if they still call one)."""
         b, n = self.spec.backend, len(self.spec.sources)
-        cost = self._cost_per_doc()
+        measured = self._measured()  # one round of stats calls per autoscale
+        cost = _cost_per_doc(measured)
         ahead = range(step, step + b.lookahead_steps + 1, max(1, b.lookahead_steps // 10))
         weights = np.max([self.spec.weights_at(t) for t in ahead], axis=0)
         load = np.array([cost[s] * weights[s] for s in range(n)])
         budget = self._budget()
         if n > budget:  # fewer CPUs than sources: one actor per group of sources
-            return self._regroup(load, budget, step)
+            return self._regroup(load, budget, step, measured[:, 1])
         want = np.maximum(1, np.floor(load / max(load.sum(), 1e-12) * budget)).astype(int)
         while want.sum() > budget:
             want[int(np.argmax(want))] -= 1
@@ -255,18 +265,20 @@ class JobDirectory:
             self.events.append(f"step {step}: replicas {want.tolist()}")
         return self.version, self.layout
 
-    def _regroup(self, load: np.ndarray, slots: int, step: int) -> tuple[int, dict]:
+    def _regroup(
+        self, load: np.ndarray, slots: int, step: int, docs: np.ndarray
+    ) -> tuple[int, dict]:
         """Sources dealt to `slots` shared actors by measured load (cost x weight ahead). A new
         grouping replaces the current one only if it lowers the heaviest actor's load by
         REGROUP_GAIN: new actors start with empty caches and fresh cost estimates, and
-        regrouping on noise would churn them."""
+        regrouping on noise would churn them. `docs`: documents measured per source."""
         n = len(self.spec.sources)
         current: dict[str, set[int]] = {}
         for s in range(n):
             for name in self.layout[s]["serving"]:
                 current.setdefault(name, set()).add(s)
         within = len(current) <= slots
-        if within and self._measured()[:, 1].min() < MIN_COST_DOCS:
+        if within and docs.min() < MIN_COST_DOCS:
             return self.version, self.layout  # a source's cost is not known well enough yet
         groups = _deal(load, slots)
         heaviest = max(sum(load[s] for s in g) for g in groups)
@@ -307,13 +319,6 @@ class JobDirectory:
                     continue
                 out[s] += (x["busy_by_source"].get(s, 0.0), x["tokenized_by_source"].get(s, 0))
         return out
-
-    def _cost_per_doc(self) -> list[float]:
-        measured = self._measured()
-        out = [busy / docs if docs else math.nan for busy, docs in measured]
-        known = [c for c in out if not math.isnan(c)]
-        default = float(np.median(known)) if known else 1.0
-        return [default if math.isnan(c) else c for c in out]
 
     def history(self) -> list[str]:
         return list(self.events)
