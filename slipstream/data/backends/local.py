@@ -10,7 +10,6 @@ state, so the retry returns the very same tokens.
 from __future__ import annotations
 
 import math
-import multiprocessing as mp
 import threading
 import time
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from slipstream.data.backends import lean_spawn
 from slipstream.data.sources.loader import SourceLoader, build_source_loaders
 from slipstream.data.sources.shared import SharedDocs, source_key
 from slipstream.data.spec import MixtureSpec
@@ -109,8 +109,9 @@ class LocalBackend:
         n = self.spec.backend.num_workers
         if self.spec.backend.pool == "thread":
             return ThreadPoolExecutor(n, thread_name_prefix="slipstream-loader")
-        # spawn: the parent runs threads (prefetch, tokenizers), which fork does not survive.
-        return ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"))
+        # spawn: the parent runs threads (prefetch, tokenizers), which fork does not survive;
+        # without the main module, which for a trainer imports torch (lean_spawn.py).
+        return ProcessPoolExecutor(n, mp_context=lean_spawn.get_context())
 
     def submit(self, source: int, ids: list[int]) -> _Task:
         """Start loading documents `ids` of `source`; `.result()` gives their token arrays."""

@@ -1,0 +1,61 @@
+"""Loader worker processes do not import the trainer's main module (and so not torch)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+from tests.conftest import ROOT, corpus_spec
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import psutil
+    import torch  # a trainer's main module imports torch
+
+    from slipstream.data import MixtureSpec
+    from slipstream.data.backends.inline import InlineBackend
+    from slipstream.data.backends.local import LocalBackend
+    from slipstream.data.sources.loader import build_source_loaders
+
+    spec = MixtureSpec.from_dict(json.loads(sys.argv[1]), base_dir=sys.argv[2])
+    pool = LocalBackend(spec)
+    ids = [0, 3, 4]
+    got = [t.result() for t in [pool.submit(s, ids) for s in range(3)]]
+    ref = InlineBackend(build_source_loaders(spec, spec.tokenizer))
+    want = [ref.submit(s, ids).result() for s in range(3)]
+    same = all(
+        len(a) == len(b) and all((x == y).all() for x, y in zip(a, b))
+        for a, b in zip(got, want)
+    )
+    maps = {}
+    for pid in pool.worker_pids():
+        paths = {m.path for m in psutil.Process(pid).memory_maps()}
+        maps[pid] = sorted(p for p in paths if "torch" in p)
+    pool.close()
+    print(json.dumps({"same": same, "maps": maps, "main_has_torch": "torch" in sys.modules}))
+    """
+)
+
+
+def test_process_pool_workers_leave_out_the_main_module(tmp_path):
+    raw = corpus_spec(tmp_path, "jsonl")
+    raw["backend"]["pool"] = "process"
+    script = tmp_path / "trainer_like.py"
+    script.write_text(SCRIPT)
+    out = subprocess.run(
+        [sys.executable, str(script), json.dumps(raw), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["main_has_torch"] and res["same"]
+    assert res["maps"], "the pool started no worker process"
+    for pid, paths in res["maps"].items():
+        assert not paths, f"worker {pid} maps torch: {paths}"
