@@ -1,14 +1,17 @@
 """Host AdamW: parameters per second of one optimizer step over one flat fp32 buffer, for
 
   probe             AdamW's memory access pattern (read p, g, m, v; write p, m, v) with
-                    trivial math: the floor any host AdamW can reach on this machine
-  slipstream        HostAdamW (slipstream/offload/kernels/adamw.c)
+                    trivial math, on huge pages: the floor any host AdamW can reach here
+  slipstream        HostAdamW (slipstream/offload/kernels/adamw.c) on buffers allocated as
+                    the offload engine allocates them (huge pages: offload/hostmem.py)
   slipstream+bf16   the same with the bf16 copy-out of the new weights fused into the pass
   torch-foreach     torch.optim.AdamW(foreach=True)
   torch-fused       torch.optim.AdamW(fused=True), torch's fastest CPU path
   deepspeed         DeepSpeedCPUAdam, the real package (its op compiles on first use; cached
                     in ~/.cache/slipstream/torch_extensions)
   deepspeed+bf16    the same, then the fp32 -> bf16 copy as its own pass (as DeepSpeed does)
+  ...+thp           a peer with THP_MEM_ALLOC_ENABLE=1, which makes torch's CPU allocator ask
+                    for huge pages: the peer at its best (by default it does not)
 
 at 1 and 2 threads, each in a fresh process (its own memory), median of several steps after
 two warm-up steps. With --rounds R every side runs R times, the sides taking turns (A B C, A
@@ -38,9 +41,13 @@ SIDES = (
     "slipstream+bf16",
     "torch-foreach",
     "torch-fused",
+    "torch-fused+thp",
     "deepspeed",
+    "deepspeed+thp",
     "deepspeed+bf16",
+    "deepspeed+bf16+thp",
 )
+THP_SIDES = ("probe",)  # besides the "+thp" ones: the floor is measured at its best
 HYPER = {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
 
 
@@ -48,9 +55,15 @@ def measure(side: str, n: int, threads: int, steps: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    p = torch.randn(n)
-    p.grad = torch.randn(n) * 1e-3
-    bf16 = torch.empty(n, dtype=torch.bfloat16) if side.endswith("+bf16") else None
+    if side.startswith("slipstream"):  # the engine's buffers (its moments are its own)
+        from slipstream.offload.hostmem import host_empty
+
+        p = host_empty(n).normal_()
+        p.grad = host_empty(n).normal_().mul_(1e-3)
+    else:
+        p = torch.randn(n)
+        p.grad = torch.randn(n) * 1e-3
+    bf16 = torch.empty(n, dtype=torch.bfloat16) if "+bf16" in side else None
     if side == "probe":
         from slipstream.offload import kernel
 
@@ -71,7 +84,7 @@ def measure(side: str, n: int, threads: int, steps: int) -> dict:
         def step():
             opt.step(bf16_out=outs)
     elif side.startswith("torch"):
-        kind = side.split("-")[1]
+        kind = side.split("-")[1].split("+")[0]
         opt = torch.optim.AdamW([p], **HYPER, **{kind: True})
 
         def step():
@@ -98,6 +111,7 @@ def measure(side: str, n: int, threads: int, steps: int) -> dict:
 def run_one(side: str, n: int, threads: int, steps: int) -> dict:
     # OpenMP reads its thread count at start-up: DeepSpeed's op takes it from here.
     os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "1" if side.endswith("+thp") or side in THP_SIDES else "0"
     os.environ.setdefault(
         "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "slipstream" / "torch_extensions")
     )
@@ -143,22 +157,30 @@ def main() -> None:
         + (f", then of {args.rounds} rounds" if args.rounds > 1 else "")
         + "), G params/s"
     )
-    print(f"{'params':>8}{'threads':>8}" + "".join(f"{s:>16}" for s in SIDES))
+    width = max(len(s) for s in SIDES) + 2
+    print(f"{'params':>8}{'threads':>8}" + "".join(f"{s:>{width}}" for s in SIDES))
     for n in sizes:
         for t in threads:
             row = [results[f"{n}/{t}/{s}"]["params_per_s"] / 1e9 for s in SIDES]
-            print(f"{n / 1e6:>7.0f}M{t:>8}" + "".join(f"{x:>16.3f}" for x in row))
-    print("\nslipstream as % of the probe floor, and vs each peer (same size and threads):")
+            print(f"{n / 1e6:>7.0f}M{t:>8}" + "".join(f"{x:>{width}.3f}" for x in row))
+    print(
+        "\nslipstream as % of the probe floor, and vs each peer at its best (the faster of its "
+        "default and +thp runs; default alone in brackets), same size and threads:"
+    )
     for n in sizes:
         for t in threads:
             r = {s: results[f"{n}/{t}/{s}"]["params_per_s"] for s in SIDES}
-            bf16_cost = r["slipstream"] / r["slipstream+bf16"] - 1
-            ds_cost = r["deepspeed"] / r["deepspeed+bf16"] - 1
+            ours = r["slipstream"]
+            torch_best = max(r["torch-fused"], r["torch-fused+thp"])
+            ds_best = max(r["deepspeed"], r["deepspeed+thp"])
+            ds_bf16_best = max(r["deepspeed+bf16"], r["deepspeed+bf16+thp"])
             print(
-                f"{n / 1e6:>7.0f}M {t} threads: {r['slipstream'] / r['probe']:.0%} of floor; "
-                f"{r['slipstream'] / r['torch-fused']:.2f}x torch fused, "
-                f"{r['slipstream'] / r['deepspeed']:.2f}x DeepSpeed; bf16 copy-out costs "
-                f"{bf16_cost:+.0%} fused vs {ds_cost:+.0%} as DeepSpeed's separate pass"
+                f"{n / 1e6:>7.0f}M {t} threads: {ours / r['probe']:.0%} of floor; "
+                f"{ours / torch_best:.2f}x torch fused ({ours / r['torch-fused']:.2f}x), "
+                f"{ours / ds_best:.2f}x DeepSpeed ({ours / r['deepspeed']:.2f}x); "
+                f"bf16 copy-out costs {ours / r['slipstream+bf16'] - 1:+.0%} fused vs "
+                f"{ds_best / ds_bf16_best - 1:+.0%} as DeepSpeed's separate pass; "
+                f"with it {r['slipstream+bf16'] / ds_bf16_best:.2f}x DeepSpeed's step + copy"
             )
     if args.json:
         out = {**provenance(("deepspeed", "numpy")), "results": results}

@@ -9,7 +9,8 @@ against the planner's estimate for one rank of 2).
 On a CPU the "device" and the host are the same memory. Two measurements, both from just
 before the model is built, against the planner's device + host bytes:
 - live: the peak of the bytes malloc has handed out and not taken back (glibc's `mallinfo2`:
-  in-use heap plus mmapped blocks), the CPU's counterpart of `torch.cuda.max_memory_allocated`,
+  in-use heap plus mmapped blocks), plus the offload engine's huge-page buffers, which it maps
+  itself (`offload/hostmem.py`): the CPU's counterpart of `torch.cuda.max_memory_allocated`,
   which is what the planner models;
 - RSS: the process's peak resident memory growth, which adds what the allocator keeps after a
   free (glibc keeps freed heap pages, as CUDA's caching allocator keeps freed blocks). Each side runs in a fresh process, several times; the batch is random token ids (the
@@ -48,11 +49,14 @@ class _MallInfo2(ctypes.Structure):
 
 
 def malloc_live() -> int:
-    """Bytes malloc has handed out and not taken back: in-use heap plus mmapped blocks."""
+    """Bytes malloc has handed out and not taken back (in-use heap plus mmapped blocks), and
+    the huge-page buffers the offload engine maps itself."""
+    from slipstream.offload import hostmem
+
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = _MallInfo2
     info = libc.mallinfo2()
-    return info.uordblks + info.hblkhd
+    return info.uordblks + info.hblkhd + hostmem.live_bytes()
 
 
 def measure(side: str, layers: int, width: int, steps: int) -> dict:

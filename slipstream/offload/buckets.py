@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from slipstream.offload.hostmem import host_empty, host_zeros
+
 
 @dataclass(slots=True)
 class Bucket:
@@ -42,9 +44,11 @@ def make_bucket(
         total += p.numel()
     padded = -(-total // world) * world
     # The buffers the new weights leave from are pinned on CUDA: copies from pinned memory run
-    # at the link's speed and do not stage through a bounce buffer.
+    # at the link's speed and do not stage through a bounce buffer. The others are in huge
+    # pages, which the host step streams faster (hostmem.py).
+    bf16 = params[0].dtype == torch.bfloat16
     pin = params[0].is_cuda
-    full = torch.zeros(padded, dtype=torch.float32, pin_memory=pin and world == 1)
+    full = host_zeros(padded, pin=pin and world == 1 and not bf16)
     for p, o in zip(params, offsets, strict=True):
         full[o : o + p.numel()].copy_(p.detach().reshape(-1))
     if world > 1:  # every rank starts from rank 0's weights, as DDP would make sure
@@ -55,14 +59,13 @@ def make_bucket(
     size = padded // world
     master = full
     if world > 1:
-        master = torch.empty(size, dtype=torch.float32, pin_memory=pin)
+        master = host_empty(size, pin=pin and not bf16)
         master.copy_(full[rank * size : (rank + 1) * size])
         del full
-    grad = torch.zeros(size, dtype=torch.float32)
+    grad = host_zeros(size)
     master.grad = grad
     # bf16 models: the host step writes the slice's bf16 weights in the same pass, and these
     # are what go back to the device (and, W > 1, what the ranks gather).
-    bf16 = params[0].dtype == torch.bfloat16
     working = torch.empty(size, dtype=torch.bfloat16, pin_memory=pin) if bf16 else None
     return Bucket(params, offsets, total, padded, grad, master, working)
 

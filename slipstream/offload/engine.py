@@ -47,6 +47,7 @@ from torch import nn
 from slipstream.configfile import VERSION_KEY, check_version
 from slipstream.offload.buckets import Bucket, chunk_params, make_bucket
 from slipstream.offload.host_adam import HostAdamW
+from slipstream.offload.hostmem import host_zeros
 from slipstream.offload.streams import GradMover
 
 STATE_VERSION = 2
@@ -212,7 +213,7 @@ class OffloadOptimizer:
         if background:  # the host step reads one buffer while backward fills the other
             for b in self.buckets:
                 if b.master.grad is b.grad:
-                    b.master.grad = torch.zeros_like(b.grad)
+                    b.master.grad = host_zeros(b.grad.numel())
                 b.master.grad, b.grad = b.grad, b.master.grad
         sq = self.host.grad_sq_norm()
         if self.world > 1:
@@ -338,7 +339,7 @@ class OffloadOptimizer:
                     st = self.host.state[b.master]
                     st["step"] = torch.tensor(saved[0]["step"])
                     for key in ("exp_avg", "exp_avg_sq"):
-                        mine = torch.zeros(size, dtype=torch.float32)
+                        mine = host_zeros(size)
                         if hi > lo:
                             mine[: hi - lo].copy_(_span([e[key] for e in saved], lo, hi))
                         st[key] = mine

@@ -21,6 +21,7 @@ import os
 import torch
 
 from slipstream.offload import kernel
+from slipstream.offload.hostmem import host_zeros
 
 
 def default_threads() -> int:
@@ -54,6 +55,14 @@ class HostAdamW(torch.optim.Optimizer):
                     )
         self.num_threads = num_threads or default_threads()
         self._lib = kernel.load() if use_kernel else None
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load, then the moments moved into huge pages, where a fresh step puts them."""
+        super().load_state_dict(state_dict)
+        for st in self.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in st and st[key].device.type == "cpu":
+                    st[key] = _zeros_like(st[key]).copy_(st[key])
 
     @property
     def uses_kernel(self) -> bool:
@@ -96,8 +105,8 @@ class HostAdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
+                    state["exp_avg"] = _zeros_like(p)
+                    state["exp_avg_sq"] = _zeros_like(p)
                 state["step"] += 1
                 step = int(state["step"])
                 out = None if bf16_out is None else bf16_out.get(p)
@@ -132,6 +141,13 @@ class HostAdamW(torch.optim.Optimizer):
         torch_adamw_step(p, g.float() * grad_scale, m, v, lr, beta1, beta2, eps, wd, bc1, bc2_sqrt)
         if out is not None:
             out.copy_(p)
+
+
+def _zeros_like(p: torch.Tensor) -> torch.Tensor:
+    """Moments: in huge pages on the host (hostmem.py), the step streams them every time."""
+    if p.device.type != "cpu":
+        return torch.zeros_like(p)
+    return host_zeros(p.numel(), p.dtype).view(p.shape)
 
 
 def torch_adamw_step(p, g, m, v, lr, beta1, beta2, eps, wd, bc1, bc2_sqrt) -> None:
