@@ -64,6 +64,8 @@ def measure(side: str, n: int, threads: int, steps: int) -> dict:
         p = torch.randn(n)
         p.grad = torch.randn(n) * 1e-3
     bf16 = torch.empty(n, dtype=torch.bfloat16) if "+bf16" in side else None
+    if side == "slipstream+bf16":  # the engine's bf16 copy (host_empty: pinned on CUDA)
+        bf16 = host_empty(n, torch.bfloat16)
     if side == "probe":
         from slipstream.offload import kernel
 

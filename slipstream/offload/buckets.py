@@ -66,7 +66,7 @@ def make_bucket(
     master.grad = grad
     # bf16 models: the host step writes the slice's bf16 weights in the same pass, and these
     # are what go back to the device (and, W > 1, what the ranks gather).
-    working = torch.empty(size, dtype=torch.bfloat16, pin_memory=pin) if bf16 else None
+    working = host_empty(size, torch.bfloat16, pin=pin) if bf16 else None
     return Bucket(params, offsets, total, padded, grad, master, working)
 
 
