@@ -43,9 +43,7 @@ class StepStats:
     tokens_by_source: np.ndarray
     num_tokens: int
     num_slots: int  # rows x seq_len
-    imbalance: float  # max/mean rank cost as assigned
-    imbalance_unbalanced: float  # max/mean rank cost with rows in packing order (contiguous)
-    imbalance_random: float  # max/mean rank cost with rows in a random order
+    imbalance: float  # max/mean rank cost as assigned (`unbalanced_imbalance`: without balancing)
     max_rank_cost: float  # the costliest rank's cost as assigned: predicts the step's time
     wait_s: float = 0.0  # how long the consumer waited for this step
     replicas: list[int] | None = None  # ray: loader actors serving each source
@@ -295,9 +293,6 @@ def step_stats(spec: MixtureSpec, plan: StepPlan, dp_world_size: int) -> StepSta
     tokens = np.bincount(plan.piece_source, weights=plan.piece_length, minlength=n)
     tokens = tokens.astype(np.int64)
     rank_rows = plan.assignment.reshape(dp_world_size, -1)
-    unbalanced = partition(plan.row_costs, dp_world_size, spec.rows_per_rank, "none")
-    # What a user gets without balancing: rows dealt to ranks in an order unrelated to cost.
-    random = partition(plan.row_costs, dp_world_size, spec.rows_per_rank, "random", plan.step)
     return StepStats(
         step=plan.step,
         docs_by_source=plan.docs_drawn,
@@ -305,10 +300,19 @@ def step_stats(spec: MixtureSpec, plan: StepPlan, dp_world_size: int) -> StepSta
         num_tokens=int(tokens.sum()),
         num_slots=plan.num_rows * spec.seq_len,
         imbalance=imbalance(plan.row_costs, rank_rows),
-        imbalance_unbalanced=imbalance(plan.row_costs, unbalanced),
-        imbalance_random=imbalance(plan.row_costs, random),
         max_rank_cost=float(plan.row_costs[rank_rows].sum(axis=1).max()),
     )
+
+
+def unbalanced_imbalance(
+    spec: MixtureSpec, plan: StepPlan, dp_world_size: int
+) -> tuple[float, float]:
+    """What a user gets without balancing, for comparisons (`slipstream data preview`): the
+    max/mean rank cost with rows dealt in packing order, and in an order unrelated to cost.
+    Computed on demand: every rank would otherwise pay two more partitions per step."""
+    packing = partition(plan.row_costs, dp_world_size, spec.rows_per_rank, "none")
+    random = partition(plan.row_costs, dp_world_size, spec.rows_per_rank, "random", plan.step)
+    return imbalance(plan.row_costs, packing), imbalance(plan.row_costs, random)
 
 
 def shared_docs(plan: StepPlan, dp_rank: int, dp_world_size: int, mine: np.ndarray) -> set[int]:

@@ -53,13 +53,17 @@ def _map(numel: int, dtype: torch.dtype) -> torch.Tensor | None:
     return out
 
 
-def host_empty(numel: int, dtype: torch.dtype = torch.float32, *, pin: bool = False) -> torch.Tensor:
+def host_empty(
+    numel: int, dtype: torch.dtype = torch.float32, *, pin: bool = False
+) -> torch.Tensor:
     """A 1-d host tensor: pinned if `pin`, else in huge pages if it spans one."""
     out = None if pin else _map(numel, dtype)
     return torch.empty(numel, dtype=dtype, pin_memory=pin) if out is None else out
 
 
-def host_zeros(numel: int, dtype: torch.dtype = torch.float32, *, pin: bool = False) -> torch.Tensor:
+def host_zeros(
+    numel: int, dtype: torch.dtype = torch.float32, *, pin: bool = False
+) -> torch.Tensor:
     """`host_empty`, zeroed (fresh mapped memory already is: it is not written twice)."""
     out = None if pin else _map(numel, dtype)
     return torch.zeros(numel, dtype=dtype, pin_memory=pin) if out is None else out

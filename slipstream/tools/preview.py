@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from slipstream.data.loader import MixtureLoader
+from slipstream.data.loader import MixtureLoader, unbalanced_imbalance
 from slipstream.data.spec import MixtureSpec
 
 
@@ -52,8 +52,9 @@ def run_preview(
         tokens += s.tokens_by_source
         slots += s.num_slots
         imb.append(s.imbalance)
-        imb0.append(s.imbalance_unbalanced)
-        imb_random.append(s.imbalance_random)
+        packing, random = unbalanced_imbalance(spec, b.plan, num_ranks)
+        imb0.append(packing)
+        imb_random.append(random)
     timed = tokens.sum() - steps[0].stats.num_tokens
     return PreviewReport(
         names=[s.name for s in spec.sources],
