@@ -11,7 +11,7 @@ from tests.conftest import ROOT, corpus_spec
 
 SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import json, os, sys
     import psutil
     import torch  # a trainer's main module imports torch
 
@@ -34,13 +34,19 @@ SCRIPT = textwrap.dedent(
     for pid in pool.worker_pids():
         paths = {m.path for m in psutil.Process(pid).memory_maps()}
         maps[pid] = sorted(p for p in paths if "torch" in p)
+    worker_env = pool._pool.submit(os.getenv, "TOKENIZERS_PARALLELISM").result()
     pool.close()
-    print(json.dumps({"same": same, "maps": maps, "main_has_torch": "torch" in sys.modules}))
+    print(json.dumps({
+        "same": same, "maps": maps, "main_has_torch": "torch" in sys.modules,
+        "worker_env": worker_env, "main_env": os.getenv("TOKENIZERS_PARALLELISM"),
+    }))
     """
 )
 
 
 def test_process_pool_workers_leave_out_the_main_module(tmp_path):
+    """...and tokenize on their own thread (not a thread per core), while the trainer's own
+    process keeps the user's tokenizers setting."""
     raw = corpus_spec(tmp_path, "jsonl")
     raw["backend"]["pool"] = "process"
     script = tmp_path / "trainer_like.py"
@@ -56,6 +62,7 @@ def test_process_pool_workers_leave_out_the_main_module(tmp_path):
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["main_has_torch"] and res["same"]
+    assert res["worker_env"] == "false" and res["main_env"] is None
     assert res["maps"], "the pool started no worker process"
     for pid, paths in res["maps"].items():
         assert not paths, f"worker {pid} maps torch: {paths}"

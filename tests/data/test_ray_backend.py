@@ -61,6 +61,8 @@ def test_four_ranks_tokenize_each_document_once_for_the_job(tmp_path):
     calls = sum(s["calls"] for s in stats.values())
     planned = sum(ldr.planner.step for ldr in loaders)
     assert len(serving) < len(spec.sources) and 0 < calls <= planned * len(serving)
+    # Actors tokenize on their own thread: each is budgeted one CPU.
+    assert {s["tokenizer_parallelism"] for s in stats.values()} == {"false"}
     for ldr in loaders:
         ldr.close()
 

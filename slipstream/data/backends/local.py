@@ -21,6 +21,7 @@ import numpy as np
 from slipstream.data.backends import lean_spawn
 from slipstream.data.sources.loader import SourceLoader, build_source_loaders
 from slipstream.data.sources.shared import SharedDocs, source_key
+from slipstream.data.sources.tokenizers import one_thread_tokenizer
 from slipstream.data.spec import MixtureSpec
 
 _local = threading.local()  # per thread (or per process): {(spec, tokenizer): [SourceLoader]}
@@ -111,7 +112,9 @@ class LocalBackend:
             return ThreadPoolExecutor(n, thread_name_prefix="slipstream-loader")
         # spawn: the parent runs threads (prefetch, tokenizers), which fork does not survive;
         # without the main module, which for a trainer imports torch (lean_spawn.py).
-        return ProcessPoolExecutor(n, mp_context=lean_spawn.get_context())
+        return ProcessPoolExecutor(
+            n, mp_context=lean_spawn.get_context(), initializer=one_thread_tokenizer
+        )
 
     def submit(self, source: int, ids: list[int]) -> _Task:
         """Start loading documents `ids` of `source`; `.result()` gives their token arrays."""

@@ -17,7 +17,7 @@ import numpy as np
 import ray
 
 from slipstream.data.sources.loader import SourceLoader
-from slipstream.data.sources.tokenizers import build_tokenizer
+from slipstream.data.sources.tokenizers import build_tokenizer, one_thread_tokenizer
 from slipstream.data.spec import MixtureSpec
 
 NAMESPACE = "slipstream"
@@ -35,6 +35,7 @@ class SourceActor:
     again elsewhere."""
 
     def __init__(self, spec_dict: dict, tokenizer: str, sources: list[int]) -> None:
+        one_thread_tokenizer()
         spec = MixtureSpec.from_dict(spec_dict)
         tok = build_tokenizer(tokenizer, spec.base_dir)  # one tokenizer for all its sources
         self.loaders = {s: SourceLoader(spec.sources[s], tok, spec.resolve) for s in sources}
@@ -85,6 +86,7 @@ class SourceActor:
             "hits": self.num_hits,
             "calls": self.num_calls,
             "pid": os.getpid(),
+            "tokenizer_parallelism": os.environ.get("TOKENIZERS_PARALLELISM"),
         }
 
 
