@@ -153,19 +153,12 @@ class MixtureLoader:
         assert self._queue is not None
         q = self._queue
         pending: deque = deque()
-        flush = getattr(self.backend, "flush", None)
-        # Ray: refill half the read-ahead at a time, its loads in one call per actor, so a
-        # rank's calls per step (about 1.3 ms of CPU each) are halved; local pools: every step.
-        refill = max(1, self.prefetch_steps // 2) if flush is not None else 1
         try:
             while not self._stop.is_set():
-                if len(pending) <= self.prefetch_steps - refill:
-                    while len(pending) < self.prefetch_steps:
-                        self._maintain(self.planner.step)
-                        plan = self.planner.plan_step()
-                        pending.append((plan, self._load(plan), self.planner.state_dict()))
-                    if flush is not None:
-                        flush()
+                while len(pending) < self.prefetch_steps:
+                    self._maintain(self.planner.step)
+                    plan = self.planner.plan_step()
+                    pending.append((plan, self._load(plan), self.planner.state_dict()))
                 plan, keys, state_after = pending.popleft()
                 item = self._build(plan, self._collect(plan, keys))
                 item.state_after = state_after
@@ -223,7 +216,9 @@ class MixtureLoader:
                 task = submit(s, chunk)
                 for j, d in enumerate(chunk):
                     self._inflight[(s, d)] = [task, j, plan.step]
-        return keys  # Ray: sent by `_produce`'s flush, with the other steps of its refill
+        if hasattr(self.backend, "flush"):  # Ray: the step's loads, one call per actor
+            self.backend.flush()
+        return keys
 
     def _shared_docs(self, plan: StepPlan, mine: np.ndarray) -> set[int]:
         """Of this rank's documents, those other ranks' rows hold too, when the backend can

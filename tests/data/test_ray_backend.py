@@ -67,27 +67,6 @@ def test_four_ranks_tokenize_each_document_once_for_the_job(tmp_path):
         ldr.close()
 
 
-def test_read_ahead_refills_in_halves_with_one_call_per_actor(tmp_path):
-    """With 4 steps of read-ahead a rank plans 2 steps at a time and sends their loads in one
-    call per actor: half the calls of one per step, and the same batches."""
-    local, _ = _specs(tmp_path)
-    _, spec = _specs(tmp_path, backend={"prefetch_steps": 4, "job": "refill-stream"})
-    ref, _ = run_steps(local, 6, world_size=2)
-    got, _ = run_steps(spec, 6, world_size=2)
-    assert_same_batches(ref, got)
-    _, spec = _specs(tmp_path, backend={"prefetch_steps": 4, "job": "refill-calls"})
-    ldr = MixtureLoader(spec, 0, 2)  # a job of its own: its actors count only its calls
-    for _ in range(8):
-        next(ldr)
-    ldr._halt()
-    stats = ldr.backend.actor_stats()
-    serving = {n for lay in ldr.backend._layout.values() for n in lay["serving"]}
-    calls = sum(s["calls"] for s in stats.values())
-    refills = 1 + (ldr.planner.step - 4 + 1) // 2  # the first fills 4 steps, then 2 at a time
-    assert 0 < calls <= refills * len(serving) < ldr.planner.step * len(serving)
-    ldr.close()
-
-
 @pytest.mark.parametrize("source", [0, 2])
 def test_a_killed_loader_actor_loses_and_repeats_nothing(tmp_path, source):
     """Source 0 has an actor of its own; with 2 CPUs, sources 1 and 2 start on one shared
