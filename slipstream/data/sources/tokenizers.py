@@ -66,7 +66,7 @@ class ByteTokenizer:
 def one_thread_tokenizer() -> None:
     """In a process that only loads (a pool's worker, a Ray loader actor): encode each batch
     on the calling thread. `tokenizers` otherwise fans every `encode_batch` out over a thread
-    per core, whose idle spinning costs CPU (measured: 10% more CPU per token with 2 loader
+    per core, whose idle spinning costs CPU (measured: 6-10% more CPU per token with 2 loader
     threads on 2 cores, and no faster), and which oversubscribes a machine whose cores the
     workers and actors already share out. Never called in a trainer's own process: there it
     would change the user's tokenizers too."""
