@@ -66,3 +66,52 @@ def test_process_pool_workers_leave_out_the_main_module(tmp_path):
     assert res["maps"], "the pool started no worker process"
     for pid, paths in res["maps"].items():
         assert not paths, f"worker {pid} maps torch: {paths}"
+
+
+MAIN_TRANSFORM = textwrap.dedent(
+    """
+    import json, sys
+
+    from slipstream.data import MixtureSpec
+    from slipstream.data.backends.local import LocalBackend
+
+    def shout(text):
+        return text.upper()
+
+    if __name__ == "__main__":
+        raw = json.loads(sys.argv[1])
+        raw["sources"][0]["transform"] = "__main__:shout"
+        pool = LocalBackend(MixtureSpec.from_dict(raw, base_dir=sys.argv[2]))
+        tokens = pool.submit(0, [0, 1]).result()
+        pool.close()
+        print(json.dumps([t.tolist() for t in tokens]))
+    """
+)
+
+
+def test_a_transform_in_the_main_module_still_runs_in_workers(tmp_path):
+    """A source whose transform is defined in the trainer's script: its workers import the
+    script (plain spawn), and the transform applies."""
+    raw = corpus_spec(tmp_path, "jsonl")
+    raw["backend"]["pool"] = "process"
+    script = tmp_path / "with_transform.py"
+    script.write_text(MAIN_TRANSFORM)
+    out = subprocess.run(
+        [sys.executable, str(script), json.dumps(raw), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+
+    from slipstream.data import MixtureSpec
+    from slipstream.data.sources.loader import build_source_loaders
+
+    raw["sources"][0].pop("transform", None)  # the parent reads the plain text
+    plain = build_source_loaders(MixtureSpec.from_dict(raw, base_dir=str(tmp_path)))[0]
+    tok = plain.tokenizer
+    texts = [t.upper() for t in plain.read_texts([0, 1])]
+    assert got == [t.tolist() for t in tok.encode_batch(texts)]

@@ -10,6 +10,7 @@ state, so the retry returns the very same tokens.
 from __future__ import annotations
 
 import math
+import multiprocessing as mp
 import threading
 import time
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -111,10 +112,11 @@ class LocalBackend:
         if self.spec.backend.pool == "thread":
             return ThreadPoolExecutor(n, thread_name_prefix="slipstream-loader")
         # spawn: the parent runs threads (prefetch, tokenizers), which fork does not survive;
-        # without the main module, which for a trainer imports torch (lean_spawn.py).
-        return ProcessPoolExecutor(
-            n, mp_context=lean_spawn.get_context(), initializer=one_thread_tokenizer
-        )
+        # without the main module, which for a trainer imports torch (lean_spawn.py), unless
+        # a source's transform lives there.
+        in_main = any((s.transform or "").startswith("__main__:") for s in self.spec.sources)
+        ctx = mp.get_context("spawn") if in_main else lean_spawn.get_context()
+        return ProcessPoolExecutor(n, mp_context=ctx, initializer=one_thread_tokenizer)
 
     def submit(self, source: int, ids: list[int]) -> _Task:
         """Start loading documents `ids` of `source`; `.result()` gives their token arrays."""
