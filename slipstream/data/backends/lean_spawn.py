@@ -5,7 +5,8 @@ first task. For a trainer that is the training script, which imports torch: ever
 worker then holds its own copy of torch (about 150 MiB of private memory here) though it only
 reads files and tokenizes. Loader tasks are module-level functions of this package, so their
 workers need nothing from `__main__`: this context leaves it out, and a worker holds the
-interpreter, numpy, the tokenizer and its sources' state.
+interpreter, numpy, the tokenizer and its sources' state. (A source whose transform is
+defined in `__main__` needs the script: the local backend uses plain spawn for it.)
 
 The launcher below is the standard posix spawn launch with main left out of the preparation
 data it sends. Where the standard library lacks a piece it uses (another platform or Python),
