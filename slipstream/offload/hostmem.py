@@ -23,13 +23,42 @@ from __future__ import annotations
 
 import mmap
 import threading
+import warnings
 import weakref
+from pathlib import Path
 
 import torch
 
 HUGE_PAGE = 2 << 20
+THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 _live = [0]
 _lock = threading.Lock()
+_warned = [False]
+
+
+def thp_mode(setting: Path = THP_SETTING) -> str | None:
+    """The kernel's transparent huge page mode (`always`, `madvise` or `never`), or None
+    where there is no such setting (not Linux)."""
+    try:
+        text = setting.read_text()
+    except OSError:
+        return None
+    start, end = text.find("["), text.find("]")
+    return text[start + 1 : end] if 0 <= start < end else None
+
+
+def _warn_if_off() -> None:
+    if _warned[0]:
+        return
+    _warned[0] = True
+    if thp_mode(THP_SETTING) == "never":
+        warnings.warn(
+            "transparent huge pages are off (/sys/kernel/mm/transparent_hugepage/enabled is "
+            "'never'): the offload engine's host step runs about 10% slower in 4 KiB pages. "
+            "`echo madvise | sudo tee /sys/kernel/mm/transparent_hugepage/enabled` turns "
+            "them on for the programs that ask, as this one does",
+            stacklevel=3,
+        )
 
 
 def _freed(nbytes: int) -> None:
@@ -42,6 +71,7 @@ def _map(numel: int, dtype: torch.dtype) -> torch.Tensor | None:
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     if nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
         return None
+    _warn_if_off()
     size = nbytes + HUGE_PAGE  # room to start on a 2 MiB boundary; the head is never touched
     buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     buf.madvise(mmap.MADV_HUGEPAGE)

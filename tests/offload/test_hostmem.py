@@ -12,9 +12,8 @@ import torch
 from slipstream.offload import hostmem
 from slipstream.offload.host_adam import HostAdamW
 
-THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 needs_thp = pytest.mark.skipif(
-    not THP.exists() or "[never]" in THP.read_text(), reason="the OS offers no huge pages"
+    hostmem.thp_mode() in (None, "never"), reason="the OS offers no huge pages"
 )
 BIG = hostmem.HUGE_PAGE // 4 * 3  # fp32 elements: 6 MiB, three huge pages
 
@@ -105,3 +104,31 @@ def test_engine_state_is_in_huge_pages(dtype):
     for t in mapped:
         assert huge_kib_at(t.data_ptr()) >= 2048
     opt.close()
+
+
+def test_thp_mode_reads_the_bracketed_setting(tmp_path):
+    setting = tmp_path / "enabled"
+    for text, want in (
+        ("always [madvise] never\n", "madvise"),
+        ("[always] madvise never\n", "always"),
+        ("always madvise [never]\n", "never"),
+        ("garbled\n", None),
+    ):
+        setting.write_text(text)
+        assert hostmem.thp_mode(setting) == want
+    assert hostmem.thp_mode(tmp_path / "absent") is None
+
+
+def test_a_kernel_without_huge_pages_is_named_once(tmp_path, monkeypatch):
+    setting = tmp_path / "enabled"
+    setting.write_text("always madvise [never]\n")
+    monkeypatch.setattr(hostmem, "THP_SETTING", setting)
+    monkeypatch.setattr(hostmem, "_warned", [False])
+    with pytest.warns(UserWarning, match="transparent huge pages are off"):
+        a = hostmem.host_zeros(BIG)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process: no second warning
+        b = hostmem.host_zeros(BIG)
+    assert a.shape == b.shape == (BIG,)
