@@ -44,13 +44,16 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_process_pool_workers_leave_out_the_main_module(tmp_path):
-    """...and tokenize on their own thread (not a thread per core), while the trainer's own
-    process keeps the user's tokenizers setting."""
+def process_pool_spec(tmp_path) -> dict:
     raw = corpus_spec(tmp_path, "jsonl")
     raw["backend"]["pool"] = "process"
-    script = tmp_path / "trainer_like.py"
-    script.write_text(SCRIPT)
+    return raw
+
+
+def run_script(tmp_path, text: str, raw: dict):
+    """Runs `text` as a main script (argv: the spec, its folder); its last line, as JSON."""
+    script = tmp_path / "main_script.py"
+    script.write_text(text)
     out = subprocess.run(
         [sys.executable, str(script), json.dumps(raw), str(tmp_path)],
         capture_output=True,
@@ -60,7 +63,13 @@ def test_process_pool_workers_leave_out_the_main_module(tmp_path):
         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
     )
     assert out.returncode == 0, out.stderr
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_process_pool_workers_leave_out_the_main_module(tmp_path):
+    """...and tokenize on their own thread (not a thread per core), while the trainer's own
+    process keeps the user's tokenizers setting."""
+    res = run_script(tmp_path, SCRIPT, process_pool_spec(tmp_path))
     assert res["main_has_torch"] and res["same"]
     assert res["worker_env"] == "false" and res["main_env"] is None
     assert res["maps"], "the pool started no worker process"
@@ -92,20 +101,8 @@ MAIN_TRANSFORM = textwrap.dedent(
 def test_a_transform_in_the_main_module_still_runs_in_workers(tmp_path):
     """A source whose transform is defined in the trainer's script: its workers import the
     script (plain spawn), and the transform applies."""
-    raw = corpus_spec(tmp_path, "jsonl")
-    raw["backend"]["pool"] = "process"
-    script = tmp_path / "with_transform.py"
-    script.write_text(MAIN_TRANSFORM)
-    out = subprocess.run(
-        [sys.executable, str(script), json.dumps(raw), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=ROOT,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-    )
-    assert out.returncode == 0, out.stderr
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    raw = process_pool_spec(tmp_path)
+    got = run_script(tmp_path, MAIN_TRANSFORM, raw)
 
     from slipstream.data import MixtureSpec
     from slipstream.data.sources.loader import build_source_loaders
