@@ -49,7 +49,7 @@ def test_mapped_buffers_are_aligned_zeroed_counted_and_freed():
     assert hostmem.live_bytes() == before
 
 
-def test_small_and_pinned_requests_use_torch():
+def test_small_requests_use_torch():
     before = hostmem.live_bytes()
     small = hostmem.host_zeros(1000, torch.bfloat16)
     assert small.dtype == torch.bfloat16 and int(small.count_nonzero()) == 0
