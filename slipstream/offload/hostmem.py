@@ -1,9 +1,10 @@
 """Host buffers for the optimizer's state, in transparent huge pages where the OS offers them.
 
 The host step streams 4 buffers in and 3 out, each hundreds of MiB. In 4 KiB pages that is a
-TLB miss every 1,024 floats per stream; in 2 MiB pages, almost none. Measured on this
-machine, the same AdamW pass over 100M parameters runs 10-14% faster on huge pages (0.85 ->
-0.96 G params/s on 1 thread, 1.64 -> 1.82 on 2: `benchmarks/results/2026-11-29-host-adam-thp.md`).
+TLB miss every 1,024 floats per stream; in 2 MiB pages, almost none. Recorded in
+`benchmarks/results/2026-11-29-host-adam-thp.md`: torch's fused AdamW, the same pass, runs
+7-11% faster on huge pages than on 4 KiB ones in one run, and this engine's step reaches
+96-100% of the memory floor on them (86-90% on 4 KiB pages in `2026-11-29-host-adam-rounds.md`).
 torch's CPU allocator asks for huge pages only when `THP_MEM_ALLOC_ENABLE=1` is set before
 it starts, so these buffers are mapped here instead: private anonymous memory, advised
 `MADV_HUGEPAGE` (which is what THP's common `madvise` mode waits for), 2 MiB aligned.
@@ -11,8 +12,9 @@ it starts, so these buffers are mapped here instead: private anonymous memory, a
 On CUDA, buffers a device copies from stay in pinned memory (`pin=True`: torch's pinned
 allocator): the fp32 masters of an fp32 model, the bf16 copy of a bf16 model's new weights.
 Everything else (gradients, moments, a bf16 model's fp32 masters; on a CPU, all of it) is in
-huge pages. The bf16 copy matters too: the step writes it in the same pass, and measured here
-that costs +6-7% over the plain step when the copy is in huge pages, +16-19% when it is not.
+huge pages. The bf16 copy matters too: the step writes it in the same pass, which costs
++4-7% over the plain step with every buffer in huge pages (+7-12% on 4 KiB pages, recorded in
+the same two files).
 Where the OS has no `MADV_HUGEPAGE` (not Linux) or a buffer is small, this is `torch.empty`.
 
 Because these bytes bypass malloc, `live_bytes()` counts them, for memory measurements that
@@ -68,7 +70,7 @@ def _freed(nbytes: int) -> None:
 
 def _map(numel: int, dtype: torch.dtype) -> torch.Tensor | None:
     """A 1-d tensor on fresh huge-page memory (zeros), or None where that does not apply."""
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = numel * dtype.itemsize
     if nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
         return None
     _warn_if_off()
