@@ -125,15 +125,24 @@ class FlagTable:
         return time.monotonic() - t0
 
     def _check_peers(self, flag: int, value: int) -> None:
+        # Liveness first, abort slots second: a rank writes its abort slot before it exits, so
+        # a peer seen dead here whose slot is still clear died without aborting: the root
+        # cause. A dead peer that did abort only echoes another's failure. (Reading the slots
+        # first would race with a peer that aborts and exits between the two reads.)
+        dead = [
+            (r, pid)
+            for r, pid in enumerate(self.peer_pids)
+            if r != self.rank and not process_alive(pid)
+        ]
         aborted = [r for r in range(self.world_size) if self.local[ABORT][r]]
-        for r, pid in enumerate(self.peer_pids):
-            # A dead peer that aborted first only echoes another's failure: name the root.
-            if r != self.rank and r not in aborted and not process_alive(pid):
-                self.abort()
-                raise PeerFailed(
-                    f"rank {self.rank}: rank {r} (pid {pid}) exited while this rank waited for "
-                    f"{self._flag_name(flag)} >= {value}"
-                )
+        roots = [(r, pid) for r, pid in dead if r not in aborted]
+        if roots:
+            self.abort()
+            r, pid = roots[0]
+            raise PeerFailed(
+                f"rank {self.rank}: rank {r} (pid {pid}) exited while this rank waited for "
+                f"{self._flag_name(flag)} >= {value}"
+            )
         if aborted:
             raise PeerFailed(
                 f"rank {self.rank}: rank(s) {aborted} failed while this rank waited for "

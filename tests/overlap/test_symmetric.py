@@ -8,6 +8,7 @@ import glob
 import os
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -126,3 +127,35 @@ def test_one_rank_heap_and_clear_errors_without_a_group():
     with pytest.raises(ValueError, match="'set' or 'add'"):
         heap.signal(0, 2, 1, op="max")
     heap.close()
+
+
+def _dead_pid() -> int:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return pid
+
+
+def test_a_peer_that_aborts_and_exits_during_the_check_is_not_named_the_root(monkeypatch):
+    """Rank 1 dies; rank 0 sees it, aborts and exits just as rank 2 checks its peers. Rank 2
+    must name rank 1 (died without aborting), not rank 0 (only echoed the failure)."""
+    from slipstream.overlap import signals
+
+    world, pids = 3, [_dead_pid(), _dead_pid(), os.getpid()]
+    tables = [np.zeros((signals.NUM_SYSTEM_FLAGS + 1, world), dtype=np.int64) for _ in range(3)]
+    names = ["system.abort", "system.barrier", "work.done"]
+    rank0 = signals.FlagTable(0, tables[0], tables, pids, names)
+    rank2 = signals.FlagTable(2, tables[2], tables, pids, names)
+    real_alive = signals.process_alive
+
+    def rank0_aborts_then_exits(pid: int) -> bool:
+        if pid == pids[0]:
+            rank0.abort()  # lands between rank 2's reads of the table
+        return real_alive(pid)
+
+    monkeypatch.setattr(signals, "process_alive", rank0_aborts_then_exits)
+    with pytest.raises(signals.PeerFailed, match=r"rank 2: rank 1 \(pid \d+\) exited") as err:
+        rank2.wait_until(2, 1, timeout_s=5)
+    assert "rank 0" not in str(err.value)
+    assert tables[0][signals.ABORT][2] == 1  # rank 2 told the others in turn
