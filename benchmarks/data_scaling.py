@@ -100,6 +100,7 @@ def one_rank(
         "wall_s": wall,
         "tokens": tokens,
         "docs_loaded": docs,
+        "tokens_received": getattr(loader.backend, "tokens_received", None),  # ray: whole run
         "actor_docs_tokenized_total": tokenized,
         "steps": steps,
     }

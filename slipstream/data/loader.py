@@ -24,6 +24,7 @@ import torch
 
 from slipstream.configfile import VERSION_KEY, check_version
 from slipstream.data.backends import Backend, build_backend
+from slipstream.data.backends.base import TokenSpans
 from slipstream.data.balance import imbalance, partition
 from slipstream.data.batch import LABELS, build_micro_batch
 from slipstream.data.packing import DocKey, doc_keys, unpack_keys
@@ -32,6 +33,18 @@ from slipstream.data.spec import MixtureSpec
 
 STATE_VERSION = 1
 PLANNER = "planner"
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """A document's load: its task and place in it, the tokens [lo, hi) it holds, and the
+    last planned step that needs it."""
+
+    task: object
+    index: int
+    lo: int
+    hi: int
+    last_step: int
 
 
 @dataclass(slots=True)
@@ -111,8 +124,8 @@ class MixtureLoader:
             attention_cost=attention_cost,
         )
         self._state = self.planner.state_dict()
-        # Documents asked for by steps not yet built: [task, index in it, last step needing it].
-        self._inflight: dict[DocKey, list] = {}
+        # Loads of documents that steps not yet built need (a document may have several: spans).
+        self._inflight: dict[DocKey, list[_InFlight]] = {}
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -159,8 +172,8 @@ class MixtureLoader:
                     self._maintain(self.planner.step)
                     plan = self.planner.plan_step()
                     pending.append((plan, self._load(plan), self.planner.state_dict()))
-                plan, keys, state_after = pending.popleft()
-                item = self._build(plan, self._collect(plan, keys))
+                plan, needs, state_after = pending.popleft()
+                item = self._build(plan, self._collect(plan, needs))
                 item.state_after = state_after
                 while not self._stop.is_set():
                     try:
@@ -185,40 +198,83 @@ class MixtureLoader:
         else:
             self.backend.refresh()
 
-    def _load(self, plan: StepPlan) -> list[DocKey]:
+    def _load(self, plan: StepPlan) -> list[tuple[DocKey, _InFlight]]:
         """Submit the loads of this rank's documents in `plan` that no step in flight has
         asked for already (a document cut at a step boundary is needed by the next step too:
-        it is loaded once), per source in up to `num_workers` tasks (Ray: one). Returns the
-        documents."""
-        if self.load_all_rows:
-            src, doc = plan.piece_source, plan.piece_doc
-        else:
-            mine = plan.pieces_of(plan.rank_rows(self.dp_rank))
-            src, doc = plan.piece_source[mine], plan.piece_doc[mine]
-        both = np.unique(doc_keys(src, doc))  # sorted by (source, doc)
-        keys = unpack_keys(both)
-        shared = self._shared_docs(plan, both)
-        new: dict[tuple[int, bool], list[int]] = defaultdict(list)
-        for key, packed in zip(keys, both.tolist()):
-            entry = self._inflight.get(key)
+        it is loaded once), per source in up to `num_workers` tasks (Ray: one). Returns each
+        document with the load that holds it.
+
+        Where the backend takes spans (Ray), only the runs of tokens this rank's rows hold
+        travel (`_runs`): a long document cut across several ranks' rows is not sent whole to
+        each."""
+        rows = None if self.load_all_rows else plan.rank_rows(self.dp_rank)
+        mine = slice(None) if rows is None else plan.pieces_of(rows)
+        src, doc = plan.piece_source[mine], plan.piece_doc[mine]
+        if hasattr(self.backend, "submit_spans"):
+            packed, lo, hi = self._runs(plan, mine)
+        else:  # whole documents
+            packed = np.unique(doc_keys(src, doc))  # sorted by (source, doc)
+            lengths = self.planner.lengths
+            lo = np.zeros(len(packed), dtype=np.int64)
+            hi = np.array([lengths[s][d] for s, d in unpack_keys(packed)], dtype=np.int64)
+        keys = unpack_keys(packed)
+        shared = self._shared_docs(plan, np.unique(packed))
+        needs: list[tuple[DocKey, _InFlight] | None] = [None] * len(keys)
+        new: dict[tuple[int, bool], list[int]] = defaultdict(list)  # -> indices into keys
+        for i, (key, k) in enumerate(zip(keys, packed.tolist())):
+            held = self._inflight.get(key, ())
+            entry = next((e for e in held if e.lo <= lo[i] and hi[i] <= e.hi), None)
             if entry is None:
-                new[(key[0], packed in shared)].append(key[1])
+                new[(key[0], k in shared)].append(i)
             else:
-                entry[2] = plan.step  # kept until this step is built
+                entry.last_step = plan.step  # kept until this step is built
+                needs[i] = (key, entry)
         # Local pools run a task per worker; Ray spreads one request over the source's
         # replicas itself, and each extra request costs every actor a call.
         tasks = 1 if self.spec.backend.kind == "ray" else self.spec.backend.num_workers
         for s, is_shared in sorted(new):
-            ids = new[(s, is_shared)]
-            submit = self.backend.submit_shared if is_shared else self.backend.submit
-            for chunk in np.array_split(ids, min(len(ids), tasks)):
-                chunk = [int(d) for d in chunk]
-                task = submit(s, chunk)
-                for j, d in enumerate(chunk):
-                    self._inflight[(s, d)] = [task, j, plan.step]
+            idx = new[(s, is_shared)]
+            for chunk in np.array_split(idx, min(len(idx), tasks)):
+                chunk = chunk.tolist()
+                ids = [keys[i][1] for i in chunk]
+                if hasattr(self.backend, "submit_spans"):
+                    task = self.backend.submit_spans(
+                        s, ids, [(int(lo[i]), int(hi[i])) for i in chunk]
+                    )
+                elif is_shared:
+                    task = self.backend.submit_shared(s, ids)
+                else:
+                    task = self.backend.submit(s, ids)
+                for j, i in enumerate(chunk):
+                    entry = _InFlight(task, j, int(lo[i]), int(hi[i]), plan.step)
+                    self._inflight.setdefault(keys[i], []).append(entry)
+                    needs[i] = (keys[i], entry)
         if hasattr(self.backend, "flush"):  # Ray: the step's loads, one call per actor
             self.backend.flush()
-        return keys
+        return needs  # type: ignore[return-value]
+
+    def _runs(self, plan: StepPlan, mine) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This rank's pieces in `plan` as runs of consecutive tokens of one document, each
+        with the token after it (the label of a cut piece's last token): (document keys,
+        starts, ends), sorted by document. Pieces that touch or overlap join one run."""
+        packed = doc_keys(plan.piece_source[mine], plan.piece_doc[mine])
+        start = plan.piece_start[mine]
+        end = start + plan.piece_length[mine]
+        order = np.lexsort((start, packed))
+        packed, start, end = packed[order], start[order], end[order]
+        # The furthest end so far within each document (a document drawn twice in a step,
+        # in two epochs, has overlapping pieces): offset per document so the max restarts.
+        new_doc = np.ones(len(packed), dtype=bool)
+        new_doc[1:] = packed[1:] != packed[:-1]
+        offset = (np.cumsum(new_doc) - 1) * (int(end.max(initial=0)) + 1)
+        reach = np.maximum.accumulate(end + offset) - offset
+        first = new_doc.copy()
+        first[1:] |= start[1:] > reach[:-1]
+        last = np.append(first[1:], True)
+        packed, lo, hi = packed[first], start[first], reach[last]
+        lengths = self.planner.lengths
+        full = np.array([lengths[s][d] for s, d in unpack_keys(packed)], dtype=np.int64)
+        return packed, lo, np.minimum(hi + 1, full)
 
     def _shared_docs(self, plan: StepPlan, mine: np.ndarray) -> set[int]:
         """Of this rank's documents, those other ranks' rows hold too, when the backend can
@@ -228,13 +284,15 @@ class MixtureLoader:
             return set()
         return shared_docs(plan, self.dp_rank, self.dp_world_size, mine)
 
-    def _collect(self, plan: StepPlan, keys: list[DocKey]) -> dict[DocKey, np.ndarray]:
+    def _collect(
+        self, plan: StepPlan, needs: list[tuple[DocKey, _InFlight]]
+    ) -> dict[DocKey, np.ndarray]:
         tokens, results = {}, {}
-        for key in keys:
-            task, j, _ = self._inflight[key]
+        for key, entry in needs:
+            task = entry.task
             if id(task) not in results:
                 results[id(task)] = task.result()
-            t = results[id(task)][j]
+            t = results[id(task)][entry.index]
             expected = int(self.planner.lengths[key[0]][key[1]])
             if len(t) != expected:
                 raise RuntimeError(
@@ -243,9 +301,17 @@ class MixtureLoader:
                     "files or tokenizer changed under a running job. Restart the job (the "
                     "cache is rebuilt when files change)"
                 )
-            tokens[key] = t
-        for key in [k for k, e in self._inflight.items() if e[2] <= plan.step]:
-            del self._inflight[key]  # no step still to be built needs it
+            if key in tokens:  # several runs of one document
+                got = tokens[key]
+                tokens[key] = TokenSpans([*getattr(got, "spans", [got]), t])
+            else:
+                tokens[key] = t
+        for key in list(self._inflight):  # drop what no step still to be built needs
+            held = [e for e in self._inflight[key] if e.last_step > plan.step]
+            if held:
+                self._inflight[key] = held
+            else:
+                del self._inflight[key]
         return tokens
 
     def _build(self, plan: StepPlan, tokens: dict[DocKey, np.ndarray]) -> StepBatch:

@@ -8,8 +8,10 @@ import os
 from dataclasses import replace
 
 import numpy as np
+import pytest
 
 from slipstream.data import MixtureLoader, MixtureSpec, Planner
+from slipstream.data.backends.base import TokenSpan, TokenSpans
 from slipstream.data.sources.loader import build_source_loaders
 from tests.conftest import corpus_spec
 
@@ -49,8 +51,9 @@ def _run(spec: MixtureSpec, steps: int, **kw) -> list[MixtureLoader]:
 def test_four_ranks_load_each_document_of_a_step_about_once(tmp_path):
     spec = _spec(tmp_path)
     loaders = _run(spec, 6)
+    before = _run(spec, 6, load_all_rows=True)
     lengths = loaders[0].planner.lengths
-    planned = max(ldr.planner.step for ldr in loaders)
+    planned = max(ldr.planner.step for ldr in loaders + before)  # read-ahead differs by run
     per_step = _docs_per_rank(spec, lengths, planned)
     for r, ldr in enumerate(loaders):  # each rank loaded exactly its rows' documents
         expected = sum(len(per_step[k][r]) for k in range(ldr.planner.step))
@@ -62,7 +65,6 @@ def test_four_ranks_load_each_document_of_a_step_about_once(tmp_path):
     # this corpus's documents are long for 512-byte rows (median 1,193 bytes in one source),
     # and the job loads each 1.49x; every rank loading the whole step loads each 4x.
     assert distinct <= loaded <= 1.6 * distinct
-    before = _run(spec, 6, load_all_rows=True)
     job_before = sum(
         len(set().union(*per_step[k])) for ldr in before for k in range(ldr.planner.step)
     )
@@ -160,3 +162,17 @@ def test_shared_store_makes_each_document_once_and_sweeps_old_ones(tmp_path):
     os.utime(old, (1, 1))  # long ago
     assert store.sweep() >= 1 and not old.exists()
     assert np.array_equal(store.get("k", make), np.arange(5)) and len(calls) == 2  # made again
+
+
+def test_token_spans_index_like_the_whole_document():
+    """What a rank holds of a document it shares: runs of it, sliced with the document's own
+    offsets (and clipped at its end, as numpy does); a slice outside them is an error."""
+    doc = np.arange(100, dtype=np.int32)
+    runs = TokenSpans([TokenSpan(10, 100, doc[10:41]), TokenSpan(60, 100, doc[60:100])])
+    assert len(runs) == 100
+    assert runs[10:40].tolist() == doc[10:40].tolist()
+    assert runs[61:70].tolist() == doc[61:70].tolist()
+    assert runs[95:120].tolist() == doc[95:100].tolist()  # the label slice past the end
+    assert runs[41:41].tolist() == []
+    with pytest.raises(IndexError, match=r"tokens \[40, 60\) of a document of 100: only"):
+        runs[40:60]

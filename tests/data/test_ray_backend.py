@@ -184,3 +184,34 @@ def test_ray_without_ray_installed_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_ray)
     with pytest.raises(ValueError, match="needs Ray"):
         build_backend(spec)
+
+
+def test_a_rank_receives_the_tokens_its_rows_hold_not_whole_documents(tmp_path):
+    """Long documents are cut across several ranks' rows: each rank gets only its part (and
+    the one token after a piece, its label), not the whole document."""
+    _, spec = _specs(tmp_path)
+    loaders = [MixtureLoader(spec, r, 4) for r in range(4)]
+    for ldr in loaders:
+        for _ in range(5):
+            next(ldr)
+        ldr._stop.set()  # the read-ahead stops; then every load it sent is received
+        ldr._thread.join()
+        for task in {id(e.task): e.task for es in ldr._inflight.values() for e in es}.values():
+            task.result()
+    planner = Planner(spec, loaders[0].planner.lengths, dp_world_size=4)
+    plans = [planner.plan_step() for _ in range(max(ldr.planner.step for ldr in loaders))]
+    for r, ldr in enumerate(loaders):
+        held: dict[tuple[int, int], set[int]] = {}  # this rank's tokens of each document
+        pieces = whole = 0
+        for plan in plans[: ldr.planner.step]:
+            mine = [p for i in plan.rank_rows(r).tolist() for p in plan.row(i)]
+            for p in mine:
+                held.setdefault((p.source, p.doc), set()).update(range(p.start, p.start + p.length))
+            pieces += sum(p.length + 1 for p in mine)  # each with the label after it
+            whole += sum(int(planner.lengths[s][d]) for s, d in {(p.source, p.doc) for p in mine})
+        got = ldr.backend.tokens_received
+        # At least every token its rows hold; at most those of each step's pieces (no
+        # document's tokens outside them); whole documents would be far more.
+        assert sum(len(t) for t in held.values()) <= got <= pieces < 0.8 * whole
+    for ldr in loaders:
+        ldr.close()

@@ -1,7 +1,12 @@
 """The backend seam: where source loaders run. The planner reads `lengths()` (token counts
 only); each rank's loader calls `submit(source, ids)` for the documents of its own rows and
 later `.result()` on what it returns. Nothing else about a backend reaches the stream, so any
-backend (inline, a local pool, Ray actors) yields the same batches."""
+backend (inline, a local pool, Ray actors) yields the same batches.
+
+A backend whose tokens cross a process boundary per request (Ray) also offers
+`submit_spans(source, ids, spans)`: only tokens [lo, hi) of each document travel, as a
+`TokenSpan`. A long document's pieces land in several ranks' rows; without spans each of those
+ranks would receive the whole document."""
 
 from __future__ import annotations
 
@@ -10,6 +15,56 @@ from typing import Protocol
 import numpy as np
 
 from slipstream.data.sources.tokenizers import Tokenizer
+
+
+class TokenSpan:
+    """Tokens [start, start + len(data)) of a document of `length` tokens, indexed like the
+    whole document (slices with absolute offsets; `len()` is the whole document's)."""
+
+    __slots__ = ("start", "length", "data")
+
+    def __init__(self, start: int, length: int, data: np.ndarray) -> None:
+        self.start, self.length, self.data = start, length, data
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _bounds(self, key: slice) -> tuple[int, int]:
+        lo = key.start or 0
+        return lo, max(lo, self.length if key.stop is None else min(key.stop, self.length))
+
+    def holds(self, key: slice) -> bool:
+        lo, hi = self._bounds(key)
+        return key.step is None and self.start <= lo and hi <= self.start + len(self.data)
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not self.holds(key):
+            lo, hi = self._bounds(key)
+            raise IndexError(
+                f"tokens [{lo}, {hi}) of a document of {self.length}: only "
+                f"[{self.start}, {self.start + len(self.data)}) were loaded"
+            )
+        lo, hi = self._bounds(key)
+        return self.data[lo - self.start : hi - self.start]
+
+
+class TokenSpans:
+    """Several loaded spans of one document (a rank's rows hold parts of it with gaps
+    between), indexed like the whole document: a slice is served by the span holding it."""
+
+    __slots__ = ("spans",)
+
+    def __init__(self, spans: list[TokenSpan]) -> None:
+        self.spans = spans
+
+    def __len__(self) -> int:
+        return len(self.spans[0])
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        for span in self.spans:
+            if span.holds(key):
+                return span[key]
+        return self.spans[0][key]  # raises, naming what was loaded
 
 
 class LoadTask(Protocol):

@@ -27,6 +27,7 @@ import numpy as np
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
+from slipstream.data.backends.base import TokenSpan
 from slipstream.data.sources.tokenizers import build_tokenizer
 from slipstream.data.spec import MixtureSpec
 
@@ -74,37 +75,60 @@ def job_name(spec: MixtureSpec, tokenizer: str) -> str:
 
 class _Load:
     """One submit: per replica a request, re-issued on failure; `result()` in the order asked.
-    Sent with the other submits of its step (`RayBackend.flush`): one call per actor."""
+    Sent with the other submits of its step (`RayBackend.flush`): one call per actor. With
+    `spans`, each item's tokens [lo, hi) only, as `TokenSpan`s (a document may come twice, as
+    two spans). Parts of a load are lists of positions in it."""
 
-    def __init__(self, backend: RayBackend, source: int, ids: list[int]) -> None:
-        self.backend, self.source, self.ids = backend, source, ids
+    def __init__(
+        self,
+        backend: RayBackend,
+        source: int,
+        ids: list[int],
+        spans: list[tuple[int, int]] | None = None,
+    ) -> None:
+        self.backend, self.source, self.ids, self.spans = backend, source, ids, spans
         self.parts: list[tuple[str, list[int], object, int | None]] | None = None
 
-    def result(self) -> list[np.ndarray]:
+    def request(self, where: list[int]) -> tuple[int, list[int], list | None]:
+        """(source, document ids, their spans or None) of the items at positions `where`."""
+        spans = None if self.spans is None else [self.spans[i] for i in where]
+        return self.source, [self.ids[i] for i in where], spans
+
+    def result(self) -> list:
         if self.parts is None:
             self.backend.flush()
         assert self.parts is not None
-        got: dict[int, np.ndarray] = {}
+        got: dict[int, object] = {}
         parts = self.parts
         for attempt in range(MAX_RETRIES + 1):
             failed: list[int] = []
-            for name, ids, ref, at in parts:
+            for name, where, ref, at in parts:
                 try:
-                    tokens = ray.get(ref)
-                    got.update(zip(ids, tokens if at is None else tokens[at], strict=True))
+                    out = ray.get(ref)
+                    got.update(zip(where, self._tokens(where, out if at is None else out[at])))
                 except (RayActorError, ActorDiedError, ActorUnavailableError):
                     self.backend._report_dead(name)
-                    failed.extend(ids)
+                    failed.extend(where)
             if not failed:
-                return [got[d] for d in self.ids]
+                return [got[i] for i in range(len(self.ids))]
             if attempt == MAX_RETRIES:
                 break
             self.backend.num_reissued += len(failed)
-            parts = [(*part, None) for part in self.backend._send(self.source, failed)]
+            parts = [(*part, None) for part in self.backend._send(self, failed)]
         raise RuntimeError(
             f"source {self.backend.names[self.source]!r}: loader actors keep failing "
             f"({MAX_RETRIES} retries); see the Ray logs"
         )
+
+    def _tokens(self, where: list[int], out) -> list:
+        if self.spans is None:
+            self.backend.tokens_received += sum(len(t) for t in out)
+            return out
+        lengths, data = out
+        self.backend.tokens_received += sum(len(t) for t in data)
+        return [
+            TokenSpan(self.spans[i][0], n, t) for i, n, t in zip(where, lengths, data, strict=True)
+        ]
 
 
 class RayBackend:
@@ -135,6 +159,7 @@ class RayBackend:
         self._num_shards = [m[2] for m in metas]
         self.num_loaded = [0] * len(self.names)
         self.num_reissued = 0
+        self.tokens_received = 0  # what came through the object store (spans: rows' tokens)
         self._queued: list[_Load] = []
 
     # -- the layout -----------------------------------------------------------------------------
@@ -159,31 +184,41 @@ class RayBackend:
     def replicas(self) -> list[int]:
         return [len(self._layout[s]["serving"]) for s in range(len(self.names))]
 
-    def _send(self, source: int, ids: list[int]) -> list[tuple[str, list[int], object]]:
+    def _send(self, load: _Load, where: list[int]) -> list[tuple[str, list[int], object]]:
+        """Issue the items of `load` at positions `where` again, alone (after a failure)."""
         parts = []
-        for name, part in self._route(source, ids).items():
+        for name, part in self._route(load, where).items():
             try:
-                parts.append((name, part, self._actor(name).get_many.remote(source, part)))
+                ref = self._actor(name).get_many.remote(*load.request(part))
             except ValueError:
                 # The name is gone: removed by the autoscaler (the directory no longer lists
                 # it) or dead (the directory replaces it now). Either way, the new layout.
                 self._report_dead(name)
-                return self._send(source, ids)
+                return self._send(load, where)
+            parts.append((name, part, ref))
         return parts
 
-    def _route(self, source: int, ids: list[int]) -> dict[str, list[int]]:
-        serving = self._layout[source]["serving"]
+    def _route(self, load: _Load, where: list[int]) -> dict[str, list[int]]:
+        """Positions of `load` by serving actor: document d to replica d mod R."""
+        serving = self._layout[load.source]["serving"]
         by_name: dict[str, list[int]] = {}
-        for d in ids:
-            by_name.setdefault(serving[d % len(serving)], []).append(d)
+        for i in where:
+            by_name.setdefault(serving[load.ids[i] % len(serving)], []).append(i)
         return by_name
 
     # -- the Backend protocol --------------------------------------------------------------------
     def submit(self, source: int, ids: list[int]) -> _Load:
         """Queued until `flush()` (or its first `result()`), so a step's loads of several
         sources go to each actor in one call (a Ray call costs ~1 ms of CPU either side)."""
+        return self.submit_spans(source, ids, None)
+
+    def submit_spans(
+        self, source: int, ids: list[int], spans: list[tuple[int, int]] | None
+    ) -> _Load:
+        """`submit` for tokens [lo, hi) of each document only (`TokenSpan`s): a rank receives
+        the tokens its rows hold, not every whole document they touch."""
         self.num_loaded[source] += len(ids)
-        load = _Load(self, source, list(ids))
+        load = _Load(self, source, list(ids), spans)
         self._queued.append(load)
         return load
 
@@ -191,10 +226,10 @@ class RayBackend:
         """Send the queued loads: per actor, one call for all the sources it serves."""
         queued, self._queued = self._queued, []
         while queued:
-            calls: dict[str, list[tuple[int, list[int], _Load]]] = {}
+            calls: dict[str, list[tuple[list[int], _Load]]] = {}
             for load in queued:
-                for name, part in self._route(load.source, load.ids).items():
-                    calls.setdefault(name, []).append((load.source, part, load))
+                for name, part in self._route(load, list(range(len(load.ids)))).items():
+                    calls.setdefault(name, []).append((part, load))
             handles = {}
             for name in calls:
                 try:
@@ -206,8 +241,9 @@ class RayBackend:
                 for load in queued:
                     load.parts = []
                 for name, items in calls.items():
-                    ref = handles[name].get_sources.remote([(s, part) for s, part, _ in items])
-                    for at, (_, part, load) in enumerate(items):
+                    requests = [load.request(part) for part, load in items]
+                    ref = handles[name].get_sources.remote(requests)
+                    for at, (part, load) in enumerate(items):
                         load.parts.append((name, part, ref, at))
                 return
 

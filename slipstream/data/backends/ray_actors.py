@@ -52,14 +52,24 @@ class SourceActor:
     def shard_lengths(self, source: int, shard: int) -> np.ndarray:
         return self.loaders[source].shard_lengths(shard)
 
-    def get_many(self, source: int, ids: list[int]) -> list[np.ndarray]:
+    def get_many(
+        self, source: int, ids: list[int], spans: list[tuple[int, int]] | None = None
+    ) -> list[np.ndarray] | tuple[list[int], list[np.ndarray]]:
+        """The documents' token arrays; with `spans`, (their lengths, tokens [lo, hi) of
+        each): only what the asking rank's rows hold travels."""
         self.num_calls += 1
-        return self._get(source, ids)
+        return self._get_spans(source, ids, spans)
 
-    def get_sources(self, requests: list[tuple[int, list[int]]]) -> list[list[np.ndarray]]:
-        """`get_many` of several sources in one call: per (source, ids), the token arrays."""
+    def get_sources(self, requests: list[tuple[int, list[int], list | None]]) -> list:
+        """`get_many` of several sources in one call: per (source, ids, spans), its result."""
         self.num_calls += 1
-        return [self._get(source, ids) for source, ids in requests]
+        return [self._get_spans(source, ids, spans) for source, ids, spans in requests]
+
+    def _get_spans(self, source: int, ids: list[int], spans: list | None):
+        tokens = self._get(source, ids)
+        if spans is None:
+            return tokens
+        return [len(t) for t in tokens], [t[lo:hi] for t, (lo, hi) in zip(tokens, spans)]
 
     def _get(self, source: int, ids: list[int]) -> list[np.ndarray]:
         t0 = time.perf_counter()
