@@ -18,6 +18,7 @@ default the window holds about 3,200 rows (100 steps of 32 rows, 20 of 256 and m
 
     python -m benchmarks.data_scaling [--ranks 1,2,4,8] [--steps N] [--rows 32]
         [--modes before,after,ray] [--sequential] [--fixed-actors] [--json out.json]
+    python -m benchmarks.data_scaling --volume [--rows 32]   # tokens sent per step, Ray
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+import numpy as np
 
 from benchmarks.data_throughput import TOKENIZER, _tree_cpu_s, ensure_inputs
 from benchmarks.harness import ROOT, provenance
@@ -104,6 +107,40 @@ def one_rank(
         "actor_docs_tokenized_total": tokenized,
         "steps": steps,
     }
+
+
+def volume(worlds: list[int], rows: int, steps: int = 40) -> dict:
+    """Tokens per step that reach the ranks, computed from the plans (no loading): the tokens
+    their rows hold, the runs of tokens the Ray backend sends (`token_runs`), and the whole
+    documents it sent before (every document a rank's rows touch, whole, to each such rank)."""
+    from slipstream.data.backends import build_backend
+    from slipstream.data.loader import token_runs
+    from slipstream.data.packing import doc_keys, unpack_keys
+    from slipstream.data.planner import Planner
+
+    out = {}
+    for world in worlds:
+        spec = load_spec(world, "after", rows)
+        backend = build_backend(spec)
+        lengths = backend.lengths()
+        backend.close()
+        planner = Planner(spec, lengths, dp_world_size=world)
+        held = runs = whole = 0
+        for _ in range(steps):
+            plan = planner.plan_step()
+            for r in range(world):
+                mine = plan.pieces_of(plan.rank_rows(r))
+                held += int(plan.piece_length[mine].sum())
+                _, lo, hi = token_runs(plan, mine, lengths)
+                runs += int((hi - lo).sum())
+                keys = np.unique(doc_keys(plan.piece_source[mine], plan.piece_doc[mine]))
+                whole += sum(int(lengths[s][d]) for s, d in unpack_keys(keys))
+        out[world] = {"rows_hold": held / steps, "runs": runs / steps, "whole_docs": whole / steps}
+        print(
+            f"{world:>6} ranks: per step, rows hold {held / steps:>10,.0f}  runs sent "
+            f"{runs / steps:>10,.0f}  whole documents {whole / steps:>10,.0f} tokens"
+        )
+    return out
 
 
 def _barrier(tag: str, rank: int, world: int) -> None:
@@ -221,6 +258,11 @@ def main() -> None:
         action="store_true",
         help="run a job's ranks one after another (no time-sharing of the cores)",
     )
+    ap.add_argument(
+        "--volume",
+        action="store_true",
+        help="only the tokens per step sent to the ranks, from the plans (Ray: runs vs whole)",
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     args.steps = args.steps or max(20, -(-3200 // args.rows))
@@ -229,6 +271,13 @@ def main() -> None:
         print(json.dumps(one))
         return
     ensure_inputs()
+    if args.volume:
+        worlds = [int(x) for x in args.ranks.split(",")]
+        out = {"rows_per_step": args.rows, "seq_len": SEQ_LEN, "steps": 40}
+        out["results"] = volume(worlds, args.rows)
+        if args.json:
+            args.json.write_text(json.dumps({**provenance(("tokenizers",)), **out}, indent=2))
+        return
     modes = args.modes.split(",")
     if args.fixed_actors:  # read by every rank's process (and by the benchmark's own backend)
         os.environ["SCALING_FIXED_ACTORS"] = "1"

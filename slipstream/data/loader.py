@@ -205,13 +205,13 @@ class MixtureLoader:
         document with the load that holds it.
 
         Where the backend takes spans (Ray), only the runs of tokens this rank's rows hold
-        travel (`_runs`): a long document cut across several ranks' rows is not sent whole to
+        travel (`token_runs`): a long document cut across several ranks' rows is not sent whole to
         each."""
         rows = None if self.load_all_rows else plan.rank_rows(self.dp_rank)
         mine = slice(None) if rows is None else plan.pieces_of(rows)
         src, doc = plan.piece_source[mine], plan.piece_doc[mine]
         if hasattr(self.backend, "submit_spans"):
-            packed, lo, hi = self._runs(plan, mine)
+            packed, lo, hi = token_runs(plan, mine, self.planner.lengths)
         else:  # whole documents
             packed = np.unique(doc_keys(src, doc))  # sorted by (source, doc)
             lengths = self.planner.lengths
@@ -252,29 +252,6 @@ class MixtureLoader:
         if hasattr(self.backend, "flush"):  # Ray: the step's loads, one call per actor
             self.backend.flush()
         return needs  # type: ignore[return-value]
-
-    def _runs(self, plan: StepPlan, mine) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """This rank's pieces in `plan` as runs of consecutive tokens of one document, each
-        with the token after it (the label of a cut piece's last token): (document keys,
-        starts, ends), sorted by document. Pieces that touch or overlap join one run."""
-        packed = doc_keys(plan.piece_source[mine], plan.piece_doc[mine])
-        start = plan.piece_start[mine]
-        end = start + plan.piece_length[mine]
-        order = np.lexsort((start, packed))
-        packed, start, end = packed[order], start[order], end[order]
-        # The furthest end so far within each document (a document drawn twice in a step,
-        # in two epochs, has overlapping pieces): offset per document so the max restarts.
-        new_doc = np.ones(len(packed), dtype=bool)
-        new_doc[1:] = packed[1:] != packed[:-1]
-        offset = (np.cumsum(new_doc) - 1) * (int(end.max(initial=0)) + 1)
-        reach = np.maximum.accumulate(end + offset) - offset
-        first = new_doc.copy()
-        first[1:] |= start[1:] > reach[:-1]
-        last = np.append(first[1:], True)
-        packed, lo, hi = packed[first], start[first], reach[last]
-        lengths = self.planner.lengths
-        full = np.array([lengths[s][d] for s, d in unpack_keys(packed)], dtype=np.int64)
-        return packed, lo, np.minimum(hi + 1, full)
 
     def _shared_docs(self, plan: StepPlan, mine: np.ndarray) -> set[int]:
         """Of this rank's documents, those other ranks' rows hold too, when the backend can
@@ -392,3 +369,29 @@ def shared_docs(plan: StepPlan, dp_rank: int, dp_world_size: int, mine: np.ndarr
     hits = np.flatnonzero(np.isin(packed, mine))  # pieces of this rank's documents
     row = np.searchsorted(plan.row_offsets, hits, side="right") - 1
     return set(packed[hits[rank_of_row[row] != dp_rank]].tolist())
+
+
+def token_runs(
+    plan: StepPlan, mine, lengths: list[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pieces `mine` of `plan` (a rank's) as runs of consecutive tokens of one document,
+    each with the token after it (the label of a cut piece's last token): (document keys, run
+    starts, run ends), sorted by document. Pieces that touch or overlap join one run.
+    `lengths`: token counts per source and document (runs end at the document's end)."""
+    packed = doc_keys(plan.piece_source[mine], plan.piece_doc[mine])
+    start = plan.piece_start[mine]
+    end = start + plan.piece_length[mine]
+    order = np.lexsort((start, packed))
+    packed, start, end = packed[order], start[order], end[order]
+    # The furthest end so far within each document (a document drawn twice in a step, in
+    # two epochs, has overlapping pieces): offset per document so the max restarts.
+    new_doc = np.ones(len(packed), dtype=bool)
+    new_doc[1:] = packed[1:] != packed[:-1]
+    offset = (np.cumsum(new_doc) - 1) * (int(end.max(initial=0)) + 1)
+    reach = np.maximum.accumulate(end + offset) - offset
+    first = new_doc.copy()
+    first[1:] |= start[1:] > reach[:-1]
+    last = np.append(first[1:], True)
+    packed, lo, hi = packed[first], start[first], reach[last]
+    full = np.array([lengths[s][d] for s, d in unpack_keys(packed)], dtype=np.int64)
+    return packed, lo, np.minimum(hi + 1, full)
