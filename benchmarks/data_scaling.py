@@ -114,8 +114,7 @@ def volume(worlds: list[int], rows: int, steps: int = 40) -> dict:
     their rows hold, the runs of tokens the Ray backend sends (`token_runs`), and the whole
     documents it sent before (every document a rank's rows touch, whole, to each such rank)."""
     from slipstream.data.backends import build_backend
-    from slipstream.data.loader import token_runs
-    from slipstream.data.packing import doc_keys, unpack_keys
+    from slipstream.data.packing import doc_keys, token_runs, unpack_keys
     from slipstream.data.planner import Planner
 
     out = {}

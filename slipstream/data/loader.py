@@ -25,9 +25,10 @@ import torch
 from slipstream.configfile import VERSION_KEY, check_version
 from slipstream.data.backends import Backend, build_backend
 from slipstream.data.backends.base import TokenSpans
+from slipstream.data.backends.group import GroupFetch, group_size
 from slipstream.data.balance import imbalance, partition
 from slipstream.data.batch import LABELS, build_micro_batch
-from slipstream.data.packing import DocKey, doc_keys, unpack_keys
+from slipstream.data.packing import DocKey, doc_keys, token_runs, unpack_keys
 from slipstream.data.planner import Planner, StepPlan
 from slipstream.data.spec import MixtureSpec
 
@@ -124,11 +125,22 @@ class MixtureLoader:
             attention_cost=attention_cost,
         )
         self._state = self.planner.state_dict()
+        self._group = self._group_fetch(load_all_rows)
         # Loads of documents that steps not yet built need (a document may have several: spans).
         self._inflight: dict[DocKey, list[_InFlight]] = {}
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+
+    def _group_fetch(self, load_all_rows: bool) -> GroupFetch | None:
+        """Ray: this machine's data-parallel ranks fetch each step together (`group.py`)."""
+        size = group_size(self.spec.backend.machine_ranks, self.dp_world_size)
+        if load_all_rows or size < 2 or not hasattr(self.backend, "submit_spans"):
+            return None
+        first = self.dp_rank // size * size
+        ranks = list(range(first, min(first + size, self.dp_world_size)))
+        tag = f"{getattr(self.backend, 'job', '')}|{self.split}|{self.dp_world_size}"
+        return GroupFetch(self.backend, self.planner.lengths, ranks, self.dp_rank, tag)
 
     # -- iteration --------------------------------------------------------------------------
     def __iter__(self) -> MixtureLoader:
@@ -207,6 +219,8 @@ class MixtureLoader:
         Where the backend takes spans (Ray), only the runs of tokens this rank's rows hold
         travel (`token_runs`): a long document cut across several ranks' rows is not sent whole to
         each."""
+        if self._group is not None:  # Ray: the machine's group fetches the step once
+            return self._group.submit(plan)
         rows = None if self.load_all_rows else plan.rank_rows(self.dp_rank)
         mine = slice(None) if rows is None else plan.pieces_of(rows)
         src, doc = plan.piece_source[mine], plan.piece_doc[mine]
@@ -264,6 +278,8 @@ class MixtureLoader:
     def _collect(
         self, plan: StepPlan, needs: list[tuple[DocKey, _InFlight]]
     ) -> dict[DocKey, np.ndarray]:
+        if self._group is not None:
+            return self._group.collect(needs)
         tokens, results = {}, {}
         for key, entry in needs:
             task = entry.task
@@ -322,6 +338,8 @@ class MixtureLoader:
 
     def close(self) -> None:
         self._halt()
+        if self._group is not None:
+            self._group.close()
         self.backend.close()
 
     def __enter__(self) -> MixtureLoader:
@@ -369,29 +387,3 @@ def shared_docs(plan: StepPlan, dp_rank: int, dp_world_size: int, mine: np.ndarr
     hits = np.flatnonzero(np.isin(packed, mine))  # pieces of this rank's documents
     row = np.searchsorted(plan.row_offsets, hits, side="right") - 1
     return set(packed[hits[rank_of_row[row] != dp_rank]].tolist())
-
-
-def token_runs(
-    plan: StepPlan, mine, lengths: list[np.ndarray]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The pieces `mine` of `plan` (a rank's) as runs of consecutive tokens of one document,
-    each with the token after it (the label of a cut piece's last token): (document keys, run
-    starts, run ends), sorted by document. Pieces that touch or overlap join one run.
-    `lengths`: token counts per source and document (runs end at the document's end)."""
-    packed = doc_keys(plan.piece_source[mine], plan.piece_doc[mine])
-    start = plan.piece_start[mine]
-    end = start + plan.piece_length[mine]
-    order = np.lexsort((start, packed))
-    packed, start, end = packed[order], start[order], end[order]
-    # The furthest end so far within each document (a document drawn twice in a step, in
-    # two epochs, has overlapping pieces): offset per document so the max restarts.
-    new_doc = np.ones(len(packed), dtype=bool)
-    new_doc[1:] = packed[1:] != packed[:-1]
-    offset = (np.cumsum(new_doc) - 1) * (int(end.max(initial=0)) + 1)
-    reach = np.maximum.accumulate(end + offset) - offset
-    first = new_doc.copy()
-    first[1:] |= start[1:] > reach[:-1]
-    last = np.append(first[1:], True)
-    packed, lo, hi = packed[first], start[first], reach[last]
-    full = np.array([lengths[s][d] for s, d in unpack_keys(packed)], dtype=np.int64)
-    return packed, lo, np.minimum(hi + 1, full)

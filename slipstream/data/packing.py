@@ -71,3 +71,27 @@ def pack_best_fit(pieces: list[Piece], num_rows: int, seq_len: int) -> list[list
     for r, *fields in zip(row.tolist(), *(x.tolist() for x in parts)):
         rows[r].append(Piece(*fields))
     return rows
+
+
+def token_runs(plan, mine, lengths: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pieces `mine` of `plan` (a rank's) as runs of consecutive tokens of one document,
+    each with the token after it (the label of a cut piece's last token): (document keys, run
+    starts, run ends), sorted by document. Pieces that touch or overlap join one run.
+    `lengths`: token counts per source and document (runs end at the document's end)."""
+    packed = doc_keys(plan.piece_source[mine], plan.piece_doc[mine])
+    start = plan.piece_start[mine]
+    end = start + plan.piece_length[mine]
+    order = np.lexsort((start, packed))
+    packed, start, end = packed[order], start[order], end[order]
+    # The furthest end so far within each document (a document drawn twice in a step, in
+    # two epochs, has overlapping pieces): offset per document so the max restarts.
+    new_doc = np.ones(len(packed), dtype=bool)
+    new_doc[1:] = packed[1:] != packed[:-1]
+    offset = (np.cumsum(new_doc) - 1) * (int(end.max(initial=0)) + 1)
+    reach = np.maximum.accumulate(end + offset) - offset
+    first = new_doc.copy()
+    first[1:] |= start[1:] > reach[:-1]
+    last = np.append(first[1:], True)
+    packed, lo, hi = packed[first], start[first], reach[last]
+    full = np.array([lengths[s][d] for s, d in unpack_keys(packed)], dtype=np.int64)
+    return packed, lo, np.minimum(hi + 1, full)

@@ -182,6 +182,10 @@ class BackendSpec:
     """ray: steps between replica re-evaluations (0 = fixed replicas)."""
     lookahead_steps: int = 50
     """ray: how far ahead on the weight schedule replicas are sized for."""
+    machine_ranks: int = 0
+    """ray: consecutive data-parallel ranks that share a machine and fetch each step together
+    (the first to get there fetches for all, through shared memory; `backends/group.py`);
+    0 = from torchrun's LOCAL_WORLD_SIZE and WORLD_SIZE, 1 = every rank fetches alone."""
 
     def __post_init__(self) -> None:
         if self.kind not in BACKEND_KINDS:
@@ -196,8 +200,10 @@ class BackendSpec:
             raise ValueError(f"backend.prefetch_steps: {self.prefetch_steps} must be >= 1")
         if self.replicas < 1 or self.shadow < 0 or self.cpu_budget < 0:
             raise ValueError("backend: replicas must be >= 1, shadow and cpu_budget >= 0")
-        if self.autoscale_every < 0 or self.lookahead_steps < 0:
-            raise ValueError("backend: autoscale_every and lookahead_steps must be >= 0")
+        if self.autoscale_every < 0 or self.lookahead_steps < 0 or self.machine_ranks < 0:
+            raise ValueError(
+                "backend: autoscale_every, lookahead_steps and machine_ranks must be >= 0"
+            )
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)

@@ -5,6 +5,7 @@ state restored in new loaders (and with another number of ranks) continues the s
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -215,3 +216,72 @@ def test_a_rank_receives_the_tokens_its_rows_hold_not_whole_documents(tmp_path):
         assert sum(len(t) for t in held.values()) <= got <= pieces < 0.8 * whole
     for ldr in loaders:
         ldr.close()
+
+
+def test_a_machines_ranks_fetch_each_step_once_together(tmp_path, monkeypatch):
+    """4 ranks on one machine: the first to reach a step fetches it for all 4 (one call per
+    actor and step, as for one rank) and the others read theirs from shared memory; the
+    batches are the local backend's."""
+    monkeypatch.setenv("SLIPSTREAM_SHARED_DOCS", str(tmp_path / "store"))
+    local, _ = _specs(tmp_path)
+    _, spec = _specs(tmp_path, backend={"machine_ranks": 4, "job": "group-stream"})
+    ref, ref_state = run_steps(local, 6, world_size=4)
+    got, state = run_steps(spec, 6, world_size=4)
+    assert_same_batches(ref, got)
+    assert state == ref_state
+    _, spec = _specs(tmp_path, backend={"machine_ranks": 4, "job": "group-calls"})
+    loaders = [MixtureLoader(spec, r, 4) for r in range(4)]
+    for _ in range(5):
+        for ldr in loaders:
+            next(ldr)
+    for ldr in loaders:
+        ldr._halt()
+    # Every step all ranks took was fetched once, by whichever rank got there first. (Steps
+    # read ahead when a rank halted may be fetched twice: the halted maker's lock goes with
+    # it, and a rank waiting on it fetches the step itself.)
+    made = [s for ldr in loaders for s in ldr._group.recent_made if s < 5]
+    assert sorted(made) == [0, 1, 2, 3, 4]
+    assert sum(ldr._group.steps_made for ldr in loaders) >= max(ldr.planner.step for ldr in loaders)
+    stats = loaders[0].backend.actor_stats()
+    serving = {n for lay in loaders[0].backend._layout.values() for n in lay["serving"]}
+    made = sum(ldr._group.steps_made for ldr in loaders)
+    assert 0 < sum(s["calls"] for s in stats.values()) <= made * len(serving)
+    tag = loaders[0]._group.tag
+    for ldr in loaders:  # all halted: no rank publishes any more
+        ldr.close()
+    # Each file was read and removed, or, unread (read ahead), removed by its rank's close.
+    assert not list((tmp_path / "store").glob(f"step-{tag}-*.npy"))
+
+
+def test_a_rank_whose_step_maker_left_no_file_fetches_the_step_itself(tmp_path, monkeypatch):
+    """The rank holding a step's lock dies before publishing (its lock is released): the rank
+    waiting on it fetches the step itself, and gets the same batch."""
+    from slipstream.data.backends.group import plan_fingerprint
+    from slipstream.data.sources.shared import try_lock, unlock
+
+    monkeypatch.setenv("SLIPSTREAM_SHARED_DOCS", str(tmp_path / "store"))
+    local, _ = _specs(tmp_path)
+    _, spec = _specs(tmp_path, backend={"machine_ranks": 2, "job": "group-orphan"})
+    ref, _ = run_steps(local, 1, world_size=2)
+    ldr = MixtureLoader(spec, 1, 2)
+    plan = Planner(spec, ldr.planner.lengths, dp_world_size=2).plan_step()
+    name = f"step-{ldr._group.tag}-{plan_fingerprint(plan)}.lock"
+    held = try_lock(ldr._group.store.root / name)  # "rank 0" is making step 0
+    got = []
+
+    def take() -> None:
+        try:
+            got.append(next(ldr))
+        except Exception as e:  # noqa: BLE001 - reported below
+            got.append(e)
+
+    waiting = threading.Thread(target=take)
+    waiting.start()
+    time.sleep(0.5)
+    assert waiting.is_alive() and not got  # it waits for the maker
+    unlock(held)  # the maker is gone, without a file
+    waiting.join(timeout=60)
+    assert len(got) == 1 and not isinstance(got[0], Exception), got
+    assert 0 in ldr._group.recent_made  # it fetched step 0 itself
+    assert_same_batches([[ref[0][1]]], [[got[0]]])
+    ldr.close()

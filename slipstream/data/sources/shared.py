@@ -73,7 +73,7 @@ class SharedDocs:
         try:
             for i, k in enumerate(keys):
                 if out[i] is None:
-                    f = _try_lock(self.root / f"{k}.lock")
+                    f = try_lock(self.root / f"{k}.lock")
                     if f is None:
                         busy.append(i)
                     else:
@@ -89,7 +89,7 @@ class SharedDocs:
                     self._publish(keys[i], tokens)
         finally:
             for f in held.values():
-                _unlock(f)
+                unlock(f)
         for i in busy:
             with _locked(self.root / f"{keys[i]}.lock"):
                 out[i] = _read(self._path(keys[i]))  # published while this rank waited
@@ -130,9 +130,9 @@ def _read(path: Path) -> np.ndarray | None:
         return None  # absent, or removed by a sweep while being read
 
 
-def _try_lock(path: Path):
+def try_lock(path: Path):
     """The lock file, open and held; None if another process or thread holds it."""
-    f = open(path, "a")  # noqa: SIM115 - closed by _unlock
+    f = open(path, "a")  # noqa: SIM115 - closed by unlock
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -141,9 +141,16 @@ def _try_lock(path: Path):
     return f
 
 
-def _unlock(f) -> None:
+def unlock(f) -> None:
     fcntl.flock(f, fcntl.LOCK_UN)
     f.close()
+
+
+def lock(path: Path):
+    """The lock file, open and held, once no other process or thread holds it (blocks)."""
+    f = open(path, "a")  # noqa: SIM115 - closed by unlock
+    fcntl.flock(f, fcntl.LOCK_EX)
+    return f
 
 
 @contextlib.contextmanager

@@ -1,0 +1,194 @@
+"""Data-parallel ranks on one machine fetch each step once, together (Ray backend).
+
+Alone, every rank makes its own calls to the loader actors each step, and each actor serves
+as many small requests per step as there are ranks: both sides pay Ray's fixed cost per call,
+and at small steps (a few rows per rank) that fixed cost grows the job's data CPU with its
+ranks. Instead, the first rank of a group of consecutive ranks to reach a step takes the
+step's lock file and fetches the runs of tokens of every rank of the group in one call per
+actor (the calls of one rank), then publishes each rank's runs as a file in shared memory.
+The others wait on the lock and read their file (and remove it: each is read once).
+
+Nothing depends on the group being right: every rank plans the same step, files are named by
+a fingerprint of the plan and the rank, and a rank that finds no file after the lock (its
+maker died, or sits on another machine) fetches for the group itself: the same tokens. A lock
+is released by the OS when its holder dies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+
+from slipstream.data.backends.base import TokenSpan, TokenSpans
+from slipstream.data.packing import DocKey, token_runs, unpack_keys
+from slipstream.data.sources.shared import SharedDocs, lock, try_lock, unlock
+
+SWEEP_EVERY_S = 60.0
+
+
+def group_size(configured: int, dp_world_size: int) -> int:
+    """Consecutive data-parallel ranks per machine: `configured`, else torchrun's local ranks
+    divided by the ranks per data-parallel rank (tensor / pipeline parallel), else 1."""
+    if configured:
+        return min(configured, dp_world_size)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if world % dp_world_size or local % (world // dp_world_size):
+        return 1
+    return max(1, min(local // (world // dp_world_size), dp_world_size))
+
+
+def plan_fingerprint(plan) -> str:
+    h = hashlib.blake2b(digest_size=12)
+    for a in (plan.piece_source, plan.piece_doc, plan.piece_start, plan.piece_length,
+              plan.assignment):  # fmt: skip
+        h.update(np.ascontiguousarray(a).tobytes())
+    return f"{plan.step}-{h.hexdigest()}"
+
+
+class _Step:
+    """One step's fetch as this rank sees it: read (its file is there or will be), or make
+    (it holds the lock and the group's loads are in flight)."""
+
+    __slots__ = ("plan", "name", "lock", "runs", "loads")
+
+    def __init__(self, plan, name: str, lock=None, runs=None, loads=None) -> None:
+        self.plan, self.name, self.lock, self.runs, self.loads = plan, name, lock, runs, loads
+
+
+class GroupFetch:
+    """Runs of tokens of this rank's rows, fetched once per step by its machine's group.
+
+    backend: a span-capable backend (`submit_spans`, `flush`); lengths: the planner's token
+    counts; ranks: the group's data-parallel ranks (this one included); tag: names the job and
+    split, so that two streams never meet in the store."""
+
+    def __init__(self, backend, lengths, ranks: list[int], rank: int, tag: str, root=None):
+        self.backend, self.lengths, self.ranks, self.rank = backend, lengths, ranks, rank
+        self.store = SharedDocs(Path(root) if root else None)
+        self.tag = hashlib.sha1(tag.encode()).hexdigest()[:12]
+        self._swept = -float("inf")
+        self.steps_made = 0  # steps this rank fetched for the group (tests, benchmarks)
+        self.recent_made: deque[int] = deque(maxlen=64)  # which: the last ones
+
+    def _path(self, name: str, rank: int) -> Path:
+        return self.store.root / f"step-{self.tag}-{name}-r{rank}.npy"
+
+    def submit(self, plan) -> _Step:
+        """Start this step: make it for the group (loads in flight) unless its file is there
+        or another rank of the group holds the step's lock."""
+        now = time.monotonic()
+        if now - self._swept >= SWEEP_EVERY_S:  # leftovers of ranks that died
+            self.store.sweep()
+            self._swept = now
+        name = plan_fingerprint(plan)
+        if self._path(name, self.rank).exists():
+            return _Step(plan, name)
+        lock = try_lock(self.store.root / f"step-{self.tag}-{name}.lock")
+        if lock is None or self._path(name, self.rank).exists():
+            if lock is not None:
+                unlock(lock)
+            return _Step(plan, name)
+        return self._make(_Step(plan, name, lock))
+
+    def _make(self, step: _Step) -> _Step:
+        plan = step.plan
+        step.runs = {
+            r: token_runs(plan, plan.pieces_of(plan.rank_rows(r)), self.lengths) for r in self.ranks
+        }
+        by_source: dict[int, list[tuple[int, int, int]]] = {}
+        for packed, lo, hi in step.runs.values():
+            for (s, d), a, b in zip(unpack_keys(packed), lo.tolist(), hi.tolist(), strict=True):
+                by_source.setdefault(s, []).append((d, a, b))
+        step.loads = {}
+        for s, items in by_source.items():
+            items = list(dict.fromkeys(items))  # a run two ranks need travels once
+            load = self.backend.submit_spans(s, [d for d, _, _ in items],
+                                             [(a, b) for _, a, b in items])  # fmt: skip
+            step.loads[s] = (items, load)
+        self.backend.flush()
+        self.steps_made += 1
+        self.recent_made.append(plan.step)
+        return step
+
+    def collect(self, step: _Step) -> dict[DocKey, object]:
+        """This rank's tokens of the step, by document: `TokenSpan`s (or `TokenSpans`)."""
+        if step.lock is not None:
+            return self._publish(step)
+        got = self._read(step.name)
+        if got is not None:
+            return got
+        held = lock(self.store.root / f"step-{self.tag}-{step.name}.lock")  # the maker's
+        got = self._read(step.name)
+        if got is not None:
+            unlock(held)
+            return got
+        step.lock = held  # its maker left no file (it died, or is on another machine)
+        return self._publish(self._make(step))
+
+    def _publish(self, step: _Step) -> dict[DocKey, object]:
+        try:
+            tokens: dict[tuple[int, int, int, int], np.ndarray] = {}
+            for s, (items, load) in step.loads.items():
+                for (d, a, b), t in zip(items, load.result(), strict=True):
+                    expected = int(self.lengths[s][d])
+                    if len(t) != expected:
+                        raise RuntimeError(
+                            f"source {s}, document {d}: the token-count cache says {expected} "
+                            f"tokens, the loader gave {len(t)}; its files or tokenizer changed "
+                            "under a running job. Restart the job"
+                        )
+                    tokens[(s, d, a, b)] = t.data
+            mine = None
+            for r, (packed, lo, hi) in step.runs.items():
+                keys = [(s, d, a, b) for (s, d), a, b in zip(unpack_keys(packed), lo.tolist(),
+                                                             hi.tolist())]  # fmt: skip
+                if r == self.rank:
+                    mine = self._spans(keys, [tokens[k] for k in keys])
+                else:
+                    self._write(self._path(step.name, r), keys, [tokens[k] for k in keys])
+            return mine or {}
+        finally:
+            unlock(step.lock)
+            step.lock = None
+
+    def _write(self, path: Path, keys: list, data: list[np.ndarray]) -> None:
+        head = np.array(keys, dtype=np.int64).reshape(-1, 4)
+        ends = np.cumsum([len(t) for t in data], dtype=np.int64)
+        flat = np.concatenate(data) if data else np.zeros(0, dtype=np.int32)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, head)
+            np.save(f, ends)
+            np.save(f, flat)
+        os.replace(tmp, path)  # whole or absent
+
+    def _read(self, name: str) -> dict[DocKey, object] | None:
+        path = self._path(name, self.rank)
+        try:
+            with open(path, "rb") as f:
+                head, ends, flat = np.load(f), np.load(f), np.load(f)
+        except (FileNotFoundError, ValueError, EOFError):
+            return None
+        path.unlink(missing_ok=True)  # read once, by its rank
+        starts = np.concatenate([[0], ends[:-1]]).tolist()
+        keys = [tuple(k) for k in head.tolist()]
+        return self._spans(keys, [flat[a:b] for a, b in zip(starts, ends.tolist())])
+
+    def _spans(self, keys: list, data: list[np.ndarray]) -> dict[DocKey, object]:
+        out: dict[DocKey, object] = {}
+        for (s, d, a, _), t in zip(keys, data, strict=True):
+            span = TokenSpan(a, int(self.lengths[s][d]), t)
+            got = out.get((s, d))
+            out[(s, d)] = span if got is None else TokenSpans([*getattr(got, "spans", [got]), span])
+        return out
+
+    def close(self) -> None:
+        """Remove this rank's files of steps it read ahead of and will not take."""
+        for path in self.store.root.glob(f"step-{self.tag}-*-r{self.rank}.npy"):
+            path.unlink(missing_ok=True)
