@@ -7,7 +7,8 @@ CPU seconds per step (all ranks' processes and loader threads) and tokens/s per 
   after    every rank plans the step from token counts and loads only its rows' documents
   ray      the same on the Ray backend: one loader actor per source for the whole job, requests
            routed by document, so a document several ranks need is tokenized once (the
-           actors' CPU is counted with the ranks')
+           actors' CPU is counted with the ranks'); the ranks of this machine fetch each
+           step together (`--alone`: each its own)
 
 The demo mixture (4 sources) with the 8k BPE tokenizer, 32 rows of 1,024 tokens per step split
 over the ranks, the local backend with 2 loader threads per rank. The ranks run at once as
@@ -17,7 +18,8 @@ default the window holds about 3,200 rows (100 steps of 32 rows, 20 of 256 and m
 32-row steps a 30-step window (1.6 s of CPU) read local 1.46x where 100 steps read 1.18x.
 
     python -m benchmarks.data_scaling [--ranks 1,2,4,8] [--steps N] [--rows 32]
-        [--modes before,after,ray] [--sequential] [--fixed-actors] [--json out.json]
+        [--modes before,after,ray] [--sequential] [--fixed-actors] [--alone] [--repeats N]
+        [--json out.json]
     python -m benchmarks.data_scaling --volume [--rows 32]   # tokens sent per step, Ray
 """
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,6 +51,8 @@ def load_spec(world: int, mode: str = "after", rows: int = ROWS_PER_STEP):
     ray = ["backend.kind='ray'", f"backend.job='scaling-{world}'", "backend.shadow=0"]
     if os.environ.get("SCALING_FIXED_ACTORS"):  # --fixed-actors: no autoscaling, no regrouping
         ray.append("backend.autoscale_every=0")
+    # The ranks share this machine: they fetch each step together, unless --alone.
+    ray.append(f"backend.machine_ranks={1 if os.environ.get('SCALING_ALONE') else world}")
     return MixtureSpec.from_toml(
         ROOT / "recipes" / "data" / "demo.toml",
         [
@@ -253,6 +258,11 @@ def main() -> None:
         help="ray: keep the starting actors (a regroup inside a window starts actors there)",
     )
     ap.add_argument(
+        "--alone",
+        action="store_true",
+        help="ray: every rank fetches its own rows (no machine group, backends/group.py)",
+    )
+    ap.add_argument(
         "--sequential",
         action="store_true",
         help="run a job's ranks one after another (no time-sharing of the cores)",
@@ -262,6 +272,7 @@ def main() -> None:
         action="store_true",
         help="only the tokens per step sent to the ranks, from the plans (Ray: runs vs whole)",
     )
+    ap.add_argument("--repeats", type=int, default=1, help="the median is reported")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     args.steps = args.steps or max(20, -(-3200 // args.rows))
@@ -280,6 +291,8 @@ def main() -> None:
     modes = args.modes.split(",")
     if args.fixed_actors:  # read by every rank's process (and by the benchmark's own backend)
         os.environ["SCALING_FIXED_ACTORS"] = "1"
+    if args.alone:
+        os.environ["SCALING_ALONE"] = "1"
     if unknown := set(modes) - set(MODES):
         ap.error(f"--modes: unknown {sorted(unknown)}; choose from {MODES}")
     run("after", 1, 1)  # builds the token-count cache once, outside the measurements
@@ -290,40 +303,54 @@ def main() -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         env = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    results = {}
-    head = ["ranks", "mode", "CPU s/step", "docs/step", "tok/s/rank"]
-    print("".join(f"{h:>14}" for h in head))
-    for world in [int(x) for x in args.ranks.split(",")]:
-        for mode in modes:
-            ray_env = env if mode == "ray" else None
-            hold = None
-            if mode == "ray" and args.sequential:  # the job's actors outlive each rank
-                from slipstream.data.backends.ray import RayBackend
+    results: dict[str, dict] = {}
+    head = ["repeat", "ranks", "mode", "CPU s/step", "docs/step", "tok/s/rank"]
+    print("".join(f"{h:>12}" for h in head))
+    # Repeats go round every (ranks, mode), so a drift of the machine spreads over all of them;
+    # the median of the repeats is reported.
+    for rep in range(args.repeats):
+        for world in [int(x) for x in args.ranks.split(",")]:
+            for mode in modes:
+                ray_env = env if mode == "ray" else None
+                hold = None
+                if mode == "ray" and args.sequential:  # the job's actors outlive each rank
+                    from slipstream.data.backends.ray import RayBackend
 
-                hold = RayBackend(load_spec(world, mode, args.rows))
-            rs = run(mode, world, args.steps, ray_env, args.rows, args.sequential)
-            if hold is not None:
-                hold.close()
-            cpu = sum(r["cpu_s"] for r in rs) / args.steps
-            docs = sum(r["docs_loaded"] for r in rs) / args.steps
-            per_rank = sum(r["tokens"] / r["wall_s"] for r in rs) / world
-            results[f"{mode}/{world}"] = {
-                "cpu_s_per_step": cpu,
-                "docs_per_step": docs,
-                "tokens_per_s_per_rank": per_rank,
-                "runs": rs,
-            }
-            print(f"{world:>14}{mode:>14}{cpu:>14.3f}{docs:>14.1f}{per_rank:>14,.0f}")
+                    hold = RayBackend(load_spec(world, mode, args.rows))
+                rs = run(mode, world, args.steps, ray_env, args.rows, args.sequential)
+                if hold is not None:
+                    hold.close()  # the last client: the actors go (the next repeat starts cold)
+                cpu = sum(r["cpu_s"] for r in rs) / args.steps
+                docs = sum(r["docs_loaded"] for r in rs) / args.steps
+                per_rank = sum(r["tokens"] / r["wall_s"] for r in rs) / world
+                out = results.setdefault(f"{mode}/{world}", {"repeats": [], "runs": []})
+                out["repeats"].append(
+                    {
+                        "cpu_s_per_step": cpu,
+                        "docs_per_step": docs,
+                        "tokens_per_s_per_rank": per_rank,
+                    }
+                )
+                out["runs"].append(rs)
+                print(f"{rep:>12}{world:>12}{mode:>12}{cpu:>12.4f}{docs:>12.1f}{per_rank:>12,.0f}")
+    for out in results.values():
+        for key in ("cpu_s_per_step", "docs_per_step", "tokens_per_s_per_rank"):
+            out[key] = statistics.median(r[key] for r in out["repeats"])
     ranks = [int(x) for x in args.ranks.split(",")]
     for mode in modes:
         a, b = results[f"{mode}/{ranks[0]}"], results[f"{mode}/{ranks[-1]}"]
+        each = [y["cpu_s_per_step"] / x["cpu_s_per_step"]
+                for x, y in zip(a["repeats"], b["repeats"], strict=True)]  # fmt: skip
         print(
             f"{mode}: job data CPU per step {ranks[0]} -> {ranks[-1]} ranks: "
-            f"{b['cpu_s_per_step'] / a['cpu_s_per_step']:.2f}x"
+            f"{b['cpu_s_per_step'] / a['cpu_s_per_step']:.2f}x (medians; each repeat: "
+            + ", ".join(f"{x:.2f}x" for x in each)
+            + ")"
         )
     if args.json:
         shape = {"rows_per_step": args.rows, "seq_len": SEQ_LEN, "steps": args.steps,
-                 "sequential": args.sequential, "fixed_actors": args.fixed_actors}  # fmt: skip
+                 "sequential": args.sequential, "fixed_actors": args.fixed_actors,
+                 "alone": args.alone, "repeats": args.repeats}  # fmt: skip
         out = {**provenance(("tokenizers", "psutil", "ray")), **shape, "results": results}
         args.json.write_text(json.dumps(out, indent=2))
 

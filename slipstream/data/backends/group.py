@@ -158,27 +158,31 @@ class GroupFetch:
             step.lock = None
 
     def _write(self, path: Path, keys: list, data: list[np.ndarray]) -> None:
-        head = np.array(keys, dtype=np.int64).reshape(-1, 4)
-        ends = np.cumsum([len(t) for t in data], dtype=np.int64)
-        flat = np.concatenate(data) if data else np.zeros(0, dtype=np.int32)
+        """Raw, to be read in one call: the run count n; n x (source, doc, lo, hi); the
+        tokens (int32) of every run, concatenated (a run's length is hi - lo)."""
+        head = np.array([len(keys), *(x for k in keys for x in k)], dtype=np.int64)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
-            np.save(f, head)
-            np.save(f, ends)
-            np.save(f, flat)
+            f.write(head.tobytes())
+            for t in data:
+                f.write(np.ascontiguousarray(t, dtype=np.int32).tobytes())
         os.replace(tmp, path)  # whole or absent
 
     def _read(self, name: str) -> dict[DocKey, object] | None:
         path = self._path(name, self.rank)
         try:
             with open(path, "rb") as f:
-                head, ends, flat = np.load(f), np.load(f), np.load(f)
-        except (FileNotFoundError, ValueError, EOFError):
+                raw = f.read()
+        except FileNotFoundError:
             return None
         path.unlink(missing_ok=True)  # read once, by its rank
-        starts = np.concatenate([[0], ends[:-1]]).tolist()
+        n = int(np.frombuffer(raw, dtype=np.int64, count=1)[0])
+        head = np.frombuffer(raw, dtype=np.int64, count=1 + 4 * n)[1:].reshape(n, 4)
+        flat = np.frombuffer(raw, dtype=np.int32, offset=8 * (1 + 4 * n))
+        ends = np.cumsum(head[:, 3] - head[:, 2]).tolist()
+        starts = [0, *ends[:-1]]
         keys = [tuple(k) for k in head.tolist()]
-        return self._spans(keys, [flat[a:b] for a, b in zip(starts, ends.tolist())])
+        return self._spans(keys, [flat[a:b] for a, b in zip(starts, ends, strict=True)])
 
     def _spans(self, keys: list, data: list[np.ndarray]) -> dict[DocKey, object]:
         out: dict[DocKey, object] = {}
