@@ -140,7 +140,8 @@ class MixtureLoader:
         first = self.dp_rank // size * size
         ranks = list(range(first, min(first + size, self.dp_world_size)))
         tag = f"{getattr(self.backend, 'job', '')}|{self.split}|{self.dp_world_size}"
-        return GroupFetch(self.backend, self.planner.lengths, ranks, self.dp_rank, tag)
+        lengths = self.planner.lengths
+        return GroupFetch(self.backend, lengths, ranks, self.dp_rank, self.dp_world_size, tag)
 
     # -- iteration --------------------------------------------------------------------------
     def __iter__(self) -> MixtureLoader:

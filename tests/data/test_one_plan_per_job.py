@@ -176,3 +176,25 @@ def test_token_spans_index_like_the_whole_document():
     assert runs[41:41].tolist() == []
     with pytest.raises(IndexError, match=r"tokens \[40, 60\) of a document of 100: only"):
         runs[40:60]
+
+
+@pytest.mark.parametrize(
+    ("configured", "env", "dp", "want"),
+    [
+        (0, {}, 8, 1),  # not under torchrun: alone
+        (0, {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}, 16, 8),  # data parallel only
+        (0, {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}, 8, 4),  # tensor parallel 2
+        (0, {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}, 1, 1),  # tensor parallel 16
+        (0, {"WORLD_SIZE": "12", "LOCAL_WORLD_SIZE": "4"}, 8, 1),  # no whole ranks per dp
+        (3, {}, 8, 3),
+        (16, {}, 8, 8),
+    ],
+)
+def test_machine_group_size(monkeypatch, configured, env, dp, want):
+    from slipstream.data.backends.group import group_size
+
+    for k in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert group_size(configured, dp) == want

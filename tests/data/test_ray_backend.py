@@ -250,7 +250,7 @@ def test_a_machines_ranks_fetch_each_step_once_together(tmp_path, monkeypatch):
     for ldr in loaders:  # all halted: no rank publishes any more
         ldr.close()
     # Each file was read and removed, or, unread (read ahead), removed by its rank's close.
-    assert not list((tmp_path / "store").glob(f"step-{tag}-*.npy"))
+    assert not list((tmp_path / "store").glob(f"step-{tag}-*.bin"))
 
 
 def test_a_rank_whose_step_maker_left_no_file_fetches_the_step_itself(tmp_path, monkeypatch):
@@ -265,8 +265,7 @@ def test_a_rank_whose_step_maker_left_no_file_fetches_the_step_itself(tmp_path, 
     ref, _ = run_steps(local, 1, world_size=2)
     ldr = MixtureLoader(spec, 1, 2)
     plan = Planner(spec, ldr.planner.lengths, dp_world_size=2).plan_step()
-    name = f"step-{ldr._group.tag}-{plan_fingerprint(plan)}.lock"
-    held = try_lock(ldr._group.store.root / name)  # "rank 0" is making step 0
+    held = try_lock(ldr._group._lock_path(plan_fingerprint(plan)))  # "rank 0" makes step 0
     got = []
 
     def take() -> None:
@@ -285,3 +284,26 @@ def test_a_rank_whose_step_maker_left_no_file_fetches_the_step_itself(tmp_path, 
     assert 0 in ldr._group.recent_made  # it fetched step 0 itself
     assert_same_batches([[ref[0][1]]], [[got[0]]])
     ldr.close()
+
+
+def test_tensor_parallel_peers_both_take_their_data_ranks_batches(tmp_path, monkeypatch):
+    """4 processes, tensor-parallel pairs (rank = dp_rank * 2 + tp_rank): both processes of a
+    data-parallel rank read its fetched rows (a file per reader), and each step is fetched
+    once for the machine."""
+    monkeypatch.setenv("SLIPSTREAM_SHARED_DOCS", str(tmp_path / "store"))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    local, _ = _specs(tmp_path)
+    _, spec = _specs(tmp_path, backend={"machine_ranks": 2, "job": "group-tp"})
+    ref, _ = run_steps(local, 4, world_size=2)
+    loaders = []
+    for rank in range(4):
+        monkeypatch.setenv("RANK", str(rank))
+        loaders.append(MixtureLoader(spec, rank // 2, 2))
+    got = [[next(ldr) for ldr in loaders] for _ in range(4)]
+    for step in range(4):
+        for rank, batch in enumerate(got[step]):
+            assert_same_batches([[ref[step][rank // 2]]], [[batch]])
+    made = [s for ldr in loaders for s in ldr._group.recent_made if s < 4]
+    assert sorted(made) == [0, 1, 2, 3]
+    for ldr in loaders:
+        ldr.close()

@@ -16,6 +16,7 @@ is released by the OS when its holder dies.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
@@ -43,6 +44,16 @@ def group_size(configured: int, dp_world_size: int) -> int:
     return max(1, min(local // (world // dp_world_size), dp_world_size))
 
 
+def readers_per_rank(dp_world_size: int) -> tuple[int, int]:
+    """(processes that take each data-parallel rank's data, this one's index among them):
+    tensor-parallel peers share a data-parallel rank (rank = dp_rank * tp + tp_rank)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % dp_world_size:
+        return 1, 0
+    readers = world // dp_world_size
+    return readers, int(os.environ.get("RANK", "0")) % readers
+
+
 def plan_fingerprint(plan) -> str:
     h = hashlib.blake2b(digest_size=12)
     for a in (plan.piece_source, plan.piece_doc, plan.piece_start, plan.piece_length,
@@ -66,18 +77,28 @@ class GroupFetch:
 
     backend: a span-capable backend (`submit_spans`, `flush`); lengths: the planner's token
     counts; ranks: the group's data-parallel ranks (this one included); tag: names the job and
-    split, so that two streams never meet in the store."""
+    split, so that two streams never meet in the store. Each rank's file has a hard link per
+    process that takes that rank's data (its tensor-parallel peers); each reads and removes
+    its own, so the file goes with its last reader."""
 
-    def __init__(self, backend, lengths, ranks: list[int], rank: int, tag: str, root=None):
+    def __init__(
+        self, backend, lengths, ranks: list[int], rank: int, dp_world_size: int, tag: str,
+        root=None,
+    ) -> None:  # fmt: skip
         self.backend, self.lengths, self.ranks, self.rank = backend, lengths, ranks, rank
         self.store = SharedDocs(Path(root) if root else None)
         self.tag = hashlib.sha1(tag.encode()).hexdigest()[:12]
         self._swept = -float("inf")
+        self.readers, self.reader = readers_per_rank(dp_world_size)
         self.steps_made = 0  # steps this rank fetched for the group (tests, benchmarks)
         self.recent_made: deque[int] = deque(maxlen=64)  # which: the last ones
 
-    def _path(self, name: str, rank: int) -> Path:
-        return self.store.root / f"step-{self.tag}-{name}-r{rank}.npy"
+    def _lock_path(self, name: str) -> Path:
+        return self.store.root / f"step-{self.tag}-{name}.lock"
+
+    def _path(self, name: str, rank: int, reader: int | None = None) -> Path:
+        k = self.reader if reader is None else reader
+        return self.store.root / f"step-{self.tag}-{name}-r{rank}-{k}.bin"
 
     def submit(self, plan) -> _Step:
         """Start this step: make it for the group (loads in flight) unless its file is there
@@ -89,12 +110,21 @@ class GroupFetch:
         name = plan_fingerprint(plan)
         if self._path(name, self.rank).exists():
             return _Step(plan, name)
-        lock = try_lock(self.store.root / f"step-{self.tag}-{name}.lock")
-        if lock is None or self._path(name, self.rank).exists():
-            if lock is not None:
-                unlock(lock)
+        lock = try_lock(self._lock_path(name))
+        if lock is None:
+            return _Step(plan, name)
+        if self._path(name, self.rank).exists():  # published between the look and the lock
+            self._release(name, lock)
             return _Step(plan, name)
         return self._make(_Step(plan, name, lock))
+
+    def _release(self, name: str, held) -> None:
+        """Unlock a step that is published (or failed): its lock file goes too. The files are
+        the truth, the lock only keeps two makers apart: a rank still waiting on it holds it
+        open and then finds its file; a later one opens a fresh lock and finds its file."""
+        with contextlib.suppress(OSError):
+            os.unlink(self._lock_path(name))
+        unlock(held)
 
     def _make(self, step: _Step) -> _Step:
         plan = step.plan
@@ -123,10 +153,10 @@ class GroupFetch:
         got = self._read(step.name)
         if got is not None:
             return got
-        held = lock(self.store.root / f"step-{self.tag}-{step.name}.lock")  # the maker's
+        held = lock(self._lock_path(step.name))  # the maker's
         got = self._read(step.name)
         if got is not None:
-            unlock(held)
+            self._release(step.name, held)
             return got
         step.lock = held  # its maker left no file (it died, or is on another machine)
         return self._publish(self._make(step))
@@ -148,25 +178,31 @@ class GroupFetch:
             for r, (packed, lo, hi) in step.runs.items():
                 keys = [(s, d, a, b) for (s, d), a, b in zip(unpack_keys(packed), lo.tolist(),
                                                              hi.tolist())]  # fmt: skip
+                data = [tokens[k] for k in keys]
+                readers = [k for k in range(self.readers) if (r, k) != (self.rank, self.reader)]
+                if readers:
+                    self._write([self._path(step.name, r, k) for k in readers], keys, data)
                 if r == self.rank:
-                    mine = self._spans(keys, [tokens[k] for k in keys])
-                else:
-                    self._write(self._path(step.name, r), keys, [tokens[k] for k in keys])
+                    mine = self._spans(keys, data)
             return mine or {}
         finally:
-            unlock(step.lock)
+            self._release(step.name, step.lock)
             step.lock = None
 
-    def _write(self, path: Path, keys: list, data: list[np.ndarray]) -> None:
+    def _write(self, paths: list[Path], keys: list, data: list[np.ndarray]) -> None:
         """Raw, to be read in one call: the run count n; n x (source, doc, lo, hi); the
-        tokens (int32) of every run, concatenated (a run's length is hi - lo)."""
+        tokens (int32) of every run, concatenated (a run's length is hi - lo). One file,
+        a name (hard link) per reader."""
         head = np.array([len(keys), *(x for k in keys for x in k)], dtype=np.int64)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp = paths[0].with_name(f"{paths[0].name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
             f.write(head.tobytes())
             for t in data:
                 f.write(np.ascontiguousarray(t, dtype=np.int32).tobytes())
-        os.replace(tmp, path)  # whole or absent
+        for path in paths[1:]:
+            os.link(tmp, path.with_name(f"{path.name}.{os.getpid()}.tmp"))
+            os.replace(path.with_name(f"{path.name}.{os.getpid()}.tmp"), path)
+        os.replace(tmp, paths[0])  # whole or absent
 
     def _read(self, name: str) -> dict[DocKey, object] | None:
         path = self._path(name, self.rank)
@@ -194,5 +230,5 @@ class GroupFetch:
 
     def close(self) -> None:
         """Remove this rank's files of steps it read ahead of and will not take."""
-        for path in self.store.root.glob(f"step-{self.tag}-*-r{self.rank}.npy"):
+        for path in self.store.root.glob(f"step-{self.tag}-*-r{self.rank}-{self.reader}.bin"):
             path.unlink(missing_ok=True)
