@@ -14,6 +14,10 @@ import numpy as np
 from slipstream.data.sources.base import ShardIndex, SourceFormat
 
 INDEX_VERSION = 1
+NPZ_LOCK = threading.Lock()
+"""Held around np.load of a cache file: np.load parses each member's header with
+ast.literal_eval, which raises SystemError ("AST constructor recursion depth mismatch") when
+threads call it at once on CPython 3.11; loader threads open their caches at the same time."""
 
 
 def load_index(fmt: SourceFormat, path: str) -> ShardIndex:
@@ -23,7 +27,7 @@ def load_index(fmt: SourceFormat, path: str) -> ShardIndex:
     cache = _cache_path(path)
     if cache.is_file():
         try:
-            with np.load(cache, allow_pickle=False) as z:
+            with NPZ_LOCK, np.load(cache, allow_pickle=False) as z:
                 if str(z["stamp"]) == stamp:
                     return ShardIndex(path, z["a"], z["b"], int(z["num_bad"]))
         except Exception:  # noqa: BLE001 - any unreadable cache (truncated zip, ...) is rebuilt

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slipstream.data.sources.index import _cache_path
+from slipstream.data.sources.index import NPZ_LOCK, _cache_path
 
 LENGTHS_VERSION = 1
 BATCH_DOCS = 512
@@ -59,7 +59,7 @@ def _read(cache: Path, stamp: str) -> np.ndarray | None:
     if not cache.is_file():
         return None
     try:
-        with np.load(cache, allow_pickle=False) as z:
+        with NPZ_LOCK, np.load(cache, allow_pickle=False) as z:
             if str(z["stamp"]) == stamp:
                 return z["lengths"]
     except Exception:  # noqa: BLE001 - an unreadable cache is rebuilt

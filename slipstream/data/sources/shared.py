@@ -3,7 +3,7 @@
 A document longer than a row lands in the rows of several ranks; each of them needs its
 tokens. With the local backend every rank has its own loaders, so without this each would
 tokenize it. Instead, the first rank on the machine to need such a document tokenizes it under
-a file lock and publishes the tokens as `<key>.npy` in a directory in shared memory; the
+a file lock and publishes the tokens as `<key>.i32` in a directory in shared memory; the
 others wait on the lock and read them.
 
 Entries are addressed by content (the source's files, the tokenizer, the transform and the
@@ -99,7 +99,10 @@ class SharedDocs:
         return out  # type: ignore[return-value]
 
     def _path(self, key: str) -> Path:
-        return self.root / f"{key}.npy"
+        # Raw int32, not .npy: np.load parses each header with ast.literal_eval, which raises
+        # SystemError ("AST constructor recursion depth mismatch") when loader threads call
+        # it at once on CPython 3.11.
+        return self.root / f"{key}.i32"
 
     def _publish(self, key: str, tokens: np.ndarray) -> None:
         with SharedDocs._count_lock:
@@ -108,7 +111,7 @@ class SharedDocs:
             path = self._path(key)
             tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
             with open(tmp, "wb") as f:
-                np.save(f, tokens)
+                f.write(np.ascontiguousarray(tokens, dtype=np.int32).tobytes())
             os.replace(tmp, path)  # whole or absent: a reader never sees half a file
 
     def sweep(self, max_age_s: float = MAX_AGE_S) -> int:
@@ -125,9 +128,9 @@ class SharedDocs:
 def _read(path: Path) -> np.ndarray | None:
     try:
         with open(path, "rb") as f:
-            return np.load(f)
-    except (FileNotFoundError, ValueError, EOFError):
-        return None  # absent, or removed by a sweep while being read
+            return np.frombuffer(f.read(), dtype=np.int32)
+    except FileNotFoundError:
+        return None  # absent, or removed by a sweep before it was opened
 
 
 def try_lock(path: Path):
