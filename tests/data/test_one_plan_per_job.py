@@ -126,7 +126,7 @@ def test_documents_several_ranks_need_are_tokenized_once_per_machine(tmp_path, m
         ldr._halt()
         ref.close()
     made = SharedDocs.made - made_before
-    published = len(list(store.glob("*.npy")))
+    published = len(list(store.glob("*.i32")))
     # Shared documents, per rank and step, from the plan: each rank would tokenize its own.
     per_step = _docs_per_rank(local, ranks[0].planner.lengths, max(x.planner.step for x in ranks))
     shared = [
@@ -158,7 +158,7 @@ def test_shared_store_makes_each_document_once_and_sweeps_old_ones(tmp_path):
     for t in threads:
         t.join()
     assert len(calls) == 1 and all(np.array_equal(g, np.arange(5)) for g in got)
-    old = tmp_path / "s" / "k.npy"
+    old = tmp_path / "s" / "k.i32"
     os.utime(old, (1, 1))  # long ago
     assert store.sweep() >= 1 and not old.exists()
     assert np.array_equal(store.get("k", make), np.arange(5)) and len(calls) == 2  # made again
