@@ -24,7 +24,7 @@ import torch
 
 from slipstream.configfile import VERSION_KEY, check_version
 from slipstream.data.backends import Backend, build_backend
-from slipstream.data.backends.base import TokenSpans
+from slipstream.data.backends.base import TokenSpans, check_length
 from slipstream.data.backends.group import GroupFetch, group_size
 from slipstream.data.balance import imbalance, partition
 from slipstream.data.batch import LABELS, build_micro_batch
@@ -227,11 +227,10 @@ class MixtureLoader:
         src, doc = plan.piece_source[mine], plan.piece_doc[mine]
         if hasattr(self.backend, "submit_spans"):
             packed, lo, hi = token_runs(plan, mine, self.planner.lengths)
-        else:  # whole documents
+        else:  # whole documents: every load holds [0, end)
             packed = np.unique(doc_keys(src, doc))  # sorted by (source, doc)
-            lengths = self.planner.lengths
             lo = np.zeros(len(packed), dtype=np.int64)
-            hi = np.array([lengths[s][d] for s, d in unpack_keys(packed)], dtype=np.int64)
+            hi = np.full(len(packed), np.iinfo(np.int64).max, dtype=np.int64)
         keys = unpack_keys(packed)
         shared = self._shared_docs(plan, np.unique(packed))
         needs: list[tuple[DocKey, _InFlight] | None] = [None] * len(keys)
@@ -288,13 +287,7 @@ class MixtureLoader:
                 results[id(task)] = task.result()
             t = results[id(task)][entry.index]
             expected = int(self.planner.lengths[key[0]][key[1]])
-            if len(t) != expected:
-                raise RuntimeError(
-                    f"source {self.spec.sources[key[0]].name!r}, document {key[1]}: the "
-                    f"token-count cache says {expected} tokens, the loader gave {len(t)}; its "
-                    "files or tokenizer changed under a running job. Restart the job (the "
-                    "cache is rebuilt when files change)"
-                )
+            check_length(self.spec.sources[key[0]].name, key[1], expected, len(t))
             if key in tokens:  # several runs of one document
                 got = tokens[key]
                 tokens[key] = TokenSpans([*getattr(got, "spans", [got]), t])

@@ -198,3 +198,14 @@ def test_machine_group_size(monkeypatch, configured, env, dp, want):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert group_size(configured, dp) == want
+
+
+def test_a_document_whose_token_count_changed_under_the_job_is_a_clear_error(tmp_path):
+    spec = _spec(tmp_path)
+    ldr = MixtureLoader(spec, 0, 1)
+    first = Planner(spec, ldr.planner.lengths).plan_step()
+    s, d = int(first.piece_source[0]), int(first.piece_doc[0])
+    ldr.planner.lengths[s][d] += 1  # as if its file had changed since the cache was built
+    with pytest.raises(RuntimeError, match=r"token-count cache says .* the loader gave"):
+        next(ldr)
+    ldr.close()

@@ -67,6 +67,16 @@ class TokenSpans:
         return self.spans[0][key]  # raises, naming what was loaded
 
 
+def check_length(source: str, doc: int, expected: int, got: int) -> None:
+    """A loaded document must have the token count the planner planned with."""
+    if got != expected:
+        raise RuntimeError(
+            f"source {source!r}, document {doc}: the token-count cache says {expected} tokens, "
+            f"the loader gave {got}; its files or tokenizer changed under a running job. "
+            "Restart the job (the cache is rebuilt when files change)"
+        )
+
+
 class LoadTask(Protocol):
     def result(self) -> list[np.ndarray]:
         """The token arrays of the submitted documents, in the order asked (blocks)."""

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slipstream.data.backends.base import TokenSpan, TokenSpans
+from slipstream.data.backends.base import TokenSpan, TokenSpans, check_length
 from slipstream.data.packing import DocKey, token_runs, unpack_keys
 from slipstream.data.sources.shared import SharedDocs, lock, try_lock, unlock
 
@@ -166,13 +166,8 @@ class GroupFetch:
             tokens: dict[tuple[int, int, int, int], np.ndarray] = {}
             for s, (items, load) in step.loads.items():
                 for (d, a, b), t in zip(items, load.result(), strict=True):
-                    expected = int(self.lengths[s][d])
-                    if len(t) != expected:
-                        raise RuntimeError(
-                            f"source {s}, document {d}: the token-count cache says {expected} "
-                            f"tokens, the loader gave {len(t)}; its files or tokenizer changed "
-                            "under a running job. Restart the job"
-                        )
+                    name = self.backend.names[s] if hasattr(self.backend, "names") else str(s)
+                    check_length(name, d, int(self.lengths[s][d]), len(t))
                     tokens[(s, d, a, b)] = t.data
             mine = None
             for r, (packed, lo, hi) in step.runs.items():
