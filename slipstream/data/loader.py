@@ -24,7 +24,7 @@ import torch
 
 from slipstream.configfile import VERSION_KEY, check_version
 from slipstream.data.backends import Backend, build_backend
-from slipstream.data.backends.base import TokenSpans, check_length
+from slipstream.data.backends.base import add_tokens, check_length
 from slipstream.data.backends.group import GroupFetch, group_size
 from slipstream.data.balance import imbalance, partition
 from slipstream.data.batch import LABELS, build_micro_batch
@@ -288,11 +288,7 @@ class MixtureLoader:
             t = results[id(task)][entry.index]
             expected = int(self.planner.lengths[key[0]][key[1]])
             check_length(self.spec.sources[key[0]].name, key[1], expected, len(t))
-            if key in tokens:  # several runs of one document
-                got = tokens[key]
-                tokens[key] = TokenSpans([*getattr(got, "spans", [got]), t])
-            else:
-                tokens[key] = t
+            add_tokens(tokens, key, t)  # several runs of one document join
         for key in list(self._inflight):  # drop what no step still to be built needs
             held = [e for e in self._inflight[key] if e.last_step > plan.step]
             if held:

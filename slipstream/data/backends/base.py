@@ -67,6 +67,12 @@ class TokenSpans:
         return self.spans[0][key]  # raises, naming what was loaded
 
 
+def add_tokens(tokens: dict, key, t) -> None:
+    """tokens[key] = t; a second run of the same document joins the first (`TokenSpans`)."""
+    got = tokens.get(key)
+    tokens[key] = t if got is None else TokenSpans([*getattr(got, "spans", [got]), t])
+
+
 def check_length(source: str, doc: int, expected: int, got: int) -> None:
     """A loaded document must have the token count the planner planned with."""
     if got != expected:

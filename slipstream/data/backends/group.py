@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slipstream.data.backends.base import TokenSpan, TokenSpans, check_length
+from slipstream.data.backends.base import TokenSpan, add_tokens, check_length
 from slipstream.data.packing import DocKey, token_runs, unpack_keys
 from slipstream.data.sources.shared import SharedDocs, lock, try_lock, unlock
 
@@ -218,9 +218,7 @@ class GroupFetch:
     def _spans(self, keys: list, data: list[np.ndarray]) -> dict[DocKey, object]:
         out: dict[DocKey, object] = {}
         for (s, d, a, _), t in zip(keys, data, strict=True):
-            span = TokenSpan(a, int(self.lengths[s][d]), t)
-            got = out.get((s, d))
-            out[(s, d)] = span if got is None else TokenSpans([*getattr(got, "spans", [got]), span])
+            add_tokens(out, (s, d), TokenSpan(a, int(self.lengths[s][d]), t))
         return out
 
     def close(self) -> None:
