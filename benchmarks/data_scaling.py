@@ -4,7 +4,9 @@ CPU seconds per step (all ranks' processes and loader threads) and tokens/s per 
 
   before   every rank loads and tokenizes every document of the step and keeps its rows
            (`MixtureLoader(load_all_rows=True)`: the replicated pattern)
-  after    every rank plans the step from token counts and loads only its rows' documents
+  after    every rank plans the step from token counts and loads only its rows' documents;
+           the ranks of this machine fetch each step together, the steps dealt round them
+           (`--alone`: each its own)
   ray      the same on the Ray backend: one loader actor per source for the whole job, requests
            routed by document, so a document several ranks need is tokenized once (the
            actors' CPU is counted with the ranks'); the ranks of this machine fetch each
@@ -13,9 +15,11 @@ CPU seconds per step (all ranks' processes and loader threads) and tokens/s per 
 The demo mixture (4 sources) with the 8k BPE tokenizer, 32 rows of 1,024 tokens per step split
 over the ranks, the local backend with 2 loader threads per rank. The ranks run at once as
 processes (on 2 cores, 8 ranks share them: tokens/s per rank falls for that reason alone);
-each measures --steps steps after 3 warm-up steps (the token-count cache is built first). By
-default the window holds about 3,200 rows (100 steps of 32 rows, 20 of 256 and more): at
-32-row steps a 30-step window (1.6 s of CPU) read local 1.46x where 100 steps read 1.18x.
+the job takes --steps steps and reads nothing past them (`end_step`), and each rank counts its
+CPU from its loader's start (the token-count cache is built first, and a throwaway loader
+takes one step first: what a process pays once is not per-step work) to its last step. By
+default that is about 3,200 rows (100 steps of 32 rows, 20 of 256 and more): at 32-row steps
+a 30-step window (1.6 s of CPU) read local 1.46x where 100 steps read 1.18x.
 
     python -m benchmarks.data_scaling [--ranks 1,2,4,8] [--steps N] [--rows 32]
         [--modes before,after,ray] [--sequential] [--fixed-actors] [--alone] [--repeats N]
@@ -34,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -52,11 +57,12 @@ def load_spec(world: int, mode: str = "after", rows: int = ROWS_PER_STEP):
     if os.environ.get("SCALING_FIXED_ACTORS"):  # --fixed-actors: no autoscaling, no regrouping
         ray.append("backend.autoscale_every=0")
     # The ranks share this machine: they fetch each step together, unless --alone.
-    ray.append(f"backend.machine_ranks={1 if os.environ.get('SCALING_ALONE') else world}")
+    group = f"backend.machine_ranks={1 if os.environ.get('SCALING_ALONE') else world}"
     return MixtureSpec.from_toml(
         ROOT / "recipes" / "data" / "demo.toml",
         [
             *(ray if mode == "ray" else []),
+            group,
             f"tokenizer='{TOKENIZER}'",
             f"seq_len={SEQ_LEN}",
             f"micro_batch_size={rows // world}",
@@ -74,11 +80,18 @@ def one_rank(
 
     from slipstream.data import MixtureLoader
 
-    loader = MixtureLoader(
-        load_spec(world, mode, rows), rank, world, load_all_rows=mode == "before"
-    )
-    for _ in range(3):
-        next(loader)
+    spec = load_spec(world, mode, rows)
+    before = mode == "before"
+    # What a process pays once (first calls into torch, the tokenizer's threads, the files'
+    # first reads) is not per-step work: a throwaway loader of this rank takes one step alone
+    # first. Then the job takes exactly `steps` steps and nothing is read past them
+    # (`end_step`): each rank's CPU is counted from its loader's start (the token-count cache
+    # already built) to its last step, so the job's count holds every step's data work once,
+    # whichever rank did it, and no read-ahead that no step used.
+    alone = replace(spec, backend=replace(spec.backend, machine_ranks=1))
+    with MixtureLoader(alone, rank, world, load_all_rows=before, end_step=1) as warm:
+        next(warm)
+    loader = MixtureLoader(spec, rank, world, load_all_rows=before, end_step=steps)
     me = psutil.Process()
     docs0 = sum(loader.backend.num_loaded)
     # The loader actors serve every rank: their CPU is counted once, by rank 0, between
@@ -260,7 +273,7 @@ def main() -> None:
     ap.add_argument(
         "--alone",
         action="store_true",
-        help="ray: every rank fetches its own rows (no machine group, backends/group.py)",
+        help="every rank fetches its own rows (no machine group, backends/group.py)",
     )
     ap.add_argument(
         "--sequential",

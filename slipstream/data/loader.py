@@ -28,12 +28,13 @@ from slipstream.data.backends.base import add_tokens, check_length
 from slipstream.data.backends.group import GroupFetch, group_size
 from slipstream.data.balance import imbalance, partition
 from slipstream.data.batch import LABELS, build_micro_batch
-from slipstream.data.packing import DocKey, doc_keys, token_runs, unpack_keys
+from slipstream.data.packing import DocKey, doc_keys, partial_docs, token_runs, unpack_keys
 from slipstream.data.planner import Planner, StepPlan
 from slipstream.data.spec import MixtureSpec
 
 STATE_VERSION = 1
 PLANNER = "planner"
+_END = object()  # the producer's last item when `end_step` is reached
 
 
 @dataclass(slots=True)
@@ -84,6 +85,8 @@ class MixtureLoader:
     split: `train`, or `eval` for the held-out documents (needs `spec.holdout_fraction`).
     tokenizer: overrides `spec.tokenizer` (e.g. a model's own tokenizer file).
     prefetch_steps: overrides `spec.backend.prefetch_steps`.
+    end_step: plan no step at or past this index (a run's last step + 1): nothing is loaded
+    that no step will take, and `next` past it raises StopIteration. None: endless.
     labels: `next` (labels are the next tokens) or `hf` (Hugging Face: the model shifts);
     see `batch.py`.
     attention_cost: the balance cost per squared document token, from the model being
@@ -102,6 +105,7 @@ class MixtureLoader:
         labels: str = "next",
         attention_cost: float | None = None,
         load_all_rows: bool = False,
+        end_step: int | None = None,
     ) -> None:
         """load_all_rows: load every row of the step, not only this rank's (each rank then does
         the whole job's data work, as before the plan was shared; for comparisons only)."""
@@ -116,6 +120,7 @@ class MixtureLoader:
         self.backend: Backend = build_backend(spec, tokenizer)
         self.tokenizer = self.backend.tokenizer
         self.load_all_rows = load_all_rows
+        self.end_step = end_step
         self.split = split
         self.planner = Planner(
             spec,
@@ -126,6 +131,11 @@ class MixtureLoader:
         )
         self._state = self.planner.state_dict()
         self._group = self._group_fetch(load_all_rows)
+        # Steps planned ahead with their loads in flight. Dealt round a group, a rank makes
+        # one step in `size` for all: it plans `size` times further, so each step it makes
+        # has as long to load as before, and every rank's loader threads stay busy.
+        dealt = self._group is not None and self._group.deal
+        self._window = self.prefetch_steps * (len(self._group.ranks) if dealt else 1)
         # Loads of documents that steps not yet built need (a document may have several: spans).
         self._inflight: dict[DocKey, list[_InFlight]] = {}
         self._queue: queue.Queue | None = None
@@ -139,9 +149,12 @@ class MixtureLoader:
             return None
         first = self.dp_rank // size * size
         ranks = list(range(first, min(first + size, self.dp_world_size)))
-        tag = f"{getattr(self.backend, 'job', '')}|{self.split}|{self.dp_world_size}"
-        lengths = self.planner.lengths
-        return GroupFetch(self.backend, lengths, ranks, self.dp_rank, self.dp_world_size, tag)
+        tag = f"{self.backend.job}|{self.split}|{self.dp_world_size}"
+        # Local: the makers' own loader threads do the work, so the steps are dealt round
+        # the group; Ray: the actors do it, and whoever gets there first sends the calls.
+        deal = not getattr(self.backend, "sends_spans", False)
+        return GroupFetch(self.backend, self.planner.lengths, ranks, self.dp_rank,
+                          self.dp_world_size, tag, deal=deal)  # fmt: skip
 
     # -- iteration --------------------------------------------------------------------------
     def __iter__(self) -> MixtureLoader:
@@ -154,6 +167,9 @@ class MixtureLoader:
         t0 = time.perf_counter()
         item = self._queue.get()
         wait_s = time.perf_counter() - t0
+        if item is _END:
+            self._thread = None
+            raise StopIteration
         if isinstance(item, BaseException):
             # The planner may have stopped mid-step: rewind it to the last step handed out, so
             # a retry (or a checkpoint) neither loses nor repeats anything.
@@ -174,28 +190,38 @@ class MixtureLoader:
         self._thread.start()
 
     def _produce(self) -> None:
-        """Plans run `prefetch_steps` ahead, their loads in flight; the oldest is built when its
-        loads are done. The planner state after each step travels with it."""
+        """Plans run `prefetch_steps` ahead (times the group's size when a machine's steps are
+        dealt round its ranks), their loads in flight, up to `end_step`; the oldest is built
+        when its loads are done. The planner state after each step travels with it."""
         assert self._queue is not None
         q = self._queue
         pending: deque = deque()
         try:
             while not self._stop.is_set():
-                while len(pending) < self.prefetch_steps:
+                while len(pending) < self._window and not self._at_end():
                     self._maintain(self.planner.step)
                     plan = self.planner.plan_step()
                     pending.append((plan, self._load(plan), self.planner.state_dict()))
+                if not pending:
+                    self._put(q, _END)
+                    return
                 plan, needs, state_after = pending.popleft()
                 item = self._build(plan, self._collect(plan, needs))
                 item.state_after = state_after
-                while not self._stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                self._put(q, item)
         except BaseException as e:  # handed to the consumer, raised at its next step
             q.put(e)
+
+    def _put(self, q: queue.Queue, item) -> None:
+        while not self._stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _at_end(self) -> bool:
+        return self.end_step is not None and self.planner.step >= self.end_step
 
     def _maintain(self, step: int) -> None:
         """Ray: every `autoscale_every` planned steps the owner (rank 0) has the replicas sized
@@ -225,7 +251,7 @@ class MixtureLoader:
         rows = None if self.load_all_rows else plan.rank_rows(self.dp_rank)
         mine = slice(None) if rows is None else plan.pieces_of(rows)
         src, doc = plan.piece_source[mine], plan.piece_doc[mine]
-        if hasattr(self.backend, "submit_spans"):
+        if getattr(self.backend, "sends_spans", False):
             packed, lo, hi = token_runs(plan, mine, self.planner.lengths)
         else:  # whole documents: every load holds [0, end)
             packed = np.unique(doc_keys(src, doc))  # sorted by (source, doc)
@@ -251,7 +277,7 @@ class MixtureLoader:
             for chunk in np.array_split(idx, min(len(idx), tasks)):
                 chunk = chunk.tolist()
                 ids = [keys[i][1] for i in chunk]
-                if hasattr(self.backend, "submit_spans"):
+                if getattr(self.backend, "sends_spans", False):
                     task = self.backend.submit_spans(
                         s, ids, [(int(lo[i]), int(hi[i])) for i in chunk]
                     )
@@ -273,7 +299,7 @@ class MixtureLoader:
         one actor."""
         if self.load_all_rows or not hasattr(self.backend, "submit_shared"):
             return set()
-        return shared_docs(plan, self.dp_rank, self.dp_world_size, mine)
+        return shared_docs(plan, self.dp_rank, self.dp_world_size, mine, self.planner.lengths)
 
     def _collect(
         self, plan: StepPlan, needs: list[tuple[DocKey, _InFlight]]
@@ -366,14 +392,18 @@ def unbalanced_imbalance(
     return imbalance(plan.row_costs, packing), imbalance(plan.row_costs, random)
 
 
-def shared_docs(plan: StepPlan, dp_rank: int, dp_world_size: int, mine: np.ndarray) -> set[int]:
+def shared_docs(
+    plan: StepPlan, dp_rank: int, dp_world_size: int, mine: np.ndarray, lengths: list[np.ndarray]
+) -> set[int]:
     """Of `mine` (this rank's documents, as `doc_keys`), those that other ranks' rows in
-    `plan` hold too."""
+    `plan` hold too, or that a neighbouring step holds part of (another rank may build it:
+    a rank alone keeps a document cut at a step boundary for the next step itself)."""
     if dp_world_size == 1:
         return set()
+    partial = set(np.intersect1d(partial_docs(plan, lengths), mine).tolist())
     rank_of_row = np.empty(plan.num_rows, dtype=np.int64)
     rank_of_row[plan.assignment.reshape(dp_world_size, -1)] = np.arange(dp_world_size)[:, None]
     packed = doc_keys(plan.piece_source, plan.piece_doc)
     hits = np.flatnonzero(np.isin(packed, mine))  # pieces of this rank's documents
     row = np.searchsorted(plan.row_offsets, hits, side="right") - 1
-    return set(packed[hits[rank_of_row[row] != dp_rank]].tolist())
+    return partial | set(packed[hits[rank_of_row[row] != dp_rank]].tolist())

@@ -169,7 +169,8 @@ class BackendSpec:
     is already connected to, else $RAY_ADDRESS, else a local Ray started for the job."""
     job: str = ""
     """ray: the name under which the job's loader actors are found by every rank; empty =
-    derived from torchrun's run id (or this process) and the spec."""
+    derived from torchrun's run id (or this process) and the spec. local: names the job's
+    steps in a machine's shared store (`machine_ranks`)."""
     replicas: int = 1
     """ray: loader actors per source at the start (the autoscaler moves it). With more
     sources than `cpu_budget` allows, light sources start on shared actors."""
@@ -183,9 +184,10 @@ class BackendSpec:
     lookahead_steps: int = 50
     """ray: how far ahead on the weight schedule replicas are sized for."""
     machine_ranks: int = 0
-    """ray: consecutive data-parallel ranks that share a machine and fetch each step together
-    (the first to get there fetches for all, through shared memory; `backends/group.py`);
-    0 = from torchrun's LOCAL_WORLD_SIZE and WORLD_SIZE, 1 = every rank fetches alone."""
+    """local and ray: consecutive data-parallel ranks that share a machine and fetch each step
+    together, through shared memory (`backends/group.py`): local, the steps are dealt round
+    them and each step is loaded by one of them for all; ray, the first to get there fetches
+    for all. 0 = from torchrun's LOCAL_WORLD_SIZE and WORLD_SIZE, 1 = every rank alone."""
 
     def __post_init__(self) -> None:
         if self.kind not in BACKEND_KINDS:

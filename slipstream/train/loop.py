@@ -72,7 +72,9 @@ class Trainer:
             write_run_files(self.out, cfg, resolved)
 
     def _loader(self, split: str) -> MixtureLoader:
-        """This rank's loader of `split`; eval loaders start from the beginning each time."""
+        """This rank's loader of `split`; eval loaders start from the beginning each time.
+        Neither plans past the steps it will give (`end_step`): no data work is wasted."""
+        t = self.cfg.train
         return MixtureLoader(
             self.cfg.data,
             self.d.dp_rank,
@@ -81,6 +83,7 @@ class Trainer:
             tokenizer=self.built.tokenizer,
             prefetch_steps=1 if split == "eval" else None,
             attention_cost=self.attention_cost,
+            end_step=t.eval_steps if split == "eval" else (t.stop_at_step or t.steps),
         )
 
     def _resume(self) -> None:

@@ -3,10 +3,12 @@ only); each rank's loader calls `submit(source, ids)` for the documents of its o
 later `.result()` on what it returns. Nothing else about a backend reaches the stream, so any
 backend (inline, a local pool, Ray actors) yields the same batches.
 
-A backend whose tokens cross a process boundary per request (Ray) also offers
-`submit_spans(source, ids, spans)`: only tokens [lo, hi) of each document travel, as a
-`TokenSpan`. A long document's pieces land in several ranks' rows; without spans each of those
-ranks would receive the whole document."""
+Span-capable backends (local, Ray) also offer `submit_spans(source, ids, spans, shared)`:
+tokens [lo, hi) of each document, as `TokenSpan`s; a machine's group of ranks loads a step
+with it (`group.py`), and `shared` names documents a neighbouring step holds too. Where the
+tokens cross a process boundary per request (Ray: `sends_spans`), every rank loads its own
+rows with it too: a long document's pieces land in several ranks' rows, and without spans
+each of those ranks would receive the whole document."""
 
 from __future__ import annotations
 

@@ -1,12 +1,20 @@
-"""Data-parallel ranks on one machine fetch each step once, together (Ray backend).
+"""Data-parallel ranks on one machine fetch each step once, together.
 
-Alone, every rank makes its own calls to the loader actors each step, and each actor serves
-as many small requests per step as there are ranks: both sides pay Ray's fixed cost per call,
-and at small steps (a few rows per rank) that fixed cost grows the job's data CPU with its
-ranks. Instead, the first rank of a group of consecutive ranks to reach a step takes the
-step's lock file and fetches the runs of tokens of every rank of the group in one call per
-actor (the calls of one rank), then publishes each rank's runs as a file in shared memory.
-The others wait on the lock and read their file (and remove it: each is read once).
+Alone, every rank loads its own rows each step, in pieces that shrink as the ranks grow. On
+Ray each actor then serves as many small requests per step as there are ranks, and both sides
+pay Ray's fixed cost per call; locally each rank's loader threads read and tokenize in
+smaller batches, decode the same parquet row groups as the others, and tokenize again a
+document cut at a step boundary that another rank built the step before. Either way the
+job's data CPU per step grows with its ranks. Instead, one rank of a group of consecutive
+ranks takes the step's lock file and loads the runs of tokens of every rank of the group at
+once, then publishes each rank's runs as a file in shared memory. The others wait on the
+lock and read their file (and remove it: each is read once).
+
+Which rank makes a step: on Ray the first to reach it (it only sends one call per actor; the
+actors do the work). Locally the maker's own loader threads do the work, so the steps are
+dealt round the group (step N to its rank N mod size) and each rank plans that many times
+further ahead, so that every rank's threads stay busy and each step has as long to load as
+before. A rank that needs a step nobody has started makes it itself.
 
 Nothing depends on the group being right: every rank plans the same step, files are named by
 a fingerprint of the plan and the rank, and a rank that finds no file after the lock (its
@@ -21,12 +29,13 @@ import hashlib
 import os
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from slipstream.data.backends.base import TokenSpan, add_tokens, check_length
-from slipstream.data.packing import DocKey, token_runs, unpack_keys
+from slipstream.data.packing import DocKey, partial_docs, token_runs, unpack_keys
 from slipstream.data.sources.shared import SharedDocs, lock, try_lock, unlock
 
 SWEEP_EVERY_S = 60.0
@@ -66,10 +75,11 @@ class _Step:
     """One step's fetch as this rank sees it: read (its file is there or will be), or make
     (it holds the lock and the group's loads are in flight)."""
 
-    __slots__ = ("plan", "name", "lock", "runs", "loads")
+    __slots__ = ("plan", "name", "lock", "runs", "loads", "done")
 
-    def __init__(self, plan, name: str, lock=None, runs=None, loads=None) -> None:
-        self.plan, self.name, self.lock, self.runs, self.loads = plan, name, lock, runs, loads
+    def __init__(self, plan, name: str, lock=None) -> None:
+        self.plan, self.name, self.lock = plan, name, lock
+        self.runs = self.loads = self.done = None
 
 
 class GroupFetch:
@@ -77,15 +87,19 @@ class GroupFetch:
 
     backend: a span-capable backend (`submit_spans`, `flush`); lengths: the planner's token
     counts; ranks: the group's data-parallel ranks (this one included); tag: names the job and
-    split, so that two streams never meet in the store. Each rank's file has a hard link per
-    process that takes that rank's data (its tensor-parallel peers); each reads and removes
-    its own, so the file goes with its last reader."""
+    split, so that two streams never meet in the store; deal: make only the steps dealt to
+    this rank (step mod group size), and those nobody started. Each rank's file has a hard
+    link per process that takes that rank's data (its tensor-parallel peers); each reads and
+    removes its own, so the file goes with its last reader. A step made here is published
+    by a thread of its own as soon as its loads are done, not when this rank gets to it."""
 
     def __init__(
         self, backend, lengths, ranks: list[int], rank: int, dp_world_size: int, tag: str,
-        root=None,
+        root=None, deal: bool = False,
     ) -> None:  # fmt: skip
         self.backend, self.lengths, self.ranks, self.rank = backend, lengths, ranks, rank
+        self.deal, self.index = deal, ranks.index(rank)
+        self._publisher: ThreadPoolExecutor | None = None
         self.store = SharedDocs(Path(root) if root else None)
         self.tag = hashlib.sha1(tag.encode()).hexdigest()[:12]
         self._swept = -float("inf")
@@ -108,6 +122,8 @@ class GroupFetch:
             self.store.sweep()
             self._swept = now
         name = plan_fingerprint(plan)
+        if self.deal and plan.step % len(self.ranks) != self.index:
+            return _Step(plan, name)  # another's: read it, or make it if nobody started it
         if self._path(name, self.rank).exists():
             return _Step(plan, name)
         lock = try_lock(self._lock_path(name))
@@ -116,7 +132,11 @@ class GroupFetch:
         if self._path(name, self.rank).exists():  # published between the look and the lock
             self._release(name, lock)
             return _Step(plan, name)
-        return self._make(_Step(plan, name, lock))
+        step = self._make(_Step(plan, name, lock))
+        if self._publisher is None:
+            self._publisher = ThreadPoolExecutor(1, thread_name_prefix="slipstream-group")
+        step.done = self._publisher.submit(self._publish, step)
+        return step
 
     def _release(self, name: str, held) -> None:
         """Unlock a step that is published (or failed): its lock file goes too. The files are
@@ -135,11 +155,16 @@ class GroupFetch:
         for packed, lo, hi in step.runs.values():
             for (s, d), a, b in zip(unpack_keys(packed), lo.tolist(), hi.tolist(), strict=True):
                 by_source.setdefault(s, []).append((d, a, b))
+        # Documents cut at a step boundary: the neighbouring step's maker needs them too.
+        partial: dict[int, set[int]] = {}
+        for s, d in unpack_keys(partial_docs(plan, self.lengths)):
+            partial.setdefault(s, set()).add(d)
         step.loads = {}
         for s, items in by_source.items():
             items = list(dict.fromkeys(items))  # a run two ranks need travels once
             load = self.backend.submit_spans(s, [d for d, _, _ in items],
-                                             [(a, b) for _, a, b in items])  # fmt: skip
+                                             [(a, b) for _, a, b in items],
+                                             shared=partial.get(s, frozenset()))  # fmt: skip
             step.loads[s] = (items, load)
         self.backend.flush()
         self.steps_made += 1
@@ -148,8 +173,8 @@ class GroupFetch:
 
     def collect(self, step: _Step) -> dict[DocKey, object]:
         """This rank's tokens of the step, by document: `TokenSpan`s (or `TokenSpans`)."""
-        if step.lock is not None:
-            return self._publish(step)
+        if step.done is not None:  # made here: published by the publisher thread
+            return step.done.result()
         got = self._read(step.name)
         if got is not None:
             return got
@@ -222,6 +247,10 @@ class GroupFetch:
         return out
 
     def close(self) -> None:
-        """Remove this rank's files of steps it read ahead of and will not take."""
+        """Publish the steps made here (other ranks may wait on them), then remove this
+        rank's files of steps it read ahead of and will not take."""
+        if self._publisher is not None:
+            self._publisher.shutdown(wait=True)
+            self._publisher = None
         for path in self.store.root.glob(f"step-{self.tag}-*-r{self.rank}-{self.reader}.bin"):
             path.unlink(missing_ok=True)

@@ -9,8 +9,10 @@ state, so the retry returns the very same tokens.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import multiprocessing as mp
+import os
 import threading
 import time
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from slipstream.data.backends import lean_spawn
+from slipstream.data.backends.base import TokenSpan
 from slipstream.data.sources.loader import SourceLoader, build_source_loaders
 from slipstream.data.sources.shared import SharedDocs, source_key
 from slipstream.data.sources.tokenizers import one_thread_tokenizer
@@ -84,6 +87,22 @@ class _Task:
         raise AssertionError("unreachable")
 
 
+class _SpanLoad:
+    """Documents loaded whole in tasks, handed out as the spans asked for."""
+
+    def __init__(self, tasks, ids: list[int], spans: list[tuple[int, int]] | None) -> None:
+        self.tasks, self.ids, self.spans = tasks, ids, spans
+
+    def result(self) -> list:
+        whole = {}
+        for chunk, task in self.tasks:
+            whole.update(zip(chunk, task.result(), strict=True))
+        if self.spans is None:
+            return [whole[d] for d in self.ids]
+        return [TokenSpan(lo, len(whole[d]), whole[d][lo:hi])
+                for d, (lo, hi) in zip(self.ids, self.spans, strict=True)]  # fmt: skip
+
+
 class LocalBackend:
     """submit(source, ids) -> a task whose result() is the documents' token arrays."""
 
@@ -100,6 +119,11 @@ class LocalBackend:
         self.num_loaded = [0] * len(loaders)
         self.tokenizer = loaders[0].tokenizer
         self._source_keys = [source_key(ldr) for ldr in loaders]
+        # Names this job's stream in the machine's store (`group.py`): torchrun's run id, and
+        # what the documents are. Two jobs alike in all of it would build identical steps.
+        run = spec.backend.job or os.environ.get("TORCHELASTIC_RUN_ID", "")
+        what = repr((self._spec_dict, self._tokenizer, self._source_keys)).encode()
+        self.job = f"{run}-{hashlib.sha1(what).hexdigest()[:10]}"
         for ldr in loaders:
             ldr.close()
         self._shared: SharedDocs | None = None
@@ -135,6 +159,31 @@ class LocalBackend:
         self.num_loaded[source] += len(ids)
         extra = (self._source_keys[source], str(self._shared.root))
         return _Task(self, source, list(ids), _shared_task, extra)
+
+    def submit_spans(
+        self,
+        source: int,
+        ids: list[int],
+        spans: list[tuple[int, int]] | None,
+        shared: frozenset[int] | set[int] = frozenset(),
+    ) -> _SpanLoad:
+        """Tokens [lo, hi) of each document, as `TokenSpan`s, for a machine's group of ranks
+        (`group.py`). Each document is tokenized once, however many of its spans are asked,
+        in up to `num_workers` tasks; those in `shared` (which a neighbouring step holds too,
+        and which another rank may build) go through the machine's store."""
+        # Sorted, so each task reads a contiguous range of files and row groups.
+        docs, workers = sorted(set(ids)), self.spec.backend.num_workers
+        tasks = []
+        for in_store in (False, True):
+            part = [d for d in docs if (d in shared) == in_store]
+            for chunk in np.array_split(part, min(len(part), workers)) if part else []:
+                chunk = chunk.tolist()
+                task = self.submit_shared(source, chunk) if in_store else self.submit(source, chunk)
+                tasks.append((chunk, task))
+        return _SpanLoad(tasks, list(ids), spans)
+
+    def flush(self) -> None:
+        """Nothing waits to be sent: a task starts when submitted."""
 
     def lengths(self) -> list[np.ndarray]:
         """Every shard's token counts, shards in parallel on the pool (cached after the first

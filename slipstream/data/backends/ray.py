@@ -212,11 +212,18 @@ class RayBackend:
         sources go to each actor in one call (a Ray call costs ~1 ms of CPU either side)."""
         return self.submit_spans(source, ids, None)
 
+    sends_spans = True  # the loader asks for runs of tokens, not whole documents
+
     def submit_spans(
-        self, source: int, ids: list[int], spans: list[tuple[int, int]] | None
+        self,
+        source: int,
+        ids: list[int],
+        spans: list[tuple[int, int]] | None,
+        shared: frozenset[int] | set[int] = frozenset(),
     ) -> _Load:
         """`submit` for tokens [lo, hi) of each document only (`TokenSpan`s): a rank receives
-        the tokens its rows hold, not every whole document they touch."""
+        the tokens its rows hold, not every whole document they touch. `shared` is not needed
+        here: a document always goes to the same actor, which keeps recent ones."""
         self.num_loaded[source] += len(ids)
         load = _Load(self, source, list(ids), spans)
         self._queued.append(load)
