@@ -97,9 +97,12 @@ def partial_docs(plan, lengths: list[np.ndarray]) -> np.ndarray:
 def doc_lengths(packed: np.ndarray, lengths: list[np.ndarray]) -> np.ndarray:
     """Token counts (int64) of documents given as `doc_keys`, from per-source counts."""
     source, doc = packed >> DOC_BITS, packed & ((1 << DOC_BITS) - 1)
+    order = np.argsort(source, kind="stable")  # a slice per source present, not a mask
+    present, starts = np.unique(source[order], return_index=True)
+    ends = np.append(starts[1:], len(order))[: len(starts)]
     out = np.zeros(len(packed), dtype=np.int64)
-    for s in np.unique(source).tolist():
-        at = source == s
+    for s, a, b in zip(present.tolist(), starts.tolist(), ends.tolist(), strict=True):
+        at = order[a:b]
         out[at] = lengths[s][doc[at]]
     return out
 

@@ -15,7 +15,7 @@ import pytest
 from slipstream.data import MixtureLoader, MixtureSpec, Planner
 from slipstream.data.backends import LocalBackend
 from slipstream.data.backends.group import GroupFetch
-from slipstream.data.packing import doc_keys, partial_docs, unpack_keys
+from slipstream.data.packing import doc_keys, doc_lengths, partial_docs, unpack_keys
 from slipstream.data.sources.loader import SourceLoader, build_source_loaders
 from tests.conftest import corpus_spec
 from tests.data.contract import assert_same_batches, run_steps
@@ -42,6 +42,15 @@ def tokenized(monkeypatch):
 
     monkeypatch.setattr(SourceLoader, "get_many", counting)
     return counts
+
+
+def test_doc_lengths_reads_each_keys_count():
+    rng = np.random.default_rng(0)
+    lengths = [rng.integers(1, 100, 50) for _ in range(7)]
+    source, doc = rng.integers(0, 7, 1000), rng.integers(0, 50, 1000)
+    got = doc_lengths(doc_keys(source, doc), lengths)
+    assert got.tolist() == [int(lengths[s][d]) for s, d in zip(source, doc, strict=True)]
+    assert len(doc_lengths(doc_keys(source[:0], doc[:0]), lengths)) == 0
 
 
 def test_partial_docs_are_those_a_step_does_not_hold_whole(tmp_path):
