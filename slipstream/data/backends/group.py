@@ -90,8 +90,9 @@ class GroupFetch:
     split, so that two streams never meet in the store; deal: make only the steps dealt to
     this rank (step mod group size), and those nobody started. Each rank's file has a hard
     link per process that takes that rank's data (its tensor-parallel peers); each reads and
-    removes its own, so the file goes with its last reader. A step made here is published
-    by a thread of its own as soon as its loads are done, not when this rank gets to it."""
+    removes its own, so the file goes with its last reader. A step dealt here is published
+    by a thread of its own as soon as its loads are done, not when this rank gets to it (the
+    local backend's tasks may be waited on from any thread)."""
 
     def __init__(
         self, backend, lengths, ranks: list[int], rank: int, dp_world_size: int, tag: str,
@@ -133,9 +134,10 @@ class GroupFetch:
             self._release(name, lock)
             return _Step(plan, name)
         step = self._make(_Step(plan, name, lock))
-        if self._publisher is None:
-            self._publisher = ThreadPoolExecutor(1, thread_name_prefix="slipstream-group")
-        step.done = self._publisher.submit(self._publish, step)
+        if self.deal:  # dealt steps are made far ahead: publish each as soon as it is loaded
+            if self._publisher is None:
+                self._publisher = ThreadPoolExecutor(1, thread_name_prefix="slipstream-group")
+            step.done = self._publisher.submit(self._publish, step)
         return step
 
     def _release(self, name: str, held) -> None:
@@ -173,8 +175,10 @@ class GroupFetch:
 
     def collect(self, step: _Step) -> dict[DocKey, object]:
         """This rank's tokens of the step, by document: `TokenSpan`s (or `TokenSpans`)."""
-        if step.done is not None:  # made here: published by the publisher thread
+        if step.done is not None:  # made here, dealt: published by the publisher thread
             return step.done.result()
+        if step.lock is not None:  # made here (Ray): published now, on this thread, which
+            return self._publish(step)  # alone calls into the backend
         got = self._read(step.name)
         if got is not None:
             return got
