@@ -49,7 +49,7 @@ def make_spec(num_sources: int, method: str):
     return MixtureSpec.from_dict(raw)
 
 
-def rank_work(spec, plan, ranks: int, lengths) -> float:
+def rank_work(spec, plan, ranks: int) -> float:
     """Seconds rank 0 spends on a plan besides planning it: the step's statistics, finding its
     own rows' pieces and documents, and which of them other ranks need too."""
     from slipstream.data.loader import shared_docs, step_stats
@@ -60,7 +60,7 @@ def rank_work(spec, plan, ranks: int, lengths) -> float:
     mine = plan.pieces_of(plan.rank_rows(0))
     docs = np.unique(doc_keys(plan.piece_source[mine], plan.piece_doc[mine]))
     [plan.row(i) for i in plan.rank_rows(0).tolist()]
-    shared_docs(plan, 0, ranks, docs, lengths)
+    shared_docs(plan, 0, ranks, docs)
     return time.perf_counter() - t0
 
 
@@ -82,7 +82,7 @@ def measure(num_sources: int, ranks: int, steps: int, method: str, native=None) 
         times.append(time.perf_counter() - t0)
     rank_ms = []  # what a rank does with each plan besides planning: stats, its own rows
     for _ in range(steps):
-        rank_ms.append(rank_work(spec, planner.plan_step(), ranks, lengths) * 1e3)
+        rank_ms.append(rank_work(spec, planner.plan_step(), ranks) * 1e3)
     tracemalloc.start()  # one more step, traced (tracing slows Python: not timed)
     planner.plan_step()
     peaks = [tracemalloc.get_traced_memory()[1]]

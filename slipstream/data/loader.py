@@ -28,7 +28,7 @@ from slipstream.data.backends.base import add_tokens, check_length
 from slipstream.data.backends.group import GroupFetch, group_size
 from slipstream.data.balance import imbalance, partition
 from slipstream.data.batch import LABELS, build_micro_batch
-from slipstream.data.packing import DocKey, doc_keys, partial_docs, token_runs, unpack_keys
+from slipstream.data.packing import DocKey, doc_keys, token_runs, unpack_keys
 from slipstream.data.planner import Planner, StepPlan
 from slipstream.data.spec import MixtureSpec
 
@@ -299,7 +299,7 @@ class MixtureLoader:
         one actor."""
         if self.load_all_rows or not hasattr(self.backend, "submit_shared"):
             return set()
-        return shared_docs(plan, self.dp_rank, self.dp_world_size, mine, self.planner.lengths)
+        return shared_docs(plan, self.dp_rank, self.dp_world_size, mine)
 
     def _collect(
         self, plan: StepPlan, needs: list[tuple[DocKey, _InFlight]]
@@ -392,15 +392,13 @@ def unbalanced_imbalance(
     return imbalance(plan.row_costs, packing), imbalance(plan.row_costs, random)
 
 
-def shared_docs(
-    plan: StepPlan, dp_rank: int, dp_world_size: int, mine: np.ndarray, lengths: list[np.ndarray]
-) -> set[int]:
+def shared_docs(plan: StepPlan, dp_rank: int, dp_world_size: int, mine: np.ndarray) -> set[int]:
     """Of `mine` (this rank's documents, as `doc_keys`), those that other ranks' rows in
     `plan` hold too, or that a neighbouring step holds part of (another rank may build it:
     a rank alone keeps a document cut at a step boundary for the next step itself)."""
     if dp_world_size == 1:
         return set()
-    partial = set(np.intersect1d(partial_docs(plan, lengths), mine).tolist())
+    partial = set(np.intersect1d(plan.partial, mine).tolist())
     rank_of_row = np.empty(plan.num_rows, dtype=np.int64)
     rank_of_row[plan.assignment.reshape(dp_world_size, -1)] = np.arange(dp_world_size)[:, None]
     packed = doc_keys(plan.piece_source, plan.piece_doc)

@@ -78,37 +78,6 @@ def token_runs(plan, mine, lengths: list[np.ndarray]) -> tuple[np.ndarray, np.nd
     each with the token after it (the label of a cut piece's last token): (document keys, run
     starts, run ends), sorted by document. Pieces that touch or overlap join one run.
     `lengths`: token counts per source and document (runs end at the document's end)."""
-    packed, lo, reach = _runs(plan, mine)
-    full = doc_lengths(packed, lengths)
-    return packed, lo, np.minimum(reach + 1, full)
-
-
-def partial_docs(plan, lengths: list[np.ndarray]) -> np.ndarray:
-    """Documents (`doc_keys`) of which `plan` holds only part: cut at a step boundary, the
-    rest of each is in a neighbouring step, which another rank or loader may build."""
-    packed, lo, reach = _runs(plan, slice(None))
-    full = doc_lengths(packed, lengths)
-    whole = (lo == 0) & (reach == full)
-    keys, runs = np.unique(packed, return_counts=True)
-    one_run = runs[np.searchsorted(keys, packed)] == 1
-    return np.unique(packed[~(whole & one_run)])
-
-
-def doc_lengths(packed: np.ndarray, lengths: list[np.ndarray]) -> np.ndarray:
-    """Token counts (int64) of documents given as `doc_keys`, from per-source counts."""
-    source, doc = packed >> DOC_BITS, packed & ((1 << DOC_BITS) - 1)
-    order = np.argsort(source, kind="stable")  # a slice per source present, not a mask
-    present, starts = np.unique(source[order], return_index=True)
-    ends = np.append(starts[1:], len(order))[: len(starts)]
-    out = np.zeros(len(packed), dtype=np.int64)
-    for s, a, b in zip(present.tolist(), starts.tolist(), ends.tolist(), strict=True):
-        at = order[a:b]
-        out[at] = lengths[s][doc[at]]
-    return out
-
-
-def _runs(plan, mine) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(document keys, run starts, run ends) of the pieces `mine`, without labels."""
     packed = doc_keys(plan.piece_source[mine], plan.piece_doc[mine])
     start = plan.piece_start[mine]
     end = start + plan.piece_length[mine]
@@ -123,4 +92,18 @@ def _runs(plan, mine) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     first = new_doc.copy()
     first[1:] |= start[1:] > reach[:-1]
     last = np.append(first[1:], True)
-    return packed[first], start[first], reach[last]
+    packed, lo, hi = packed[first], start[first], reach[last]
+    return packed, lo, np.minimum(hi + 1, doc_lengths(packed, lengths))
+
+
+def doc_lengths(packed: np.ndarray, lengths: list[np.ndarray]) -> np.ndarray:
+    """Token counts (int64) of documents given as `doc_keys`, from per-source counts."""
+    source, doc = packed >> DOC_BITS, packed & ((1 << DOC_BITS) - 1)
+    order = np.argsort(source, kind="stable")  # a slice per source present, not a mask
+    present, starts = np.unique(source[order], return_index=True)
+    ends = np.append(starts[1:], len(order))[: len(starts)]
+    out = np.zeros(len(packed), dtype=np.int64)
+    for s, a, b in zip(present.tolist(), starts.tolist(), ends.tolist(), strict=True):
+        at = order[a:b]
+        out[at] = lengths[s][doc[at]]
+    return out

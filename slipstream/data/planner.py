@@ -49,10 +49,11 @@ class StepPlan:
 
     __slots__ = ("step", "piece_source", "piece_doc", "piece_start", "piece_length",
                  "row_offsets", "row_costs", "assignment", "docs_drawn", "stream_source",
-                 "stream_doc", "state_before", "_rows", "_stream")  # fmt: skip
+                 "stream_doc", "state_before", "partial", "_rows", "_stream")  # fmt: skip
 
     def __init__(self, step, piece_source, piece_doc, piece_start, piece_length, row_offsets,
-                 row_costs, assignment, docs_drawn, stream_source, stream_doc, state_before):  # fmt: skip
+                 row_costs, assignment, docs_drawn, stream_source, stream_doc, state_before,
+                 partial):  # fmt: skip
         self.step = step
         self.piece_source, self.piece_doc = piece_source, piece_doc
         self.piece_start, self.piece_length = piece_start, piece_length
@@ -62,6 +63,10 @@ class StepPlan:
         self.docs_drawn: np.ndarray = docs_drawn  # new documents started per source
         self.stream_source, self.stream_doc = stream_source, stream_doc  # carried one first
         self.state_before: dict = state_before  # the planner state that reproduces this step
+        # Documents (`doc_keys`) this step holds only part of: the one carried in from the step
+        # before and the one cut at its end (a neighbouring step, maybe another rank's, needs
+        # them too).
+        self.partial: np.ndarray = partial
         self._rows: list[list[Piece]] | None = None
         self._stream: list[DocKey] | None = None
 
@@ -258,9 +263,14 @@ class Planner:
         ) + self.attention_cost * np.bincount(row_of, weights=lens * lens, minlength=num_rows)
         assignment = self._assign(costs, row_offsets, p_src, p_doc, p_len)
         fresh = src[1:] if carried else src
+        cut = [(int(src[0]), int(doc[0]))] if carried else []
+        if self.carry is not None:
+            cut.append((self.carry.source, self.carry.doc))
+        partial = np.unique(doc_keys(np.array([s for s, _ in cut], dtype=np.int64),
+                                     np.array([d for _, d in cut], dtype=np.int64)))  # fmt: skip
         plan = StepPlan(
             self.step, p_src, p_doc, p_start, p_len, row_offsets, costs, assignment,
-            np.bincount(fresh, minlength=len(self.names)), src, doc, state,
+            np.bincount(fresh, minlength=len(self.names)), src, doc, state, partial,
         )  # fmt: skip
         self.step += 1
         return plan

@@ -15,7 +15,7 @@ import pytest
 from slipstream.data import MixtureLoader, MixtureSpec, Planner
 from slipstream.data.backends import LocalBackend
 from slipstream.data.backends.group import GroupFetch
-from slipstream.data.packing import doc_keys, doc_lengths, partial_docs, unpack_keys
+from slipstream.data.packing import doc_keys, doc_lengths, unpack_keys
 from slipstream.data.sources.loader import SourceLoader, build_source_loaders
 from tests.conftest import corpus_spec
 from tests.data.contract import assert_same_batches, run_steps
@@ -53,22 +53,30 @@ def test_doc_lengths_reads_each_keys_count():
     assert len(doc_lengths(doc_keys(source[:0], doc[:0]), lengths)) == 0
 
 
-def test_partial_docs_are_those_a_step_does_not_hold_whole(tmp_path):
+def test_a_plan_names_the_documents_it_holds_only_part_of(tmp_path):
+    """`plan.partial`: the document carried in from the step before and the one carried into
+    the next; every document a step holds only part of is among them."""
     spec = _spec(tmp_path)
     lengths = [ldr.lengths() for ldr in build_source_loaders(spec)]
     planner = Planner(spec, lengths, dp_world_size=RANKS)
-    found = 0
-    for _ in range(8):
-        plan = planner.plan_step()
+    plans = [planner.plan_step() for _ in range(8)]
+    for before, plan in zip(plans, plans[1:]):
         covered: dict = {}
         for s, d, a, n in zip(plan.piece_source.tolist(), plan.piece_doc.tolist(),
                               plan.piece_start.tolist(), plan.piece_length.tolist()):  # fmt: skip
             covered.setdefault((s, d), set()).update(range(a, a + n))
-        expected = {k for k, c in covered.items() if c != set(range(lengths[k[0]][k[1]]))}
-        got = set(unpack_keys(partial_docs(plan, lengths)))
-        assert got == expected
-        found += len(got)
-    assert found > 0  # the long documents are cut at step boundaries
+        cut = {k for k, c in covered.items() if c != set(range(lengths[k[0]][k[1]]))}
+        partial = set(unpack_keys(plan.partial))
+        assert cut <= partial and len(partial) <= 2
+        first = (int(plan.stream_source[0]), int(plan.stream_doc[0]))
+        carried_in = first in set(unpack_keys(before.partial))
+        assert carried_in == (
+            plan.piece_start[(plan.piece_source == first[0]) & (plan.piece_doc == first[1])].min()
+            > 0
+        )
+        if carried_in:
+            assert first in partial
+    assert sum(len(p.partial) for p in plans) > 0  # the long documents are cut
 
 
 def test_steps_are_dealt_round_the_group_and_made_once_for_all(tmp_path, monkeypatch, tokenized):
@@ -99,7 +107,7 @@ def test_steps_are_dealt_round_the_group_and_made_once_for_all(tmp_path, monkeyp
     assert [sorted(g.recent_made) for g in groups] == [[r, r + RANKS] for r in ranks]
     whole, seen_partial = 0, set()
     for plan in plans:
-        cut = set(partial_docs(plan, lengths).tolist())
+        cut = set(plan.partial.tolist())
         held = set(doc_keys(plan.piece_source, plan.piece_doc).tolist())
         whole += len(held - cut)
         seen_partial |= cut

@@ -12,7 +12,7 @@ import pytest
 
 from slipstream.data import MixtureLoader, MixtureSpec, Planner
 from slipstream.data.backends.base import TokenSpan, TokenSpans
-from slipstream.data.packing import partial_docs, unpack_keys
+from slipstream.data.packing import unpack_keys
 from slipstream.data.sources.loader import build_source_loaders
 from tests.conftest import corpus_spec
 
@@ -139,7 +139,7 @@ def test_documents_several_ranks_need_are_tokenized_once_per_machine(tmp_path, m
     planner = Planner(local, ranks[0].planner.lengths, dp_world_size=RANKS)
     cut = set()
     for _ in per_step:
-        cut |= set(unpack_keys(partial_docs(planner.plan_step(), planner.lengths)))
+        cut |= set(unpack_keys(planner.plan_step().partial))
     assert 0 < made == published <= len(set().union(*shared) | cut)  # once each, here
     assert made < sum(len(s) for s in shared)  # where every rank tokenized its own copy
     for ldr in ranks:

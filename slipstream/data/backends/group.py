@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from slipstream.data.backends.base import TokenSpan, add_tokens, check_length
-from slipstream.data.packing import DocKey, partial_docs, token_runs, unpack_keys
+from slipstream.data.packing import DocKey, token_runs, unpack_keys
 from slipstream.data.sources.shared import SharedDocs, lock, try_lock, unlock
 
 SWEEP_EVERY_S = 60.0
@@ -159,7 +159,7 @@ class GroupFetch:
                 by_source.setdefault(s, []).append((d, a, b))
         # Documents cut at a step boundary: the neighbouring step's maker needs them too.
         partial: dict[int, set[int]] = {}
-        for s, d in unpack_keys(partial_docs(plan, self.lengths)):
+        for s, d in unpack_keys(plan.partial):
             partial.setdefault(s, set()).add(d)
         step.loads = {}
         for s, items in by_source.items():
