@@ -88,8 +88,8 @@ def one_rank(
     # (`end_step`): each rank's CPU is counted from its loader's start (the token-count cache
     # already built) to its last step, so the job's count holds every step's data work once,
     # whichever rank did it, and no read-ahead that no step used.
-    alone = replace(spec, backend=replace(spec.backend, machine_ranks=1))
-    with MixtureLoader(alone, rank, world, load_all_rows=before, end_step=1) as warm:
+    single = replace(spec, backend=replace(spec.backend, machine_ranks=1))
+    with MixtureLoader(single, rank, world, load_all_rows=before, end_step=1) as warm:
         next(warm)
     loader = MixtureLoader(spec, rank, world, load_all_rows=before, end_step=steps)
     me = psutil.Process()
