@@ -307,3 +307,16 @@ def test_tensor_parallel_peers_both_take_their_data_ranks_batches(tmp_path, monk
     assert sorted(made) == [0, 1, 2, 3]
     for ldr in loaders:
         ldr.close()
+
+
+def test_a_client_finding_the_job_directory_gone_starts_a_new_one(tmp_path):
+    """The last client left (the directory exits) just as another attaches: the newcomer
+    starts a fresh directory, and loads."""
+    from slipstream.data.backends.ray import RayBackend
+
+    _, spec = _specs(tmp_path, backend={"job": "directory-race"})
+    first = RayBackend(spec)
+    first.directory.detach.remote()  # the last client leaves: the directory exits ...
+    second = RayBackend(spec)  # ... while this one finds it by name and attaches
+    assert len(second.submit(0, [0, 1]).result()) == 2
+    second.close()

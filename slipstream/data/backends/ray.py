@@ -143,14 +143,22 @@ class RayBackend:
         self.job = job_name(spec, tok)
         self._ns = NAMESPACE
         # Detached: it must outlive whichever rank happened to create it; the last client to
-        # detach takes it down (a crashed job's directory goes with its Ray).
-        self.directory = JobDirectory.options(
-            name=f"{self.job}:directory",
-            namespace=NAMESPACE,
-            get_if_exists=True,
-            lifetime="detached",
-        ).remote(self.job, spec.to_dict(), tok)
-        ray.get(self.directory.attach.remote())
+        # detach takes it down (a crashed job's directory goes with its Ray). A client that
+        # attaches just as the last one leaves finds it gone: it starts a new one.
+        for attempt in range(MAX_RETRIES + 1):
+            self.directory = JobDirectory.options(
+                name=f"{self.job}:directory",
+                namespace=NAMESPACE,
+                get_if_exists=True,
+                lifetime="detached",
+            ).remote(self.job, spec.to_dict(), tok)
+            try:
+                ray.get(self.directory.attach.remote())
+                break
+            except (RayActorError, ActorDiedError, ActorUnavailableError):
+                if attempt == MAX_RETRIES:
+                    raise
+                time.sleep(0.5)
         self._version, self._layout = ray.get(self.directory.get.remote())
         self._handles: dict[str, object] = {}
         metas = [self._ask(s, "meta") for s in range(len(self.names))]
