@@ -195,3 +195,22 @@ def test_a_loader_plans_nothing_past_its_end_step(tmp_path, monkeypatch, tokeniz
     rest.load_state_dict(state)
     assert [b.step for b in rest] == [3, 4]
     rest.close()
+
+
+def test_a_store_short_of_space_gets_no_files_and_each_rank_loads_its_own(tmp_path, monkeypatch):
+    """With less free space than the store keeps in reserve (a container's small /dev/shm),
+    a maker writes nothing for the others: each rank finds no file and loads the step
+    itself, with the same batches, and the store stays empty."""
+    from slipstream.data.backends import group
+
+    monkeypatch.setenv("SLIPSTREAM_SHARED_DOCS", str(tmp_path / "store"))
+    ref, _ = run_steps(_spec(tmp_path, machine_ranks=1), 4, world_size=2)
+    spec = _spec(tmp_path, machine_ranks=2)  # once: it rewrites the files (a new job's tag)
+    monkeypatch.setattr(group, "MIN_FREE_BYTES", 1 << 62)
+    loaders = [MixtureLoader(spec, r, 2) for r in range(2)]
+    got = [[next(ldr) for ldr in loaders] for _ in range(4)]
+    assert_same_batches(ref, got)
+    for ldr in loaders:  # each made every step it took: its own, and the other's
+        assert {0, 1, 2, 3} <= set(ldr._group.recent_made)
+        ldr.close()
+    assert not list((tmp_path / "store").glob("step-*.bin"))

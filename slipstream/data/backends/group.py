@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +37,7 @@ import numpy as np
 
 from slipstream.data.backends.base import TokenSpan, add_tokens, check_length
 from slipstream.data.packing import DocKey, token_runs, unpack_keys
-from slipstream.data.sources.shared import SharedDocs, lock, try_lock, unlock
+from slipstream.data.sources.shared import MIN_FREE_BYTES, SharedDocs, lock, try_lock, unlock
 
 SWEEP_EVERY_S = 60.0
 
@@ -216,17 +217,27 @@ class GroupFetch:
     def _write(self, paths: list[Path], keys: list, data: list[np.ndarray]) -> None:
         """Raw, to be read in one call: the run count n; n x (source, doc, lo, hi); the
         tokens (int32) of every run, concatenated (a run's length is hi - lo). One file,
-        a name (hard link) per reader."""
+        a name (hard link) per reader. Nothing is written when the store is short of space
+        (a container's small /dev/shm): its readers then find no file and load the step
+        themselves, the same tokens."""
         head = np.array([len(keys), *(x for k in keys for x in k)], dtype=np.int64)
+        size = head.nbytes + 4 * sum(len(t) for t in data)
+        if shutil.disk_usage(self.store.root).free < MIN_FREE_BYTES + size:
+            return
         tmp = paths[0].with_name(f"{paths[0].name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(head.tobytes())
-            for t in data:
-                f.write(np.ascontiguousarray(t, dtype=np.int32).tobytes())
-        for path in paths[1:]:
-            os.link(tmp, path.with_name(f"{path.name}.{os.getpid()}.tmp"))
-            os.replace(path.with_name(f"{path.name}.{os.getpid()}.tmp"), path)
-        os.replace(tmp, paths[0])  # whole or absent
+        links = [p.with_name(f"{p.name}.{os.getpid()}.tmp") for p in paths[1:]]
+        try:
+            with open(tmp, "wb") as f:
+                f.write(head.tobytes())
+                for t in data:
+                    f.write(np.ascontiguousarray(t, dtype=np.int32).tobytes())
+            for link, path in zip(links, paths[1:], strict=True):
+                os.link(tmp, link)
+                os.replace(link, path)
+            os.replace(tmp, paths[0])  # whole or absent
+        except OSError:  # full after all: leave nothing half-written
+            for p in [tmp, *links]:
+                p.unlink(missing_ok=True)
 
     def _read(self, name: str) -> dict[DocKey, object] | None:
         path = self._path(name, self.rank)
