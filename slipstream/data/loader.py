@@ -119,6 +119,8 @@ class MixtureLoader:
         self.prefetch_steps = prefetch_steps or spec.backend.prefetch_steps
         self.backend: Backend = build_backend(spec, tokenizer)
         self.tokenizer = self.backend.tokenizer
+        # Ray: runs of tokens, not whole documents, cross to each rank (`token_runs`).
+        self._sends_spans = getattr(self.backend, "sends_spans", False)
         self.load_all_rows = load_all_rows
         self.end_step = end_step
         self.split = split
@@ -152,7 +154,7 @@ class MixtureLoader:
         tag = f"{self.backend.job}|{self.split}|{self.dp_world_size}"
         # Local: the makers' own loader threads do the work, so the steps are dealt round
         # the group; Ray: the actors do it, and whoever gets there first sends the calls.
-        deal = not getattr(self.backend, "sends_spans", False)
+        deal = not self._sends_spans
         return GroupFetch(self.backend, self.planner.lengths, ranks, self.dp_rank,
                           self.dp_world_size, tag, deal=deal)  # fmt: skip
 
@@ -240,8 +242,8 @@ class MixtureLoader:
     def _load(self, plan: StepPlan) -> list[tuple[DocKey, _InFlight]]:
         """Submit the loads of this rank's documents in `plan` that no step in flight has
         asked for already (a document cut at a step boundary is needed by the next step too:
-        it is loaded once), per source in up to `num_workers` tasks (Ray: one). Returns each
-        document with the load that holds it.
+        it is loaded once), one load per source. Returns each document with the load that
+        holds it.
 
         Where the backend takes spans (Ray), only the runs of tokens this rank's rows hold
         travel (`token_runs`): a long document cut across several ranks' rows is not sent whole to
@@ -251,7 +253,7 @@ class MixtureLoader:
         rows = None if self.load_all_rows else plan.rank_rows(self.dp_rank)
         mine = slice(None) if rows is None else plan.pieces_of(rows)
         src, doc = plan.piece_source[mine], plan.piece_doc[mine]
-        if getattr(self.backend, "sends_spans", False):
+        if self._sends_spans:
             packed, lo, hi = token_runs(plan, mine, self.planner.lengths)
         else:  # whole documents: every load holds [0, end)
             packed = np.unique(doc_keys(src, doc))  # sorted by (source, doc)
@@ -260,35 +262,31 @@ class MixtureLoader:
         keys = unpack_keys(packed)
         shared = self._shared_docs(plan, np.unique(packed))
         needs: list[tuple[DocKey, _InFlight] | None] = [None] * len(keys)
-        new: dict[tuple[int, bool], list[int]] = defaultdict(list)  # -> indices into keys
-        for i, (key, k) in enumerate(zip(keys, packed.tolist())):
+        new: dict[int, list[int]] = defaultdict(list)  # source -> indices into keys
+        for i, key in enumerate(keys):
             held = self._inflight.get(key, ())
             entry = next((e for e in held if e.lo <= lo[i] and hi[i] <= e.hi), None)
             if entry is None:
-                new[(key[0], k in shared)].append(i)
+                new[key[0]].append(i)
             else:
                 entry.last_step = plan.step  # kept until this step is built
                 needs[i] = (key, entry)
-        # Local pools run a task per worker; Ray spreads one request over the source's
-        # replicas itself, and each extra request costs every actor a call.
-        tasks = 1 if self.spec.backend.kind == "ray" else self.spec.backend.num_workers
-        for s, is_shared in sorted(new):
-            idx = new[(s, is_shared)]
-            for chunk in np.array_split(idx, min(len(idx), tasks)):
-                chunk = chunk.tolist()
-                ids = [keys[i][1] for i in chunk]
-                if getattr(self.backend, "sends_spans", False):
-                    task = self.backend.submit_spans(
-                        s, ids, [(int(lo[i]), int(hi[i])) for i in chunk]
-                    )
-                elif is_shared:
-                    task = self.backend.submit_shared(s, ids)
-                else:
-                    task = self.backend.submit(s, ids)
-                for j, i in enumerate(chunk):
-                    entry = _InFlight(task, j, int(lo[i]), int(hi[i]), plan.step)
-                    self._inflight.setdefault(keys[i], []).append(entry)
-                    needs[i] = (keys[i], entry)
+        # One load per source: a local pool splits it into a task per worker (and sends the
+        # shared documents through the machine's store); Ray spreads it over the source's
+        # replicas, where each extra request would cost every actor a call.
+        for s in sorted(new):
+            idx = new[s]
+            ids = [keys[i][1] for i in idx]
+            if not hasattr(self.backend, "submit_spans"):  # inline
+                task = self.backend.submit(s, ids)
+            else:
+                spans = [(int(lo[i]), int(hi[i])) for i in idx] if self._sends_spans else None
+                in_store = {keys[i][1] for i in idx if int(packed[i]) in shared}
+                task = self.backend.submit_spans(s, ids, spans, shared=in_store)
+            for j, i in enumerate(idx):
+                entry = _InFlight(task, j, int(lo[i]), int(hi[i]), plan.step)
+                self._inflight.setdefault(keys[i], []).append(entry)
+                needs[i] = (keys[i], entry)
         if hasattr(self.backend, "flush"):  # Ray: the step's loads, one call per actor
             self.backend.flush()
         return needs  # type: ignore[return-value]
