@@ -7,7 +7,7 @@ DEMO_DIR ?= data/demo
 DEMO_SPEC := recipes/data/demo.toml
 TOKENIZER := $(DEMO_DIR)/tokenizer-2k.json
 
-.PHONY: demo preview test lint format bench bench-gpu-offload bench-gpu-overlap finetune gpt125m clean
+.PHONY: demo preview test lint format bench bench-gpu bench-gpu-offload bench-gpu-overlap finetune gpt125m clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -70,6 +70,12 @@ bench: $(STAMP) $(TOKENIZER) $(DEMO_DIR)/tokenizer.json
 	$(PY) -m benchmarks.data_scaling
 	$(PY) -m benchmarks.data_failover
 	$(PY) -m benchmarks.data_memory
+
+# Everything that needs a GPU in one run, on a GPU machine's own python (torch and triton
+# there; no .venv, nothing fetched): the CUDA tests, then both GPU benchmarks. Results and
+# logs in $(OUT) (benchmarks/results/gpu-session by default).
+bench-gpu:
+	GPU_PY=$(PYTHON) bash benchmarks/gpu_session.sh
 
 # Everything the offload engine claims on an accelerator, in one run (needs CUDA for numbers).
 bench-gpu-offload: $(STAMP)

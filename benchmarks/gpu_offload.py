@@ -1,18 +1,22 @@
-"""The offload engine on an accelerator, everything in one run (`make bench-gpu-offload`):
+"""The offload engine on an accelerator, everything in one run (`make bench-gpu`):
 
-1. the largest GPT (fixed width, growing depth) that trains one step on the device, plain
-   (fp32 weights, torch's fused AdamW, bf16 autocast) and with `optim.offload` (bf16 weights,
-   host masters and moments), each probe in a fresh process so an out-of-memory leaves nothing
-   behind;
-2. for each of the two largest: tokens/s and TFLOPS over a few steps, the device memory peak
+1. the largest GPT (fixed width, growing depth) that trains on the device, plain (fp32
+   weights, torch's fused AdamW, bf16 autocast) and with `optim.offload` (bf16 weights, host
+   masters and moments), each probe in a fresh process so an out-of-memory leaves nothing
+   behind. The search starts at the depth the memory planner predicts and brackets the
+   answer in a few probes (`--probes`): each probe of a large model costs tens of seconds.
+   `--device-gib` caps the memory the process may take (torch's per-process fraction), so
+   the search runs on a budget of a smaller card (and host memory is not what stops it);
+2. for the largest of each: tokens/s and TFLOPS over a few steps, the device memory peak
    (`torch.cuda.max_memory_allocated`) beside the planner's estimate, and the model state
    bytes per parameter left on the device;
-3. the share of the step spent moving gradients to the host (`grad_offload`) against backward.
+3. the share of the step spent waiting for gradients on their way to the host, and how much
+   of the copy stream's busy time backward hid.
 
 On a machine without CUDA it runs the same code on the CPU at tiny sizes (`--smoke`), which
 checks the script, not the numbers.
 
-    python -m benchmarks.gpu_offload [--width 2048] [--seq-len 2048] [--max-layers 96]
+    python -m benchmarks.gpu_offload [--device-gib 16] [--width 2048] [--seq-len 2048]
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,27 +34,82 @@ from benchmarks.harness import provenance, run_isolated
 SIDES = ("plain", "offload")
 
 
-def one_run(side: str, layers: int, width: int, seq_len: int, micro_batch: int, steps: int) -> dict:
+def _config(layers: int, width: int, seq_len: int, vocab: int):
+    from slipstream.models import GPTConfig
+
+    return GPTConfig(
+        vocab_size=vocab, n_layer=layers, n_head=width // 128 or 1, d_model=width,
+        max_seq_len=seq_len,
+    )  # fmt: skip
+
+
+def workload(layers: int, args, vocab: int):
+    """The planner's view of the model (parameters counted, activations traced, on the meta
+    device: no memory, no compute)."""
+    import torch
+
+    from slipstream.models import GPT
+    from slipstream.offload.estimate import Workload
+    from slipstream.tools.memory import saved_activation_bytes
+
+    cfg = _config(layers, args.width, args.seq_len, vocab)
+    with torch.device("meta"):
+        n = GPT(cfg).num_params()
+    return Workload(
+        num_params=n,
+        num_layers=layers,
+        width=args.width,
+        vocab_size=vocab,
+        seq_len=args.seq_len,
+        micro_batch=args.micro_batch,
+        saved_bytes=saved_activation_bytes(cfg, args.micro_batch, args.seq_len, torch.bfloat16),
+    )
+
+
+def predicted_layers(side: str, args, device_bytes: float, vocab: int) -> int:
+    """The most layers the planner says fit in `device_bytes` (0 if none)."""
+    from slipstream.offload.estimate import Hardware, estimate
+
+    hw = Hardware(device_bytes=device_bytes, host_bytes=1e15, device_flops=1e15)
+    lo, hi = 0, args.max_layers
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if estimate(side, workload(mid, args, vocab), hw).fits:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def one_run(
+    side: str, layers: int, width: int, seq_len: int, micro_batch: int, steps: int,
+    device_gib: float = 0.0,
+) -> dict:  # fmt: skip
     import torch
     import torch.nn.functional as F
 
-    from slipstream.models import GPT, GPTConfig
-    from slipstream.offload.estimate import Hardware, Workload, estimate
-    from slipstream.tools.memory import saved_activation_bytes
+    from slipstream.models import GPT
+    from slipstream.offload.estimate import Hardware, estimate
     from slipstream.train.optim import OptimConfig, build_optimizer, clip_and_step
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     vocab = 50_257 if cuda else 512
-    cfg = GPTConfig(
-        vocab_size=vocab,
-        n_layer=layers,
-        n_head=width // 128 or 1,
-        d_model=width,
-        max_seq_len=seq_len,
-    )
+    cfg = _config(layers, width, seq_len, vocab)
+    if cuda and device_gib:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, device_gib * 2**30 / total))
     torch.manual_seed(0)
-    model = GPT(cfg).to(device)
+    # Offload: made in bf16 on the device at once (an fp32 copy first would be a transient
+    # the engine never needs); plain: fp32, as torch's AdamW with autocast trains it.
+    dtype = torch.bfloat16 if side == "offload" and cuda else torch.float32
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = GPT(cfg)
+    finally:
+        torch.set_default_dtype(default)
     opt = build_optimizer(model, OptimConfig(lr=1e-4, offload=side == "offload"), device)
     x = torch.randint(0, vocab, (micro_batch, seq_len + 1), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=side == "plain" and cuda)
@@ -77,14 +137,8 @@ def one_run(side: str, layers: int, width: int, seq_len: int, micro_batch: int, 
     n = model.num_params()
     step_s = statistics.median(times)
     tokens = micro_batch * seq_len
-    w = Workload(
-        num_params=n,
-        num_layers=layers,
-        width=width,
-        vocab_size=vocab,
-        seq_len=seq_len,
-        micro_batch=micro_batch,
-        saved_bytes=saved_activation_bytes(cfg, micro_batch, seq_len, torch.bfloat16),
+    w = workload(
+        layers, argparse.Namespace(width=width, seq_len=seq_len, micro_batch=micro_batch), vocab
     )
     est = estimate(side, w, Hardware(device_bytes=1e15, host_bytes=1e15, device_flops=1e15))
     # What stays on the device between steps: the weights, and (plain) the optimizer's state.
@@ -111,34 +165,49 @@ def one_run(side: str, layers: int, width: int, seq_len: int, micro_batch: int, 
 
 
 def fits(side: str, layers: int, args) -> dict | None:
+    extra = ["--device-gib", str(args.device_gib)] if args.device_gib else []
     try:
         return run_isolated(
             "benchmarks.gpu_offload",
             [
                 *("--one", side, "--layers", str(layers), "--width", str(args.width)),
                 *("--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch)),
-                *("--steps", str(args.steps)),
+                *("--steps", str(args.steps), *extra),
             ],
-            timeout_s=1800,
+            timeout_s=args.probe_timeout,
         )
-    except RuntimeError as e:  # out of memory (or another failure: shown, then counted as no)
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        # Out of memory, or another failure (shown, then counted as "does not fit").
         if "out of memory" not in str(e).lower():
-            print(str(e)[-500:], file=sys.stderr)
+            print(str(e)[-800:], file=sys.stderr)
         return None
 
 
-def largest(side: str, args) -> tuple[int, dict | None]:
-    """Binary search on depth: the most layers whose step runs."""
-    lo, hi, best = 0, args.max_layers, None
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        res = fits(side, mid, args)
-        print(f"{side}: {mid} layers {'fits' if res else 'does not fit'}", file=sys.stderr)
+def largest(side: str, args, start: int) -> dict:
+    """The most layers whose steps run, bracketed from the planner's prediction `start`:
+    up (or down) in steps of a quarter of it, then bisection, in at most `args.probes`
+    probes. Returns the largest depth that ran, the smallest that did not, and the run."""
+    lo, hi, best, probes = 0, args.max_layers + 1, None, []  # lo runs, hi does not
+    guess = max(1, min(start, args.max_layers))
+    step = max(1, start // 4)
+    while hi - lo > 1 and len(probes) < args.probes:
+        t0 = time.perf_counter()
+        res = fits(side, guess, args)
+        probes.append({"layers": guess, "fits": res is not None,
+                       "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
+        print(f"{side}: {guess} layers {'fits' if res else 'does not fit'}", file=sys.stderr)
         if res:
-            lo, best = mid, res
+            lo, best = guess, res
         else:
-            hi = mid - 1
-    return lo, best
+            hi = guess
+        if best is None and hi - lo > 1:  # nothing ran yet: go down
+            guess = max(lo + 1, guess - step) if guess - step > lo else (lo + hi) // 2
+        elif hi > args.max_layers and lo == guess:  # no failure yet: go up
+            guess = min(args.max_layers, guess + step)
+        else:
+            guess = (lo + hi) // 2
+    return {"layers": lo, "fails_at": hi if hi <= args.max_layers else None,
+            "predicted": start, "probes": probes, **(best or {})}  # fmt: skip
 
 
 def main() -> None:
@@ -150,46 +219,69 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--max-layers", type=int, default=96)
+    ap.add_argument("--device-gib", type=float, default=0.0, help="cap on device memory")
+    ap.add_argument("--probes", type=int, default=4, help="runs per side in the search")
+    ap.add_argument("--probe-timeout", type=float, default=600.0)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: check the script on CPU")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.smoke:
-        args.width, args.seq_len, args.micro_batch, args.max_layers = 128, 64, 2, 1
-        args.steps = 2
+        args.width, args.seq_len, args.micro_batch, args.max_layers = 128, 64, 2, 3
+        args.steps, args.device_gib = 2, 0.0
     if args.one:
-        res = one_run(args.one, args.layers, args.width, args.seq_len, args.micro_batch, args.steps)
+        res = one_run(
+            args.one, args.layers, args.width, args.seq_len, args.micro_batch, args.steps,
+            args.device_gib,
+        )  # fmt: skip
         print(json.dumps(res))
         return
+    import torch
+
+    cuda = torch.cuda.is_available()
+    vocab = 50_257 if cuda else 512
+    if args.device_gib:
+        budget = args.device_gib * 2**30
+    elif cuda:
+        budget = torch.cuda.get_device_properties(0).total_memory
+    else:  # the smoke run: a budget that holds its tiny models
+        budget = 2**30
     out = {}
     for side in SIDES:
-        layers, res = largest(side, args)
-        out[side] = {"layers": layers, **(res or {})}
-    print(f"\nwidth {args.width}, {args.micro_batch} x {args.seq_len} tokens per step")
+        start = predicted_layers(side, args, budget, vocab)
+        print(
+            f"{side}: the planner predicts {start} layers in {budget / 2**30:.1f} GiB",
+            file=sys.stderr,
+        )
+        out[side] = largest(side, args, start)
+        if args.json:  # after each side: a run cut short keeps what it measured
+            args.json.write_text(
+                json.dumps(
+                    {**provenance(), "args": {k: str(v) for k, v in vars(args).items()},
+                     "runs": out},
+                    indent=2,
+                )
+            )  # fmt: skip
+    cap = f"{args.device_gib:g} GiB of device memory" if args.device_gib else "the whole device"
+    print(f"\nwidth {args.width}, {args.micro_batch} x {args.seq_len} tokens per step, {cap}")
     print(
         f"{'side':<9}{'layers':>7}{'params M':>10}{'tokens/s':>10}{'TFLOPS':>8}{'peak GiB':>10}"
         f"{'planner GiB':>13}{'B/param':>9}{'grad copy':>11}{'copy hidden':>13}"
     )
     for side, r in out.items():
+        bracket = f" (fails at {r['fails_at']}; planner: {r['predicted']})"
         if "num_params" not in r:
-            print(f"{side:<9}{'none fits':>7}")
+            print(f"{side:<9}{'none fits':>7}{bracket}")
             continue
         print(
             f"{side:<9}{r['layers']:>7}{r['num_params'] / 1e6:>10,.0f}{r['tokens_per_s']:>10,.0f}"
             f"{r['tflops']:>8.1f}{r['peak_device_gib']:>10.2f}{r['planner_device_gib']:>13.2f}"
             f"{r['state_bytes_per_param']:>9.1f}{r['grad_offload_share']:>10.0%}"
-            f"{r.get('grad_copy_hidden', float('nan')):>13.0%}"
+            f"{r.get('grad_copy_hidden', float('nan')):>13.0%}{bracket}"
         )
     if "num_params" in out["plain"] and "num_params" in out["offload"]:
         print(
             "offload trains "
             f"{out['offload']['num_params'] / out['plain']['num_params']:.1f}x the parameters"
-        )
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                {**provenance(), "args": {k: str(v) for k, v in vars(args).items()}, "runs": out},
-                indent=2,
-            )
         )
 
 

@@ -42,15 +42,22 @@ def provenance(peers: tuple[str, ...] = ()) -> dict:
         text=True,
         cwd=ROOT,
     ).stdout.strip()
+    if not commit:  # a copy of the tree without .git (a lent GPU machine): the caller says
+        commit, dirty = os.environ.get("SLIPSTREAM_COMMIT", "unknown"), ""
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpu = ""
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        gpu = f", {torch.cuda.device_count()} x {props.name} ({props.total_memory / 2**30:.0f} GiB)"
     return {
         "commit": commit + (" (uncommitted changes)" if dirty else ""),
         "command": " ".join(["python", "-m", _module(sys.argv[0]), *sys.argv[1:]]),
         "machine": f"{os.cpu_count()} cores, {mem_gib:.0f} GiB, {platform.machine()}, "
-        f"{platform.processor() or platform.platform()}",
+        f"{platform.processor() or platform.platform()}{gpu}",
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
+            **({"cuda": torch.version.cuda} if torch.cuda.is_available() else {}),
             **{p: version(p) for p in peers},
         },
     }

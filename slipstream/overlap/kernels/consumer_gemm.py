@@ -7,9 +7,9 @@ the order the producers deliver them.
 The wait is bounded: after `max_spins` polls the tile gives up, computes nothing useful and
 marks itself in `status`; the host turns that into an error naming the shards and the flags,
 instead of a hang. Runs on the GPU, and on CPU tensors under TRITON_INTERPRET=1 (where an
-interpreted program can spin on a flag another process sets in shared memory). bf16 is
-upcast to fp32 before the dot: the interpreter's bf16 dot is wrong, and the GPU path keeps
-the same numerics.
+interpreted program can spin on a flag another process sets in shared memory). On CPU tensors
+(the interpreter) bf16 is upcast to fp32 before the dot (the interpreter's bf16 dot is wrong); on
+the GPU the dot takes bf16 operands on the tensor cores, accumulating in fp32.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def consumer_gemm(
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         flags.stride(0), flags.stride(1),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        UPCAST=a.dtype == torch.bfloat16 or b.dtype == torch.bfloat16,
+        UPCAST=not a.is_cuda and torch.bfloat16 in (a.dtype, b.dtype),
         ACQUIRE=a.is_cuda,
         WAIT=wait,
     )  # fmt: skip

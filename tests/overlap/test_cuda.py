@@ -1,0 +1,124 @@
+"""The overlap pieces on a CUDA device (skipped without one): the Triton consumer kernel built
+for the GPU against a float64 reference, waiting on flags another stream raises later, and
+giving up on a flag nobody raises; the `cuda` symmetric heap (torch's symmetric memory) under
+both overlapped operations, between two processes that share one GPU (enough to check the
+protocol: puts, signals, waits and acks across processes; not the speed, which needs GPUs of
+their own)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from tests.overlap.ranks import run_ranks, values
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# ||y - ref|| / ||ref|| against float64: fp32 operands go through tf32 in Triton's dot by
+# default (~3e-4); 16-bit operands are exact products summed in fp32, then the output rounded.
+REL = {torch.float32: 2e-3, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref).norm() / ref.norm())
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_consumer_kernel_on_the_gpu_matches_float64(dtype):
+    from slipstream.overlap.kernels.consumer_gemm import consumer_gemm
+
+    world, m, k, n, rank, epoch = 3, 100, 72, 130, 1, 5  # ragged: no block divides a shard
+    a = torch.randn(world * m, k, device="cuda").to(dtype)
+    b = torch.randn(k, n, device="cuda").to(dtype)
+    flags = torch.zeros(world, world, dtype=torch.int64, device="cuda")
+    flags.fill_diagonal_(epoch)
+    y, failed = consumer_gemm(a, b, flags, rank, epoch)
+    assert failed == [] and y.dtype == dtype
+    assert _rel(y, a.double() @ b.double()) < REL[dtype]
+
+
+@CUDA
+def test_consumer_kernel_waits_for_flags_another_stream_raises_later():
+    from slipstream.overlap.kernels.consumer_gemm import consumer_gemm
+
+    world, m, k, n, rank, epoch = 4, 64, 96, 64, 2, 1
+    a = torch.randn(world * m, k, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
+    flags = torch.zeros(world, world, dtype=torch.int64, device="cuda")
+    flags[rank, rank] = epoch  # this rank's own shard only
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)  # ~50 ms of GPU clock, then the peers' flags
+        for src in range(world):
+            flags[src, src].fill_(epoch)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    y, failed = consumer_gemm(a, b, flags, rank, epoch, timeout_s=30)
+    end.record()
+    torch.cuda.synchronize()
+    assert failed == []
+    assert _rel(y, a.double() @ b.double()) < REL[torch.bfloat16]
+    assert start.elapsed_time(end) > 10  # ms: the kernel did wait for the late flags
+
+
+@CUDA
+def test_consumer_kernel_gives_up_on_a_flag_nobody_raises():
+    from slipstream.overlap.kernels.consumer_gemm import consumer_gemm
+
+    world, rank = 3, 0
+    a = torch.randn(world * 32, 32, device="cuda")
+    flags = torch.zeros(world, world, dtype=torch.int64, device="cuda")
+    flags[0, 0] = flags[1, 1] = 1  # shard 2 never arrives
+    t0 = time.monotonic()
+    _, failed = consumer_gemm(a, torch.randn(32, 16, device="cuda"), flags, rank, 1, timeout_s=0.2)
+    torch.cuda.synchronize()
+    assert failed == [2]
+    assert time.monotonic() - t0 < 20
+
+
+def _cuda_heap(rank: int, world: int) -> list[tuple]:
+    from slipstream.overlap import OverlapGroup, all_gather_matmul, matmul_reduce_scatter
+
+    torch.cuda.set_device(0)  # both ranks on the one GPU
+    dev = torch.device("cuda")
+    out = []
+    m, k, n = 48, 40, 72
+    for kernel in ("torch", "triton"):
+        group = OverlapGroup(None, "cuda", kernel=kernel, chunks=2, timeout_s=60)
+        for dtype in (torch.float32, torch.bfloat16):
+            for call in range(3):  # flags are never reset between calls
+                # Every rank makes every rank's inputs from seeds: the reference is local.
+                xs = [torch.randn(m, k, generator=torch.Generator().manual_seed(10 * r + call))
+                      for r in range(world)]  # fmt: skip
+                w = torch.randn(k, n, generator=torch.Generator().manual_seed(99))
+                y, _ = all_gather_matmul(xs[rank].to(dev, dtype), w.to(dev, dtype), group)
+                ref = torch.cat(xs).to(dtype).double() @ w.to(dtype).double()
+                out.append((kernel, str(dtype), "ag", _rel(y.cpu(), ref)))
+                xr = [torch.randn(m * world, k, generator=torch.Generator().manual_seed(7 * r + call))
+                      for r in range(world)]  # fmt: skip
+                wr = [torch.randn(k, n, generator=torch.Generator().manual_seed(50 + r))
+                      for r in range(world)]  # fmt: skip
+                got = matmul_reduce_scatter(xr[rank].to(dev, dtype), wr[rank].to(dev, dtype), group)
+                full = sum(x.to(dtype).double() @ v.to(dtype).double() for x, v in zip(xr, wr))
+                out.append(
+                    (kernel, str(dtype), "rs", _rel(got.cpu(), full[rank * m : (rank + 1) * m]))
+                )
+        group.close()
+    torch.cuda.synchronize()
+    return out
+
+
+@CUDA
+def test_cuda_symmetric_heap_between_two_processes_on_one_gpu(tmp_path, monkeypatch):
+    # torch refuses two ranks' symmetric memory on one device unless told that is intended.
+    monkeypatch.setenv("TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES", "1")
+    assert os.environ["TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES"] == "1"
+    for rank_rows in values(run_ranks(_cuda_heap, 2, tmp_path, timeout_s=240)):
+        assert len(rank_rows) == 2 * 2 * 3 * 2
+        for kernel, dtype, op, rel in rank_rows:
+            tol = REL[torch.bfloat16] if "bfloat16" in dtype else REL[torch.float32]
+            assert rel < tol, (kernel, dtype, op, rel)
