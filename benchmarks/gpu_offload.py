@@ -185,11 +185,11 @@ def fits(side: str, layers: int, args) -> dict | None:
 
 def largest(side: str, args, start: int) -> dict:
     """The most layers whose steps run, bracketed from the planner's prediction `start`:
-    up (or down) in steps of a quarter of it, then bisection, in at most `args.probes`
+    up (or down) in steps of an eighth of it, then bisection, in at most `args.probes`
     probes. Returns the largest depth that ran, the smallest that did not, and the run."""
     lo, hi, best, probes = 0, args.max_layers + 1, None, []  # lo runs, hi does not
     guess = max(1, min(start, args.max_layers))
-    step = max(1, start // 4)
+    step = max(1, start // 8)
     while hi - lo > 1 and len(probes) < args.probes:
         t0 = time.perf_counter()
         res = fits(side, guess, args)

@@ -17,7 +17,7 @@ OUT=${OUT:-benchmarks/results/gpu-session}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export SLIPSTREAM_CACHE=${SLIPSTREAM_CACHE:-/tmp/slipstream-cache}
-OFFLOAD_ARGS=${OFFLOAD_ARGS:---device-gib 12 --seq-len 1024 --micro-batch 1 --probes 3}
+OFFLOAD_ARGS=${OFFLOAD_ARGS:---device-gib 12 --seq-len 1024 --micro-batch 1 --probes 3 --probe-timeout 150}
 OVERLAP_ARGS=${OVERLAP_ARGS:---repeats 20}
 
 part() {
