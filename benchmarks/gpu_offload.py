@@ -22,6 +22,7 @@ checks the script, not the numbers.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import subprocess
@@ -31,7 +32,8 @@ from pathlib import Path
 
 from benchmarks.harness import provenance, run_isolated
 
-SIDES = ("plain", "offload")
+SIDES = ("plain", "offload")  # part 1: the largest model of each
+RUN_SIDES = (*SIDES, "offload+dpu")  # part 2: throughput at one size
 
 
 def _config(layers: int, width: int, seq_len: int, vocab: int):
@@ -43,18 +45,38 @@ def _config(layers: int, width: int, seq_len: int, vocab: int):
     )  # fmt: skip
 
 
+@functools.cache
+def _saved_per_layer(width: int, seq_len: int, micro_batch: int, vocab: int, device: str):
+    """(saved bytes of a 1-layer model, bytes each further layer adds), traced on `device`:
+    on a GPU with its own kernels (exact for them), else on the meta device."""
+    import torch
+
+    from slipstream.tools.memory import saved_activation_bytes
+
+    one, two = (
+        saved_activation_bytes(
+            _config(n, width, seq_len, vocab), micro_batch, seq_len, torch.bfloat16, device
+        )
+        for n in (1, 2)
+    )
+    if device != "meta":
+        torch.cuda.empty_cache()
+    return one, two - one
+
+
 def workload(layers: int, args, vocab: int):
-    """The planner's view of the model (parameters counted, activations traced, on the meta
-    device: no memory, no compute)."""
+    """The planner's view of the model: parameters counted on the meta device, activations
+    traced (on the GPU when there is one; see `_saved_per_layer`)."""
     import torch
 
     from slipstream.models import GPT
     from slipstream.offload.estimate import Workload
-    from slipstream.tools.memory import saved_activation_bytes
 
     cfg = _config(layers, args.width, args.seq_len, vocab)
     with torch.device("meta"):
         n = GPT(cfg).num_params()
+    device = "cuda" if torch.cuda.is_available() else "meta"
+    first, per_layer = _saved_per_layer(args.width, args.seq_len, args.micro_batch, vocab, device)
     return Workload(
         num_params=n,
         num_layers=layers,
@@ -62,7 +84,7 @@ def workload(layers: int, args, vocab: int):
         vocab_size=vocab,
         seq_len=args.seq_len,
         micro_batch=args.micro_batch,
-        saved_bytes=saved_activation_bytes(cfg, args.micro_batch, args.seq_len, torch.bfloat16),
+        saved_bytes=first + (layers - 1) * per_layer,
     )
 
 
@@ -89,7 +111,6 @@ def one_run(
     import torch.nn.functional as F
 
     from slipstream.models import GPT
-    from slipstream.offload.estimate import Hardware, estimate
     from slipstream.train.optim import OptimConfig, build_optimizer, clip_and_step
 
     cuda = torch.cuda.is_available()
@@ -102,7 +123,8 @@ def one_run(
     torch.manual_seed(0)
     # Offload: made in bf16 on the device at once (an fp32 copy first would be a transient
     # the engine never needs); plain: fp32, as torch's AdamW with autocast trains it.
-    dtype = torch.bfloat16 if side == "offload" and cuda else torch.float32
+    offload = side.startswith("offload")
+    dtype = torch.bfloat16 if offload and cuda else torch.float32
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -110,10 +132,11 @@ def one_run(
             model = GPT(cfg)
     finally:
         torch.set_default_dtype(default)
-    opt = build_optimizer(model, OptimConfig(lr=1e-4, offload=side == "offload"), device)
+    ocfg = OptimConfig(lr=1e-4, offload=offload, delayed_update=side == "offload+dpu")
+    opt = build_optimizer(model, ocfg, device)
     x = torch.randint(0, vocab, (micro_batch, seq_len + 1), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=side == "plain" and cuda)
-    times, offload_s, copy_s = [], [], []
+    times, offload_s, copy_s, copy_tail_s = [], [], [], []
     mover = getattr(opt, "mover", None)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -126,6 +149,9 @@ def one_run(
         with autocast:
             logits = model(x[:, :-1])
         F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten()).backward()
+        if cuda:
+            backward_done = torch.cuda.Event(enable_timing=True)
+            backward_done.record()
         clip_and_step(opt, model, 1.0)
         opt.zero_grad(set_to_none=True)
         if cuda:
@@ -134,37 +160,39 @@ def one_run(
             times.append(time.perf_counter() - t0)
             offload_s.append(getattr(opt, "offload_s", 0.0) - before)
             copy_s.append(getattr(mover, "copy_s", 0.0) - copy_before)
+            last = getattr(mover, "last_copy_done", None)
+            if cuda and last is not None:  # copy time left after backward, device clock
+                copy_tail_s.append(max(0.0, backward_done.elapsed_time(last)) / 1e3)
     n = model.num_params()
     step_s = statistics.median(times)
     tokens = micro_batch * seq_len
-    w = workload(
-        layers, argparse.Namespace(width=width, seq_len=seq_len, micro_batch=micro_batch), vocab
-    )
-    est = estimate(side, w, Hardware(device_bytes=1e15, host_bytes=1e15, device_flops=1e15))
     # What stays on the device between steps: the weights, and (plain) the optimizer's state.
     state = sum(p.numel() * p.element_size() for p in model.parameters())
     for st in getattr(opt, "state", {}).values():  # the offload engine keeps its state on the host
         state += sum(
             t.numel() * t.element_size()
             for t in st.values()
-            if torch.is_tensor(t) and t.device == device and t.dim()
+            if torch.is_tensor(t) and t.device.type == device.type and t.dim()
         )
     return {
         "num_params": n,
         "tokens_per_s": tokens / step_s,
         "tflops": model.flops_per_token(seq_len) * tokens / step_s / 1e12,
         "peak_device_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
-        "planner_device_gib": est.device_bytes / 2**30,
         "state_bytes_per_param": state / n,
-        "grad_offload_share": statistics.median(offload_s) / step_s,
-        # the copy stream's busy time that backward hid: 1 - exposed / copy time
-        "grad_copy_hidden": 1 - statistics.median(offload_s) / statistics.median(copy_s)
-        if copy_s and statistics.median(copy_s) > 0
+        # host time waiting for gradients (issuing copies, the host adds, the last copies)
+        "grad_wait_share": statistics.median(offload_s) / step_s,
+        "copy_s": statistics.median(copy_s) if copy_s else 0.0,
+        # the copy stream's busy time that backward hid (device clock): 1 - after / busy
+        "grad_copy_hidden": 1 - statistics.median(copy_tail_s) / statistics.median(copy_s)
+        if copy_tail_s and statistics.median(copy_s) > 0
         else float("nan"),
     }
 
 
 def fits(side: str, layers: int, args) -> dict | None:
+    """One run in a fresh process (`args`: width, seq_len, micro_batch, steps, device_gib,
+    probe_timeout); None when it does not fit (or fails: the error is shown)."""
     extra = ["--device-gib", str(args.device_gib)] if args.device_gib else []
     try:
         return run_isolated(
@@ -177,7 +205,6 @@ def fits(side: str, layers: int, args) -> dict | None:
             timeout_s=args.probe_timeout,
         )
     except (RuntimeError, subprocess.TimeoutExpired) as e:
-        # Out of memory, or another failure (shown, then counted as "does not fit").
         if "out of memory" not in str(e).lower():
             print(str(e)[-800:], file=sys.stderr)
         return None
@@ -210,9 +237,41 @@ def largest(side: str, args, start: int) -> dict:
             "predicted": start, "probes": probes, **(best or {})}  # fmt: skip
 
 
+def with_planner(side: str, res: dict, args, vocab: int) -> dict:
+    """The planner's device bytes for the run beside its measured peak."""
+    from slipstream.offload.estimate import Hardware, estimate
+
+    if "num_params" not in res:
+        return res
+    hw = Hardware(device_bytes=1e15, host_bytes=1e15, device_flops=1e15)
+    gib = estimate(side, workload(res["layers"], args, vocab), hw).device_bytes / 2**30
+    res["planner_device_gib"] = gib
+    res["planner_error"] = gib / res["peak_device_gib"] - 1 if res["peak_device_gib"] else None
+    return res
+
+
+def table(title: str, rows: dict) -> None:
+    print(f"\n{title}")
+    print(
+        f"{'side':<12}{'layers':>7}{'params M':>10}{'tokens/s':>10}{'TFLOPS':>8}{'peak GiB':>10}"
+        f"{'planner GiB':>13}{'B/param':>9}{'grad wait':>11}{'copy hidden':>13}"
+    )
+    for side, r in rows.items():
+        note = f"  (fails at {r['fails_at']}; planner: {r['predicted']})" if "probes" in r else ""
+        if "num_params" not in r:
+            print(f"{side:<12}{'none fits' if 'probes' in r else 'failed':>7}{note}")
+            continue
+        print(
+            f"{side:<12}{r['layers']:>7}{r['num_params'] / 1e6:>10,.0f}{r['tokens_per_s']:>10,.0f}"
+            f"{r['tflops']:>8.1f}{r['peak_device_gib']:>10.2f}{r['planner_device_gib']:>13.2f}"
+            f"{r['state_bytes_per_param']:>9.1f}{r['grad_wait_share']:>11.0%}"
+            f"{r['grad_copy_hidden']:>13.0%}{note}"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--one", choices=SIDES)
+    ap.add_argument("--one", choices=RUN_SIDES)
     ap.add_argument("--layers", type=int, default=0)
     ap.add_argument("--width", type=int, default=2048)
     ap.add_argument("--seq-len", type=int, default=2048)
@@ -222,12 +281,19 @@ def main() -> None:
     ap.add_argument("--device-gib", type=float, default=0.0, help="cap on device memory")
     ap.add_argument("--probes", type=int, default=4, help="runs per side in the search")
     ap.add_argument("--probe-timeout", type=float, default=600.0)
+    ap.add_argument(
+        "--throughput-layers", type=int, default=24,
+        help="part 2: this depth, plain / offload / offload+dpu, on the whole device (0: skip)",
+    )  # fmt: skip
+    ap.add_argument("--throughput-seq-len", type=int, default=2048)
+    ap.add_argument("--throughput-micro-batch", type=int, default=8)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: check the script on CPU")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.smoke:
         args.width, args.seq_len, args.micro_batch, args.max_layers = 128, 64, 2, 3
-        args.steps, args.device_gib = 2, 0.0
+        args.steps, args.device_gib, args.throughput_layers = 2, 0.0, 2
+        args.throughput_seq_len, args.throughput_micro_batch = 64, 2
     if args.one:
         res = one_run(
             args.one, args.layers, args.width, args.seq_len, args.micro_batch, args.steps,
@@ -245,43 +311,49 @@ def main() -> None:
         budget = torch.cuda.get_device_properties(0).total_memory
     else:  # the smoke run: a budget that holds its tiny models
         budget = 2**30
-    out = {}
+    out: dict = {"largest": {}, "throughput": {}}
+
+    def save() -> None:  # after each part: a run cut short keeps what it measured
+        if args.json:
+            args.json.write_text(
+                json.dumps(
+                    {**provenance(), "args": {k: str(v) for k, v in vars(args).items()}, **out},
+                    indent=2,
+                )
+            )
+
     for side in SIDES:
         start = predicted_layers(side, args, budget, vocab)
         print(
             f"{side}: the planner predicts {start} layers in {budget / 2**30:.1f} GiB",
             file=sys.stderr,
         )
-        out[side] = largest(side, args, start)
-        if args.json:  # after each side: a run cut short keeps what it measured
-            args.json.write_text(
-                json.dumps(
-                    {**provenance(), "args": {k: str(v) for k, v in vars(args).items()},
-                     "runs": out},
-                    indent=2,
-                )
-            )  # fmt: skip
+        out["largest"][side] = with_planner(side, largest(side, args, start), args, vocab)
+        save()
+    if args.throughput_layers:
+        tp = argparse.Namespace(**{**vars(args), "device_gib": 0.0,
+                                   "seq_len": args.throughput_seq_len,
+                                   "micro_batch": args.throughput_micro_batch})  # fmt: skip
+        for side in RUN_SIDES:
+            res = fits(side, args.throughput_layers, tp) or {}
+            out["throughput"][side] = with_planner(
+                side, {"layers": args.throughput_layers, **res}, tp, vocab
+            )
+            save()
     cap = f"{args.device_gib:g} GiB of device memory" if args.device_gib else "the whole device"
-    print(f"\nwidth {args.width}, {args.micro_batch} x {args.seq_len} tokens per step, {cap}")
-    print(
-        f"{'side':<9}{'layers':>7}{'params M':>10}{'tokens/s':>10}{'TFLOPS':>8}{'peak GiB':>10}"
-        f"{'planner GiB':>13}{'B/param':>9}{'grad copy':>11}{'copy hidden':>13}"
+    table(
+        f"1. largest: width {args.width}, {args.micro_batch} x {args.seq_len} tokens, {cap}",
+        out["largest"],
     )
-    for side, r in out.items():
-        bracket = f" (fails at {r['fails_at']}; planner: {r['predicted']})"
-        if "num_params" not in r:
-            print(f"{side:<9}{'none fits':>7}{bracket}")
-            continue
-        print(
-            f"{side:<9}{r['layers']:>7}{r['num_params'] / 1e6:>10,.0f}{r['tokens_per_s']:>10,.0f}"
-            f"{r['tflops']:>8.1f}{r['peak_device_gib']:>10.2f}{r['planner_device_gib']:>13.2f}"
-            f"{r['state_bytes_per_param']:>9.1f}{r['grad_offload_share']:>10.0%}"
-            f"{r.get('grad_copy_hidden', float('nan')):>13.0%}{bracket}"
-        )
-    if "num_params" in out["plain"] and "num_params" in out["offload"]:
-        print(
-            "offload trains "
-            f"{out['offload']['num_params'] / out['plain']['num_params']:.1f}x the parameters"
+    big = out["largest"]
+    if "num_params" in big["plain"] and "num_params" in big["offload"]:
+        ratio = big["offload"]["num_params"] / big["plain"]["num_params"]
+        print(f"offload trains {ratio:.1f}x the parameters")
+    if out["throughput"]:
+        table(
+            f"2. throughput: {args.throughput_layers} layers, {args.throughput_micro_batch} x "
+            f"{args.throughput_seq_len} tokens per step, the whole device",
+            out["throughput"],
         )
 
 

@@ -8,7 +8,8 @@
 #   offload  benchmarks/gpu_offload.py (largest GPT with and without offload, TFLOPS, the
 #            planner against torch.cuda.max_memory_allocated, the gradient copy hidden).
 # Each part runs under its own time limit; one that fails or overruns is reported and the
-# next one runs. Logs and JSON results go to $OUT (default benchmarks/results/gpu-session).
+# next one runs; SKIP="overlap ..." leaves parts out. Logs and JSON results go to $OUT
+# (default benchmarks/results/gpu-session).
 #   GPU_PY=python3 OFFLOAD_ARGS="--device-gib 12 ..." bash benchmarks/gpu_session.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -23,6 +24,7 @@ OVERLAP_ARGS=${OVERLAP_ARGS:---repeats 20}
 part() {
     local name=$1 limit=$2 t0=$SECONDS rc
     shift 2
+    case " ${SKIP:-} " in *" $name "*) echo "== $name: skipped (SKIP)"; return ;; esac
     timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
     rc=$?
     echo "== $name: exit $rc after $((SECONDS - t0)) s (limit $limit s)"

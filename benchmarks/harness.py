@@ -42,7 +42,9 @@ def provenance(peers: tuple[str, ...] = ()) -> dict:
         text=True,
         cwd=ROOT,
     ).stdout.strip()
-    if not commit:  # a copy of the tree without .git (a lent GPU machine): the caller says
+    if os.environ.get("SLIPSTREAM_COMMIT") or not commit:
+        # A copy of the tree whose .git is missing or stale (a lent GPU machine): the caller
+        # names the commit it sent.
         commit, dirty = os.environ.get("SLIPSTREAM_COMMIT", "unknown"), ""
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     gpu = ""

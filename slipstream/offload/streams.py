@@ -53,6 +53,10 @@ class GradMover:
         self.cuda = device.type == "cuda"
         self.exposed_s = 0.0  # host time spent moving or waiting for gradients
         self.copy_s = 0.0  # CUDA: the copy stream's busy time (summed per bucket)
+        # CUDA: the event after the last copy that `wait()` saw land; with an event recorded
+        # when backward ended it gives the copy time backward did not hide, on the device's
+        # own clock (benchmarks/gpu_offload.py).
+        self.last_copy_done: torch.cuda.Event | None = None
         self._index = {id(b): k for k, b in enumerate(buckets)}
         self._left = [len(b.params) for b in buckets]
         self._flat: list[torch.Tensor | None] = [None] * len(buckets)  # W > 1, on the device
@@ -188,6 +192,8 @@ class GradMover:
             for k in range(len(self.buckets)):
                 self._await_add(k)
             self.copy_s += sum(a.elapsed_time(b) for a, b in self._timed) / 1e3
+            if self._timed:  # one copy stream: the last recorded is the last to land
+                self.last_copy_done = self._timed[-1][1]
             self._timed.clear()
         self.exposed_s += time.perf_counter() - t0
 

@@ -4,7 +4,10 @@ strategy that fits (see slipstream/offload/estimate.py for the model behind the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 
+import torch
+import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
@@ -32,16 +35,52 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
     )
 
 
-def saved_activation_bytes(model_cfg, micro_batch: int, seq_len: int, dtype) -> float:
-    """Bytes autograd saves for backward in one micro-batch of this GPT, found by running its
-    forward on the meta device (no memory, no compute) and adding the storages it saves,
-    parameters left out."""
-    import torch
-    import torch.nn.functional as F
+class _FusedAttentionSaves(torch.autograd.Function):
+    """Stands in for `F.scaled_dot_product_attention` in the meta trace. The meta device runs
+    SDPA's math path, which keeps the [T, T] scores (and float32 copies of q, k and v) for
+    backward; the fused kernels a run takes (flash, memory-efficient and cuDNN on GPUs, the
+    flash kernel on CPUs) keep q, k, v, the output and a float32 log-sum-exp per query row,
+    and recompute the scores. Measured on an H200, the math path's count put a 52-layer model
+    4.3 GiB over its real peak (benchmarks/results/2026-11-30-gpu-session.md)."""
 
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # never run: the trace does no backward
+        raise NotImplementedError
+
+
+@contextlib.contextmanager
+def _fused_attention_saves():
+    real = F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        return _FusedAttentionSaves.apply(q, k, v)
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = real
+
+
+def saved_activation_bytes(
+    model_cfg, micro_batch: int, seq_len: int, dtype, device="meta"
+) -> float:
+    """Bytes autograd saves for backward in one micro-batch of this GPT, found by running its
+    forward and adding the storages it saves, parameters left out. On the meta device (no
+    memory, no compute) attention is counted as the fused kernels keep it (see
+    `_FusedAttentionSaves`); on a real device (a GPU the plan is for) the forward runs there,
+    with that device's own kernels, and the count is exact for them."""
     from slipstream.models import GPT
 
-    with torch.device("meta"):
+    meta = torch.device(device).type == "meta"
+    with torch.device(device):
         model = GPT(model_cfg).to(dtype)
         x = torch.randint(0, model_cfg.vocab_size, (micro_batch, seq_len))
     weights = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
@@ -53,7 +92,8 @@ def saved_activation_bytes(model_cfg, micro_batch: int, seq_len: int, dtype) -> 
             saved[storage._cdata] = storage.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    stand_in = _fused_attention_saves() if meta else contextlib.nullcontext()
+    with stand_in, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         logits = model(x).float()
         F.cross_entropy(logits.flatten(0, 1), x.flatten())
     return float(sum(saved.values()))

@@ -96,3 +96,19 @@ def test_saved_activations_are_counted_without_the_weights():
     weights = GPT(cfg).num_params() * 4
     assert 0 <= 2 * one - two < weights / 4
     assert saved_activation_bytes(cfg, 1, 16, torch.bfloat16) < one
+
+
+def test_meta_trace_counts_attention_as_the_fused_kernels_keep_it():
+    """The meta device runs SDPA's math path (which keeps the [T, T] scores); the planner counts
+    what the fused kernels a real run takes keep. Checked against a real forward on the CPU,
+    whose flash kernel keeps q, k, v, the output and a log-sum-exp per row."""
+    import torch
+
+    from slipstream.models import GPTConfig
+    from slipstream.tools.memory import saved_activation_bytes
+
+    for dtype in (torch.float32, torch.bfloat16):
+        cfg = GPTConfig(vocab_size=512, n_layer=2, n_head=4, d_model=128, max_seq_len=256)
+        meta = saved_activation_bytes(cfg, 2, 256, dtype)
+        real = saved_activation_bytes(cfg, 2, 256, dtype, device="cpu")
+        assert abs(meta - real) < 0.05 * real, (dtype, meta, real)

@@ -80,15 +80,50 @@ def test_consumer_kernel_gives_up_on_a_flag_nobody_raises():
     assert time.monotonic() - t0 < 20
 
 
+def _one_rank_heap(rank: int, world: int) -> float:
+    from slipstream.overlap.group import create_heap
+    from slipstream.overlap.kernels.consumer_gemm import consumer_gemm
+
+    torch.cuda.set_device(0)
+    heap = create_heap("cuda", 1 << 16, 4)
+    region = heap.alloc("x", (2 * 16, 8), torch.float32)
+    first = heap.add_flags(["ready[0]", "ready[1]"])
+    src = torch.randn(2 * 16, 8, device="cuda")
+    heap.put(0, region, src)
+    heap.signal(0, first, 3)
+    heap.signal(0, first + 1, 1)
+    heap.signal(0, first + 1, 2, op="add")
+    assert heap.wait_until(first, 3, 10) >= 0 and heap.value(first + 1) == 3
+    assert torch.equal(heap.local(region), src)
+    with pytest.raises(TimeoutError, match=r"flag .*ready\[0\].* >= 4"):
+        heap.wait_until(first, 4, 0.2)
+    # The kernel waits on the heap's own flag (one shard, written by this rank: [1, 1]).
+    flags, eye = heap.flag_tensor(first, 1), torch.eye(8, device="cuda")
+    y, failed = consumer_gemm(heap.local(region), eye, flags, 0, 3, 5.0)
+    assert failed == []
+    _, failed = consumer_gemm(heap.local(region), eye, flags, 0, 4, 0.2)
+    assert failed == [0]
+    heap.close()
+    return float((y - src).abs().max() / src.abs().max())  # tf32 dot: ~1e-3 at most
+
+
+@CUDA
+def test_cuda_heap_put_signal_wait_in_one_process(tmp_path):
+    assert values(run_ranks(_one_rank_heap, 1, tmp_path, timeout_s=120))[0] < REL[torch.float32]
+
+
 def _cuda_heap(rank: int, world: int) -> list[tuple]:
+    import faulthandler
+
     from slipstream.overlap import OverlapGroup, all_gather_matmul, matmul_reduce_scatter
 
+    faulthandler.dump_traceback_later(60)  # a hang shows where each rank stands
     torch.cuda.set_device(0)  # both ranks on the one GPU
     dev = torch.device("cuda")
     out = []
     m, k, n = 48, 40, 72
     for kernel in ("torch", "triton"):
-        group = OverlapGroup(None, "cuda", kernel=kernel, chunks=2, timeout_s=60)
+        group = OverlapGroup(None, "cuda", kernel=kernel, chunks=2, timeout_s=30)
         for dtype in (torch.float32, torch.bfloat16):
             for call in range(3):  # flags are never reset between calls
                 # Every rank makes every rank's inputs from seeds: the reference is local.
@@ -117,7 +152,7 @@ def test_cuda_symmetric_heap_between_two_processes_on_one_gpu(tmp_path, monkeypa
     # torch refuses two ranks' symmetric memory on one device unless told that is intended.
     monkeypatch.setenv("TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES", "1")
     assert os.environ["TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES"] == "1"
-    for rank_rows in values(run_ranks(_cuda_heap, 2, tmp_path, timeout_s=240)):
+    for rank_rows in values(run_ranks(_cuda_heap, 2, tmp_path, timeout_s=80)):
         assert len(rank_rows) == 2 * 2 * 3 * 2
         for kernel, dtype, op, rel in rank_rows:
             tol = REL[torch.bfloat16] if "bfloat16" in dtype else REL[torch.float32]
