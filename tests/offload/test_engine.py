@@ -267,20 +267,40 @@ def test_trainer_with_fp16_offload_resumes_exactly(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_copy_stream_path_matches_torch_adamw_with_accumulation():
     """On CUDA, gradients go through the side stream and pinned staging (streams.py); a
-    parameter without a gradient leaves its bucket partly filled, which `wait()` completes."""
+    parameter without a gradient leaves its bucket partly filled, which `wait()` completes.
+
+    Checked where the two sides must agree, not along a trajectory: on an H200 (torch 2.11)
+    the losses of a 6-step run drifted 2.7e-4 apart. The embedding's backward adds with
+    atomics on a GPU, in no fixed order, and Adam turns last-bit differences of small
+    gradients into whole steps, so trajectories part even between two runs of one optimizer.
+    Here: every micro-step's gradient lands in the host buffers (same kernels, so equal but
+    for that order), then one step matches torch's AdamW."""
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = torch.device("cuda")
     cfg = OptimConfig(lr=1e-2, weight_decay=0.1)
     ref, off = tiny().to(dev), tiny().to(dev)
     for m in (ref, off):
         m.register_parameter("unused", torch.nn.Parameter(torch.ones(3, device=dev)))
-    data = [x.to(dev) for x in batches(12)]
-    want = train(ref, build_optimizer(ref, cfg, dev), data, micro=2)
+    ref_opt = build_optimizer(ref, cfg, dev)
     opt = build_optimizer(
         off, OptimConfig(**{**cfg.to_dict(), "offload": True, "offload_dtype": "fp32"}), dev
     )
-    got = train(off, opt, data, micro=2)
-    assert got == pytest.approx(want, rel=1e-4)
+    for model in (ref, off):
+        for x in batches(2):  # two micro-steps, accumulated
+            x = x.to(dev)
+            logits = model(x[:, :-1]).float()
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+            (loss / 2).backward()
+    opt.wait_grads()
     assert opt.mover.cuda and opt.mover.copy_s > 0
+    want = {id(o): r.grad for o, r in zip(off.parameters(), ref.parameters(), strict=True)}
+    for b in opt.buckets:
+        for i, p in enumerate(b.params):
+            g = want[id(p)]
+            expect = torch.zeros(p.shape) if g is None else g.cpu()  # "unused": zeros
+            torch.testing.assert_close(b.view(b.grad, i), expect, rtol=1e-5, atol=1e-7)
+            assert p.grad is None  # the device copy was freed
+    ref_opt.step()
+    opt.step()
     for a, b in zip(off.parameters(), ref.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
