@@ -148,7 +148,9 @@ def one_run(
         copy_before = getattr(mover, "copy_s", 0.0)
         with autocast:
             logits = model(x[:, :-1])
-        F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten()).backward()
+        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+        del logits  # as the trainer's loss does: the logits are not held through backward
+        loss.backward()
         if cuda:
             backward_done = torch.cuda.Event(enable_timing=True)
             backward_done.record()

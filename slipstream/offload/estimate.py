@@ -21,7 +21,9 @@ Activations per layer and token (Korthikanti et al., 2022, without stored attent
 fused attention recomputes them): 34 * width bytes in 16-bit, 68 in fp32; with activation
 checkpointing only each layer's input (2 or 4 * width bytes) is kept, plus one layer's full
 set.
-Logits and their gradient: 2 * vocab * 4 bytes per token.
+The loss at its backward's peak: 3 * vocab * 4 bytes per token (the fp32 log-probabilities it
+saved, the gradient of those and the gradient of the logits; measured on an H200 at 16k
+tokens per step, where leaving one out put the estimate 3 GiB under the peak).
 
 Step time: compute = 6 * P * tokens / device FLOP/s (8 * P with activation checkpointing, which
 runs the forward twice); the host step moves 30 bytes per parameter of its slice at the host
@@ -87,15 +89,17 @@ NEXT = ("zero2",)  # strategies not in Slipstream yet
 
 
 def activation_bytes(w: Workload, checkpointing: bool) -> float:
-    """Activations kept for backward, plus the fp32 logits and their gradient."""
+    """Activations kept for backward, plus what the loss holds at its backward's peak."""
     measured = w.saved_bytes_ckpt if checkpointing else w.saved_bytes
     if measured is not None:
-        return measured + w.vocab_size * 4 * w.tokens  # + the fp32 logits' gradient
+        # The trace holds the saved fp32 log-probabilities; the loss's backward adds two
+        # fp32 gradients of the same size (of the log-probabilities, then of the logits).
+        return measured + 2 * w.vocab_size * 4 * w.tokens
     full = 17 * w.width * w.act_bytes  # per layer and token: 34 * width bytes in 16-bit
     # With checkpointing: each layer's input, and one layer's full set during its recompute.
     per_layer = w.width * w.act_bytes if checkpointing else full
     kept = w.num_layers * per_layer + (full if checkpointing else 0)
-    return kept * w.tokens + 2 * w.vocab_size * 4 * w.tokens
+    return kept * w.tokens + 3 * w.vocab_size * 4 * w.tokens
 
 
 def estimate(strategy: str, w: Workload, hw: Hardware) -> Estimate:
