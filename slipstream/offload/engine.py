@@ -94,8 +94,9 @@ class OffloadOptimizer:
         self.host = HostAdamW(host_groups, lr=lr, betas=betas, eps=eps, num_threads=num_threads)
         self.device = self.buckets[0].params[0].device if self.buckets else torch.device("cpu")
         self.mover = GradMover(
-            self.buckets, self.device, self.device_group, group, self.world, self._bucket_ready
-        )
+            self.buckets, self.device, self.device_group, group, self.world, self._bucket_ready,
+            add=self.host.add_grad,
+        )  # fmt: skip
         # Host steps of buckets whose gradient was complete during the last backward.
         self._armed = False
         self._early: dict[int, Future] = {}

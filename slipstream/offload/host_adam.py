@@ -69,6 +69,26 @@ class HostAdamW(torch.optim.Optimizer):
         return self._lib is not None
 
     @torch.no_grad()
+    def add_grad(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """dst += src: a model's gradient into its fp32 host buffer. bf16 gradients go through
+        the kernel (the same bits as `add_`, about 5x faster than torch's mixed-dtype add on 2
+        cores: benchmarks/results/2026-11-30-grad-add.md); anything else through `add_`."""
+        if (
+            self._lib is not None
+            and src.dtype == torch.bfloat16
+            and dst.dtype == torch.float32
+            and src.device.type == "cpu"
+            and src.shape == dst.shape
+            and src.is_contiguous()
+            and dst.is_contiguous()
+        ):
+            self._lib.grad_add_bf16(
+                dst.data_ptr(), src.data_ptr(), dst.numel(), 0, self.num_threads
+            )
+        else:
+            dst.add_(src)
+
+    @torch.no_grad()
     def grad_sq_norm(self) -> float:
         """Sum of squares of every gradient, the same for any thread count."""
         total = 0.0

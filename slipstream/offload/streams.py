@@ -43,9 +43,13 @@ class GradMover:
         host_group: dist.ProcessGroup | None = None,
         world: int = 1,
         on_ready=None,
+        add=None,
     ) -> None:
         """`group`: the data-parallel ranks on the device's backend (the reduce-scatters);
-        `host_group`: the same ranks over gloo (a few flags per step). Both only when W > 1."""
+        `host_group`: the same ranks over gloo (a few flags per step). Both only when W > 1.
+        `add(dst, src)`: dst += src on the host (the engine passes HostAdamW's, which takes
+        bf16 gradients through its kernel)."""
+        self.add = add or (lambda dst, src: dst.add_(src))
         self.buckets, self.group, self.host_group, self.world = buckets, group, host_group, world
         # Called with a bucket's index once its gradient of this backward is complete in the
         # host buffer (every parameter's; with W > 1 reduced): the engine may step it then.
@@ -68,6 +72,10 @@ class GradMover:
         dtype = buckets[0].params[0].dtype if buckets and world == 1 else torch.float32
         self.staging = [torch.empty(b.grad.numel(), dtype=dtype, pin_memory=True) for b in buckets]
         self._queued = [False] * len(buckets)
+        # Which parameters of each bucket have a gradient in its staging buffer since the last
+        # add: a bucket completed by `wait()` adds only those (the others' slots hold an older
+        # backward's gradient, or nothing).
+        self._written: list[set[int]] = [set() for _ in buckets]
         self._start: list[torch.cuda.Event | None] = [None] * len(buckets)
         self._timed: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._adds: list[Future | None] = [None] * len(buckets)
@@ -91,7 +99,7 @@ class GradMover:
             if self._left[k] == 0:
                 self._reduce(k)
         elif not self.cuda:
-            bucket.view(bucket.grad, i).add_(g.to(torch.float32))
+            self.add(bucket.view(bucket.grad, i), g)
             p.grad = None
             self._left[k] -= 1
             if self._left[k] == 0:
@@ -99,12 +107,19 @@ class GradMover:
                 self.on_ready(k)
         else:
             self._await_add(k)  # the last micro-step's add must have read the staging buffer
+            if i in self._written[k]:
+                # Its slot still holds an earlier micro-step's gradient, never added: the
+                # bucket did not complete then (some parameter got no gradient). Add what is
+                # staged first (no early step: the bucket is not whole), then overwrite.
+                self._finish(k, ready=False)
+                self._await_add(k)
             self.stream.wait_stream(torch.cuda.current_stream(g.device))
             with torch.cuda.stream(self.stream):
                 if self._start[k] is None:
                     self._start[k] = torch.cuda.Event(enable_timing=True)
                     self._start[k].record(self.stream)
                 bucket.view(self.staging[k], i).copy_(g, non_blocking=True)
+            self._written[k].add(i)
             g.record_stream(self.stream)  # its memory is reused only after the copy
             p.grad = None
             self._queued[k] = True
@@ -153,7 +168,7 @@ class GradMover:
         # The transients stay referenced until the copy has landed.
         self._adds[k] = self._pool.submit(self._add, k, done, (flat, mine, work))
 
-    def _finish(self, k: int) -> None:
+    def _finish(self, k: int, ready: bool = True) -> None:
         """One process: the bucket's copies are queued; a host thread adds them once they have
         landed."""
         done = torch.cuda.Event(enable_timing=True)
@@ -161,12 +176,18 @@ class GradMover:
         self._timed.append((self._start[k], done))
         self._start[k], self._queued[k] = None, False
         self._left[k] = len(self.buckets[k].params)
-        self._adds[k] = self._pool.submit(self._add, k, done)
+        written, self._written[k] = self._written[k], set()
+        self._adds[k] = self._pool.submit(self._add, k, done, written=written, ready=ready)
 
-    def _add(self, k: int, done: torch.cuda.Event, keep=None) -> None:
+    def _add(self, k: int, done: torch.cuda.Event, keep=None, written=None, ready=True) -> None:
         done.synchronize()
-        self.buckets[k].grad.add_(self.staging[k])  # to fp32 in the add, no temporary
-        self.on_ready(k)
+        b = self.buckets[k]
+        if written is None:  # W > 1: the reduced slice, whole
+            self.add(b.grad, self.staging[k])
+        else:
+            add_staged(b, b.grad, self.staging[k], written, self.add)
+        if ready:
+            self.on_ready(k)
 
     def wait(self) -> None:
         """Every gradient of the backward passes so far is in the fp32 buffers (buckets whose
@@ -200,3 +221,15 @@ class GradMover:
     def close(self) -> None:
         if self.cuda:
             self._pool.shutdown(wait=True)
+
+
+def add_staged(bucket: Bucket, grad: torch.Tensor, staging: torch.Tensor, written, add) -> None:
+    """grad += the staged gradients of the parameters in `written` (indices into
+    bucket.params): the whole buffer in one pass when every parameter wrote its slot, else
+    slot by slot, so a slot no gradient reached since the last add (an older backward's, or
+    never written) is not added."""
+    if len(written) == len(bucket.params):
+        add(grad, staging)
+        return
+    for i in sorted(written):
+        add(bucket.view(grad, i), bucket.view(staging, i))

@@ -267,7 +267,8 @@ def test_trainer_with_fp16_offload_resumes_exactly(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_copy_stream_path_matches_torch_adamw_with_accumulation():
     """On CUDA, gradients go through the side stream and pinned staging (streams.py); a
-    parameter without a gradient leaves its bucket partly filled, which `wait()` completes.
+    parameter without a gradient leaves its bucket partly filled: the next micro-step adds
+    what is staged before overwriting a slot, and `wait()` completes the bucket.
 
     Checked where the two sides must agree, not along a trajectory: on an H200 (torch 2.11)
     the losses of a 6-step run drifted 2.7e-4 apart. The embedding's backward adds with
@@ -304,3 +305,23 @@ def test_cuda_copy_stream_path_matches_torch_adamw_with_accumulation():
     opt.step()
     for a, b in zip(off.parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_staged_gradients_are_added_only_where_a_gradient_was_written():
+    """On CUDA a bucket's staging buffer is added into its fp32 gradient; when `wait()`
+    completes a bucket some parameter of which got no gradient, that parameter's slot holds an
+    older backward's gradient (or nothing) and must not be added (streams.add_staged)."""
+    from slipstream.offload.buckets import make_bucket
+    from slipstream.offload.streams import add_staged
+
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in (3, 4, 5)]
+    bucket = make_bucket(params, 1, 0, None)
+    staging = torch.arange(12, dtype=torch.float32) + 1  # every slot holds something
+    grad = torch.zeros(12)
+    add_staged(bucket, grad, staging, {0, 2}, lambda d, s: d.add_(s))
+    assert torch.equal(bucket.view(grad, 1), torch.zeros(4))  # the stale slot stayed out
+    assert torch.equal(bucket.view(grad, 0), bucket.view(staging, 0))
+    assert torch.equal(bucket.view(grad, 2), bucket.view(staging, 2))
+    add_staged(bucket, grad, staging, {0, 1, 2}, lambda d, s: d.add_(s))  # whole: one pass
+    assert torch.equal(bucket.view(grad, 1), bucket.view(staging, 1))
+    assert torch.equal(bucket.view(grad, 0), 2 * bucket.view(staging, 0))

@@ -101,3 +101,26 @@ def test_state_has_torchs_layout_and_round_trips():
 def test_refuses_parameters_that_are_not_fp32_host_tensors():
     with pytest.raises(ValueError, match="contiguous fp32 CPU tensors"):
         HostAdamW([torch.zeros(3, dtype=torch.bfloat16)])
+
+
+@pytest.mark.parametrize("n", [1, 7, 2049, 70_001])  # ragged against the kernel's chunks
+def test_bf16_gradient_add_gives_torchs_bits(n):
+    """The kernel's bf16 -> fp32 add is the sum torch's add_ gives, bit for bit (the
+    conversion is exact), for any length; other dtypes and layouts take add_ itself."""
+    p = torch.zeros(8)
+    opt = HostAdamW([p], num_threads=2)
+    assert opt.uses_kernel
+    g = torch.randn(n, generator=torch.Generator().manual_seed(n)).bfloat16()
+    g[0] = float("nan") if n > 1 else g[0]  # a NaN stays a NaN (an fp16 loss-scale overflow)
+    dst = torch.randn(n, generator=torch.Generator().manual_seed(n + 1))
+    want = dst.clone().add_(g)
+    opt.add_grad(dst, g)
+    assert torch.allclose(dst, want, rtol=0, atol=0, equal_nan=True)
+    half = g.half()
+    dst2 = torch.zeros(n)
+    opt.add_grad(dst2, half)  # fp16: torch's add_
+    assert torch.allclose(dst2, half.float(), rtol=0, atol=0, equal_nan=True)
+    if n > 2:  # a strided view: torch's add_
+        dst3 = torch.zeros(n)[::2]
+        opt.add_grad(dst3, g[::2])
+        assert torch.allclose(dst3, g[::2].float(), rtol=0, atol=0, equal_nan=True)
