@@ -82,9 +82,7 @@ class HostAdamW(torch.optim.Optimizer):
             and src.is_contiguous()
             and dst.is_contiguous()
         ):
-            self._lib.grad_add_bf16(
-                dst.data_ptr(), src.data_ptr(), dst.numel(), 0, self.num_threads
-            )
+            self._lib.grad_add_bf16(dst.data_ptr(), src.data_ptr(), dst.numel(), self.num_threads)
         else:
             dst.add_(src)
 

@@ -43,5 +43,5 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sum_squares.restype = ctypes.c_double
     lib.access_probe.argtypes = [p, p, p, p, i64, i32]
     lib.access_probe.restype = None
-    lib.grad_add_bf16.argtypes = [p, p, i64, i32, i32]
+    lib.grad_add_bf16.argtypes = [p, p, i64, i32]
     lib.grad_add_bf16.restype = None
