@@ -46,16 +46,21 @@ def _config(layers: int, width: int, seq_len: int, vocab: int):
 
 
 @functools.cache
-def _saved_per_layer(width: int, seq_len: int, micro_batch: int, vocab: int, device: str):
+def _saved_per_layer(
+    width: int, seq_len: int, micro_batch: int, vocab: int, device: str, mixed: bool
+):
     """(saved bytes of a 1-layer model, bytes each further layer adds), traced on `device`:
-    on a GPU with its own kernels (exact for them), else on the meta device."""
+    on a GPU with its own kernels (exact for them), else on the meta device. `mixed`: fp32
+    weights under bf16 autocast, as the plain side trains (a GPU only); else bf16 weights."""
     import torch
 
     from slipstream.tools.memory import saved_activation_bytes
 
+    mixed = mixed and device != "meta"
+    dtype, autocast = (torch.float32, torch.bfloat16) if mixed else (torch.bfloat16, None)
     one, two = (
         saved_activation_bytes(
-            _config(n, width, seq_len, vocab), micro_batch, seq_len, torch.bfloat16, device
+            _config(n, width, seq_len, vocab), micro_batch, seq_len, dtype, device, autocast
         )
         for n in (1, 2)
     )
@@ -64,9 +69,9 @@ def _saved_per_layer(width: int, seq_len: int, micro_batch: int, vocab: int, dev
     return one, two - one
 
 
-def workload(layers: int, args, vocab: int):
+def workload(layers: int, args, vocab: int, side: str = "offload"):
     """The planner's view of the model: parameters counted on the meta device, activations
-    traced (on the GPU when there is one; see `_saved_per_layer`)."""
+    traced (on the GPU when there is one, as `side` trains: see `_saved_per_layer`)."""
     import torch
 
     from slipstream.models import GPT
@@ -76,7 +81,9 @@ def workload(layers: int, args, vocab: int):
     with torch.device("meta"):
         n = GPT(cfg).num_params()
     device = "cuda" if torch.cuda.is_available() else "meta"
-    first, per_layer = _saved_per_layer(args.width, args.seq_len, args.micro_batch, vocab, device)
+    first, per_layer = _saved_per_layer(
+        args.width, args.seq_len, args.micro_batch, vocab, device, side == "plain"
+    )
     return Workload(
         num_params=n,
         num_layers=layers,
@@ -96,7 +103,7 @@ def predicted_layers(side: str, args, device_bytes: float, vocab: int) -> int:
     lo, hi = 0, args.max_layers
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if estimate(side, workload(mid, args, vocab), hw).fits:
+        if estimate(side, workload(mid, args, vocab, side), hw).fits:
             lo = mid
         else:
             hi = mid - 1
@@ -246,7 +253,7 @@ def with_planner(side: str, res: dict, args, vocab: int) -> dict:
     if "num_params" not in res:
         return res
     hw = Hardware(device_bytes=1e15, host_bytes=1e15, device_flops=1e15)
-    gib = estimate(side, workload(res["layers"], args, vocab), hw).device_bytes / 2**30
+    gib = estimate(side, workload(res["layers"], args, vocab, side), hw).device_bytes / 2**30
     res["planner_device_gib"] = gib
     res["planner_error"] = gib / res["peak_device_gib"] - 1 if res["peak_device_gib"] else None
     return res

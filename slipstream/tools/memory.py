@@ -70,16 +70,22 @@ def _fused_attention_saves():
 
 
 def saved_activation_bytes(
-    model_cfg, micro_batch: int, seq_len: int, dtype, device="meta"
+    model_cfg, micro_batch: int, seq_len: int, dtype, device="meta", autocast=None
 ) -> float:
     """Bytes autograd saves for backward in one micro-batch of this GPT, found by running its
     forward and adding the storages it saves, parameters left out. On the meta device (no
     memory, no compute) attention is counted as the fused kernels keep it (see
     `_FusedAttentionSaves`); on a real device (a GPU the plan is for) the forward runs there,
-    with that device's own kernels, and the count is exact for them."""
+    with that device's own kernels, and the count is exact for them. `autocast` (a real
+    device only): the model in `dtype` runs under autocast to this dtype, as plain mixed
+    precision trains it; the low-precision copies of the weights autocast keeps for backward
+    are counted, as they take memory."""
     from slipstream.models import GPT
 
-    meta = torch.device(device).type == "meta"
+    kind = torch.device(device).type
+    meta = kind == "meta"
+    if autocast is not None and meta:
+        raise ValueError("saved_activation_bytes: autocast needs a real device, not meta")
     with torch.device(device):
         model = GPT(model_cfg).to(dtype)
         x = torch.randint(0, model_cfg.vocab_size, (micro_batch, seq_len))
@@ -93,8 +99,11 @@ def saved_activation_bytes(
         return t
 
     stand_in = _fused_attention_saves() if meta else contextlib.nullcontext()
+    mixed = torch.autocast(kind, dtype=autocast) if autocast else contextlib.nullcontext()
     with stand_in, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logits = model(x).float()
+        with mixed:
+            logits = model(x)
+        logits = logits.float()
         F.cross_entropy(logits.flatten(0, 1), x.flatten())
     return float(sum(saved.values()))
 

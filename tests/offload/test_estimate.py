@@ -112,3 +112,26 @@ def test_meta_trace_counts_attention_as_the_fused_kernels_keep_it():
         meta = saved_activation_bytes(cfg, 2, 256, dtype)
         real = saved_activation_bytes(cfg, 2, 256, dtype, device="cpu")
         assert abs(meta - real) < 0.05 * real, (dtype, meta, real)
+
+
+def test_trace_under_autocast_counts_the_weight_copies_it_keeps():
+    """Plain mixed precision (fp32 weights under bf16 autocast) keeps a bf16 copy of each
+    matmul weight for backward: the trace on a real device counts them; the meta device
+    cannot run autocast and says so."""
+    import pytest
+    import torch
+
+    from slipstream.models import GPT, GPTConfig
+    from slipstream.tools.memory import saved_activation_bytes
+
+    cfg = GPTConfig(vocab_size=512, n_layer=2, n_head=4, d_model=128, max_seq_len=256)
+    bf16 = saved_activation_bytes(cfg, 2, 256, torch.bfloat16, device="cpu")
+    mixed = saved_activation_bytes(
+        cfg, 2, 256, torch.float32, device="cpu", autocast=torch.bfloat16
+    )
+    matmul_weights = sum(p.numel() for p in GPT(cfg).parameters() if p.dim() == 2)
+    # The copies, and little else: the activations themselves are bf16 under autocast (an
+    # fp32 trace would keep about twice the bf16 one's).
+    assert 2 * matmul_weights * 0.9 <= mixed - bf16 <= 2 * matmul_weights * 1.5
+    with pytest.raises(ValueError, match="autocast needs a real device"):
+        saved_activation_bytes(cfg, 2, 256, torch.float32, autocast=torch.bfloat16)
