@@ -151,7 +151,8 @@ def _torch_fused(x_ag, w_ag, x_rs, w_rs, smoke: bool, timed, repeats: int) -> di
         import torch.distributed._symmetric_memory as symm_mem
 
         name = dist.group.WORLD.group_name
-        if torch.__version__ < "2.9":  # needed before torch 2.9, deprecated after
+        major_minor = tuple(int(x) for x in torch.__version__.split(".")[:2])
+        if major_minor < (2, 9):  # needed before torch 2.9, deprecated after
             symm_mem.enable_symm_mem_for_group(name)
         ops = torch.ops.symm_mem
         return {

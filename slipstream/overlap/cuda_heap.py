@@ -69,7 +69,13 @@ class CudaHeap:
         # cannot see the flag before the data.
         slot = self.pads[rank][flag, self.rank : self.rank + 1]
         if op == "set":
-            slot.fill_(value)
+            # A copy from pinned host memory: the copy engine writes the flag, no SM needed.
+            # A kernel (fill_) would wait for a free SM, and this GPU's consumer kernel,
+            # spinning on every SM for a peer's shard, could hold up the very signal that
+            # peer's consumer waits for. The caching host allocator keeps the pinned value
+            # until the copy has run.
+            value_t = torch.tensor([value], dtype=torch.int64).pin_memory()
+            slot.copy_(value_t, non_blocking=True)
         else:
             slot.add_(value)
 
