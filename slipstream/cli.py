@@ -108,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--host-gib", type=float, default=256.0)
     m.add_argument("--device-tflops", type=float, default=400.0, help="sustained, bf16")
     m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    m.add_argument(
+        "--trace-device",
+        default="meta",
+        help="a recipe's activations are counted by running its forward here: meta (no "
+        "memory, no compute) or a real device such as cuda, whose own kernels are then "
+        "counted exactly (one micro-batch must fit there)",
+    )
     m.set_defaults(func=_memory)
     return p
 

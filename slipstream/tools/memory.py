@@ -108,6 +108,17 @@ def saved_activation_bytes(
     return float(sum(saved.values()))
 
 
+def trace_device(name: str) -> torch.device:
+    """`--trace-device`, checked: meta, cpu, or an accelerator this machine has."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--trace-device {name!r}: not a device ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--trace-device {name!r}: no CUDA device here; use meta")
+    return device
+
+
 def workload_from_recipe(args: argparse.Namespace) -> Workload:
     """Counts a GPT recipe's parameters without allocating them (on the meta device)."""
     import dataclasses
@@ -132,11 +143,12 @@ def workload_from_recipe(args: argparse.Namespace) -> Workload:
     fp32 = cfg.train.precision == "fp32"  # auto = bf16 on a GPU
     seq, mb = cfg.data.seq_len, cfg.data.micro_batch_size
     dtype = torch.float32 if fp32 else torch.bfloat16
-    saved = saved_activation_bytes(
-        dataclasses.replace(m, activation_checkpointing=False), mb, seq, dtype
-    )
-    ckpt = saved_activation_bytes(
-        dataclasses.replace(m, activation_checkpointing=True), mb, seq, dtype
+    device = trace_device(getattr(args, "trace_device", "meta"))
+    saved, ckpt = (
+        saved_activation_bytes(
+            dataclasses.replace(m, activation_checkpointing=ckpt), mb, seq, dtype, device
+        )
+        for ckpt in (False, True)
     )
     return Workload(
         num_params=num,

@@ -135,3 +135,31 @@ def test_trace_under_autocast_counts_the_weight_copies_it_keeps():
     assert 2 * matmul_weights * 0.9 <= mixed - bf16 <= 2 * matmul_weights * 1.5
     with pytest.raises(ValueError, match="autocast needs a real device"):
         saved_activation_bytes(cfg, 2, 256, torch.float32, autocast=torch.bfloat16)
+
+
+def test_a_recipe_can_be_traced_on_a_real_device(tmp_path):
+    """`--trace-device cpu` (or cuda on a GPU machine) runs the recipe's forward there and
+    counts what that device's kernels keep; the meta count agrees with the CPU's within 5%.
+    A device this machine lacks, or no device at all, is refused with the reason."""
+    import argparse
+
+    import pytest
+    import torch
+
+    from slipstream.tools.memory import trace_device, workload_from_recipe
+    from tests.e2e.test_train import write_recipe
+
+    recipe = write_recipe(tmp_path)
+    got = {}
+    for device in ("meta", "cpu"):
+        args = argparse.Namespace(recipe=recipe, set=[], ranks=1, trace_device=device)
+        got[device] = workload_from_recipe(args)
+    meta, cpu = got["meta"].saved_bytes, got["cpu"].saved_bytes
+    assert cpu > 0 and abs(meta - cpu) < 0.05 * cpu
+    with pytest.raises(ValueError, match="not a device"):
+        trace_device("bogus")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device here"):
+            trace_device("cuda")
+    out = run_cli("memory", str(recipe), "--trace-device", "nowhere")
+    assert out.returncode != 0 and "--trace-device 'nowhere'" in out.stderr
