@@ -38,6 +38,9 @@ from benchmarks.harness import provenance
 AG_SHAPE = (8192, 28672, 8192)  # M, N, K: x [M/W, K] gathered, w [K, N/W]
 RS_SHAPE = (8192, 8192, 29568)  # M, N, K: x [M, K/W], w [K/W, N], out [M/W, N]
 SMOKE_AG, SMOKE_RS = (64, 96, 48), (64, 48, 96)
+# Tiles tried on the GPU beside the default (128 x 128 x 64, Triton's default warps and
+# stages): (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
+TILES = [(128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4)]
 
 
 def _timer(smoke: bool):
@@ -92,6 +95,23 @@ def kernel_cost(smoke: bool, repeats: int) -> dict:
         med = {key: v["median_ms"] for key, v in row.items()}
         row["wait_cost"] = med["triton_wait"] / med["triton_no_wait"] - 1
         row["vs_cublas"] = med["triton_wait"] / med["cublas"]
+        if not smoke:  # other tiles for the same kernel, waits on: what a tuned launch gains
+            tiles = {}
+            for bm, bn, bk, warps, stages in TILES:
+                key = f"{bm}x{bn}x{bk}/w{warps}/s{stages}"
+                try:
+                    tiles[key] = timed(
+                        lambda a=a, b=b, f=flags, t=(bm, bn, bk), w=warps, s=stages: consumer_gemm(
+                            a, b, f, 0, 1, block=t, num_warps=w, num_stages=s
+                        ),
+                        repeats,
+                    )["median_ms"]
+                except Exception as e:  # a tile too large for shared memory: recorded
+                    tiles[key] = f"{type(e).__name__}: {str(e)[:200]}"
+            row["tiles_ms"] = tiles
+            best = min((v for v in tiles.values() if isinstance(v, float)), default=None)
+            if best is not None:
+                row["best_tile_vs_cublas"] = best / med["cublas"]
         row["tflops"] = {
             key: 2 * m * n * k / (ms * 1e-3) / 1e12 for key, ms in med.items() if ms > 0
         }
@@ -216,6 +236,11 @@ def main() -> None:
         print(
             f"consumer GEMM {shape}: flag waits cost {row['wait_cost']:+.1%}; "
             f"{row['vs_cublas']:.2f}x the time of torch.matmul"
+            + (
+                f"; best tile {row['best_tile_vs_cublas']:.2f}x"
+                if "best_tile_vs_cublas" in row
+                else ""
+            )
         )
     if world >= 2:
         report["multi"] = multi_gpu(world, args.smoke, args.repeats)

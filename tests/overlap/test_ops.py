@@ -171,3 +171,21 @@ def test_waiting_for_a_late_peer_counts_as_exposed_communication(impl, tmp_path)
     waited = values(run_ranks(_late_peer, 2, tmp_path, impl))
     assert waited[0] >= 0.2  # the 0.3 s rank 0 stood still, less the ranks' start skew
     assert waited[1] < waited[0]  # the late rank found its peer's shard waiting
+
+
+def _tile_and_launch(rank: int, world: int) -> float:
+    os.environ["TRITON_INTERPRET"] = "1"  # before the kernel's module is imported
+    from slipstream.overlap.kernels.consumer_gemm import consumer_gemm
+
+    a, b = torch.randn(2 * 40, 24), torch.randn(24, 36)
+    flags = torch.ones(2, 2, dtype=torch.int64)
+    y, failed = consumer_gemm(a, b, flags, 1, 1, block=(16, 32, 16), num_warps=8, num_stages=3)
+    assert failed == []
+    return float((y - a @ b).abs().max())
+
+
+def test_consumer_kernel_takes_a_tile_and_launch_settings(tmp_path):
+    """The GPU benchmark tries other tiles and launches (`gpu_overlap.TILES`); the kernel takes
+    them and computes the same product (under the interpreter here, where warps and stages
+    change nothing but the call must still be valid)."""
+    assert values(run_ranks(_tile_and_launch, 1, tmp_path))[0] <= 1e-4

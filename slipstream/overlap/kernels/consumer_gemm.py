@@ -88,9 +88,12 @@ def consumer_gemm(
     timeout_s: float = 30.0,
     block: tuple[int, int, int] | None = None,
     wait: bool = True,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
     """(y = a @ b, the shards whose flags never reached `epoch`). a: [world * m, K], the
-    gather buffer; flags: int64 [world, world], row src = shard src's ready flag."""
+    gather buffer; flags: int64 [world, world], row src = shard src's ready flag. `block`,
+    `num_warps`, `num_stages`: the tile and its launch (Triton's defaults if not given)."""
     world = flags.shape[0]
     if a.shape[0] % world or a.shape[1] != b.shape[0]:
         raise ValueError(
@@ -111,6 +114,8 @@ def consumer_gemm(
         UPCAST=not a.is_cuda and torch.bfloat16 in (a.dtype, b.dtype),
         ACQUIRE=a.is_cuda,
         WAIT=wait,
+        **({} if num_warps is None else {"num_warps": num_warps}),
+        **({} if num_stages is None else {"num_stages": num_stages}),
     )  # fmt: skip
     failed = status.amax(dim=1).view(world, tiles_per_shard).amax(dim=1).nonzero().flatten()
     steps = failed.tolist()
