@@ -36,6 +36,11 @@ SIDES = ("plain", "offload")  # part 1: the largest model of each
 RUN_SIDES = (*SIDES, "offload+dpu")  # part 2: throughput at one size
 
 
+def _vocab(cuda: bool) -> int:
+    """GPT-2's vocabulary on a GPU; a small one for the CPU smoke run."""
+    return 50_257 if cuda else 512
+
+
 def _config(layers: int, width: int, seq_len: int, vocab: int):
     from slipstream.models import GPTConfig
 
@@ -122,7 +127,7 @@ def one_run(
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    vocab = 50_257 if cuda else 512
+    vocab = _vocab(cuda)
     cfg = _config(layers, width, seq_len, vocab)
     if cuda and device_gib:
         total = torch.cuda.get_device_properties(0).total_memory
@@ -313,7 +318,7 @@ def main() -> None:
     import torch
 
     cuda = torch.cuda.is_available()
-    vocab = 50_257 if cuda else 512
+    vocab = _vocab(cuda)
     if args.device_gib:
         budget = args.device_gib * 2**30
     elif cuda:

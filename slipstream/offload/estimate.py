@@ -22,8 +22,8 @@ fused attention recomputes them): 34 * width bytes in 16-bit, 68 in fp32; with a
 checkpointing only each layer's input (2 or 4 * width bytes) is kept, plus one layer's full
 set.
 The loss at its backward's peak: 3 * vocab * 4 bytes per token (the fp32 log-probabilities it
-saved, the gradient of those and the gradient of the logits; measured on an H200 at 16k
-tokens per step, where leaving one out put the estimate 3 GiB under the peak).
+saved, the gradient of those and the gradient of the logits; at 16k tokens per step and
+GPT-2's vocabulary one of them is 3 GiB, which an H200 run's peak showed missing).
 
 Step time: compute = 6 * P * tokens / device FLOP/s (8 * P with activation checkpointing, which
 runs the forward twice); the host step moves 30 bytes per parameter of its slice at the host

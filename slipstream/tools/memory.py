@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
+from torch.overrides import TorchFunctionMode
 
 from slipstream.offload.estimate import GIB, Hardware, Workload, plan
 
@@ -55,18 +56,14 @@ class _FusedAttentionSaves(torch.autograd.Function):
         raise NotImplementedError
 
 
-@contextlib.contextmanager
-def _fused_attention_saves():
-    real = F.scaled_dot_product_attention
+class _FusedAttentionMode(TorchFunctionMode):
+    """Within it, and in this thread only, `F.scaled_dot_product_attention` saves what the
+    fused kernels save (`_FusedAttentionSaves`); everything else runs as it is."""
 
-    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
-        return _FusedAttentionSaves.apply(q, k, v)
-
-    F.scaled_dot_product_attention = sdpa
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = real
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            return _FusedAttentionSaves.apply(*args[:3])
+        return func(*args, **(kwargs or {}))
 
 
 def saved_activation_bytes(
@@ -98,7 +95,7 @@ def saved_activation_bytes(
             saved[storage._cdata] = storage.nbytes()
         return t
 
-    stand_in = _fused_attention_saves() if meta else contextlib.nullcontext()
+    stand_in = _FusedAttentionMode() if meta else contextlib.nullcontext()
     mixed = torch.autocast(kind, dtype=autocast) if autocast else contextlib.nullcontext()
     with stand_in, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with mixed:
