@@ -1,0 +1,76 @@
+"""The proof that a refactor changed nothing: a set of short runs with a fixed seed (one
+process; 2 ranks DDP; tensor parallel; offload; ZeRO-2 offload on 2 ranks; the Ray backend)
+whose per-step losses are kept in `fixtures/losses.json`. `test_fixed_runs.py` runs them again
+and compares.
+
+    python -m tests.e2e.fixed_runs          # record (only before a change that must keep them)
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tests.e2e.test_train import losses, torchrun, write_recipe
+
+FIXTURE = Path(__file__).parent / "fixtures" / "losses.json"
+
+# name -> (processes, overrides). Every run is the e2e recipe (6 steps, 2 micro-batches).
+RUNS: dict[str, tuple[int, tuple[str, ...]]] = {
+    "one_process": (1, ()),
+    "ddp_2": (2, ()),
+    "tp_2": (2, ("parallel.tp=2",)),
+    "offload": (1, ("optim.offload=true", "optim.offload_dtype='fp32'")),
+    "zero2_offload_2": (
+        2,
+        ("optim.offload=true", "optim.offload_dtype='fp32'", "optim.zero_stage=2"),
+    ),
+    "ray_2": (2, ("data.backend.kind='ray'",)),
+}
+
+
+def machine() -> dict:
+    """What decides the last bits of a float sum: torch's CPU kernels block and vectorize by
+    the instruction set, so runs are bit-equal only on the same kind of CPU."""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    isa = "avx512" if " avx512f" in flags else "avx2" if " avx2" in flags else "other"
+    return {"isa": isa, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def run(name: str, tmp: Path) -> list[float]:
+    """The per-step losses of run `name`, in a fresh folder under `tmp`."""
+    nproc, overrides = RUNS[name]
+    recipe = write_recipe(tmp)
+    out = tmp / name
+    args = ["--set", f"train.out_dir='{out}'"]
+    for o in overrides:
+        args += ["--set", o]
+    if nproc == 1:
+        from tests.conftest import run_cli
+
+        proc = run_cli("train", str(recipe), *args)
+    else:
+        proc = torchrun(recipe, *args, nproc=nproc)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
+    return losses(out)
+
+
+def main() -> None:
+    names = sys.argv[1:] or list(RUNS)
+    got = {}
+    for name in names:
+        with tempfile.TemporaryDirectory() as tmp:
+            got[name] = run(name, Path(tmp))
+        print(name, got[name], flush=True)
+    FIXTURE.parent.mkdir(exist_ok=True)
+    FIXTURE.write_text(json.dumps({"machine": machine(), "losses": got}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
