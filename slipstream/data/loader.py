@@ -12,7 +12,6 @@ resuming yields exactly the steps an uninterrupted run would have, whatever was 
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -31,6 +30,7 @@ from slipstream.data.batch import LABELS, build_micro_batch
 from slipstream.data.packing import DocKey, doc_keys, token_runs, unpack_keys
 from slipstream.data.planner import Planner, StepPlan
 from slipstream.data.spec import MixtureSpec
+from slipstream.topology import Topology
 
 STATE_VERSION = 1
 PLANNER = "planner"
@@ -91,6 +91,9 @@ class MixtureLoader:
     see `batch.py`.
     attention_cost: the balance cost per squared document token, from the model being
     trained (`spec.balance.attention_cost` wins when set).
+    topology: where this process stands in the job (the trainer's `Topology`); without it,
+    one process per data-parallel rank, each alone on its node. Its data-parallel rank and
+    size must be `dp_rank` and `dp_world_size` when both are given.
     """
 
     def __init__(
@@ -106,18 +109,28 @@ class MixtureLoader:
         attention_cost: float | None = None,
         load_all_rows: bool = False,
         end_step: int | None = None,
+        topology: Topology | None = None,
     ) -> None:
         """load_all_rows: load every row of the step, not only this rank's (each rank then does
         the whole job's data work, as before the plan was shared; for comparisons only)."""
         if not 0 <= dp_rank < dp_world_size:
             raise ValueError(f"dp_rank: {dp_rank} is outside [0, {dp_world_size})")
+        if topology is None:
+            topology = Topology.data_parallel(dp_rank, dp_world_size)
+        elif (dp_rank, dp_world_size) not in ((0, 1), (topology.dp_rank, topology.dp_size)):
+            raise ValueError(
+                f"dp_rank {dp_rank} of {dp_world_size}: the topology says "
+                f"{topology.dp_rank} of {topology.dp_size}; pass one or the other"
+            )
+        dp_rank, dp_world_size = topology.dp_rank, topology.dp_size
+        self.topology = topology
         if labels not in LABELS:
             raise ValueError(f"labels: {labels!r}; use 'next' or 'hf'")
         self.spec = spec
         self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
         self.labels = labels
         self.prefetch_steps = prefetch_steps or spec.backend.prefetch_steps
-        self.backend: Backend = build_backend(spec, tokenizer)
+        self.backend: Backend = build_backend(spec, tokenizer, topology)
         self.tokenizer = self.backend.tokenizer
         # Ray: runs of tokens, not whole documents, cross to each rank (`token_runs`).
         self._sends_spans = getattr(self.backend, "sends_spans", False)
@@ -146,7 +159,7 @@ class MixtureLoader:
 
     def _group_fetch(self, load_all_rows: bool) -> GroupFetch | None:
         """Ray: this machine's data-parallel ranks fetch each step together (`group.py`)."""
-        size = group_size(self.spec.backend.machine_ranks, self.dp_world_size)
+        size = group_size(self.spec.backend.machine_ranks, self.topology)
         if load_all_rows or size < 2 or not hasattr(self.backend, "submit_spans"):
             return None
         first = self.dp_rank // size * size
@@ -155,8 +168,9 @@ class MixtureLoader:
         # Local: the makers' own loader threads do the work, so the steps are dealt round
         # the group; Ray: the actors do it, and whoever gets there first sends the calls.
         deal = not self._sends_spans
-        return GroupFetch(self.backend, self.planner.lengths, ranks, self.dp_rank,
-                          self.dp_world_size, tag, deal=deal)  # fmt: skip
+        readers = (self.topology.tp_size, self.topology.tp_rank)  # tensor-parallel peers
+        return GroupFetch(self.backend, self.planner.lengths, ranks, self.dp_rank, tag,
+                          readers=readers, deal=deal)  # fmt: skip
 
     # -- iteration --------------------------------------------------------------------------
     def __iter__(self) -> MixtureLoader:
@@ -234,7 +248,7 @@ class MixtureLoader:
         if self.split != "train":  # eval restarts at step 0: it must not resize for step 0
             self.backend.refresh()
             return
-        if self.dp_rank == 0 and int(os.environ.get("RANK", "0")) == 0:
+        if self.topology.is_main:
             self.backend.autoscale(step)
         else:
             self.backend.refresh()

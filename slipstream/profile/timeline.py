@@ -1,14 +1,20 @@
 """StepTimer: wall time of each phase of a training step.
 
 On CUDA, kernels run asynchronously: the timer synchronizes the device at each phase boundary
-so a phase's time is its own (this costs a little overlap; the breakdown is worth it). Exposed
-communication is measured by the trainer and moved out of backward with `move`.
+so a phase's time is its own (this costs a little overlap; the breakdown is worth it).
+
+Meters: each pillar reports the seconds it exposed inside other phases (tensor-parallel waits
+inside forward and backward, gradient copies inside backward, the all-reduce after backward's
+last bucket) as a `Meter`, a phase name and a function giving its running total of seconds.
+The timer reads every meter as a phase starts and ends and moves what each one grew by out of
+that phase into the meter's own: the loop corrects nothing by hand.
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 
 import torch
@@ -16,9 +22,18 @@ import torch
 # grad_offload: gradients leaving the model for the host during backward (the offload engine).
 PHASES = ("data_wait", "h2d", "forward", "backward", "grad_offload", "comm", "optimizer")
 
+Meter = tuple[str, Callable[[], float]]
+"""(the phase its seconds belong to, its running total of exposed seconds)."""
+
 
 class StepTimer:
-    def __init__(self, device: torch.device, warmup_steps: int = 1) -> None:
+    def __init__(
+        self, device: torch.device, warmup_steps: int = 1, meters: Iterable[Meter] = ()
+    ) -> None:
+        self.meters = list(meters)
+        for phase, _ in self.meters:
+            if phase not in PHASES:
+                raise ValueError(f"meter: phase {phase!r} is not one of {PHASES}")
         self.sync = device.type == "cuda"
         self.warmup_steps = warmup_steps
         self.current: dict[str, float] = defaultdict(float)
@@ -38,10 +53,14 @@ class StepTimer:
     @contextmanager
     def phase(self, name: str):
         t0 = self._now()
+        before = [read() for _, read in self.meters]
         try:
             yield
         finally:
             self.current[name] += self._now() - t0
+            for (dst, read), was in zip(self.meters, before, strict=True):
+                if dst != name:
+                    self.move(name, dst, read() - was)
 
     def move(self, src: str, dst: str, seconds: float) -> None:
         seconds = min(max(seconds, 0.0), self.current[src])

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from slipstream.topology import Topology
 
 OVERLAP_CHOICES = ("auto", "shm", "cuda", "collective", "reference")
 
@@ -49,19 +51,30 @@ class ParallelConfig:
 
 @dataclass(slots=True)
 class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-    tp_size: int = 1
+    """This process's place in the job (`Topology`), its device, and its process groups."""
+
+    topology: Topology = field(default_factory=Topology)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     tp_group: object = None
     """The tensor-parallel process group of this rank (None without tensor parallelism)."""
     dp_group: object = None
     """The data-parallel process group (None = all ranks)."""
 
     @property
+    def rank(self) -> int:
+        return self.topology.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.topology.world_size
+
+    @property
+    def tp_size(self) -> int:
+        return self.topology.tp_size
+
+    @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        return self.topology.is_main
 
     @property
     def enabled(self) -> bool:
@@ -69,15 +82,30 @@ class Dist:
 
     @property
     def dp_size(self) -> int:
-        return self.world_size // self.tp_size
+        return self.topology.dp_size
 
     @property
     def dp_rank(self) -> int:
-        return self.rank // self.tp_size
+        return self.topology.dp_rank
 
     @property
     def tp_rank(self) -> int:
-        return self.rank % self.tp_size
+        return self.topology.tp_rank
+
+
+def launch_topology(tp_size: int = 1) -> Topology:
+    """The job's layout as the launcher (torchrun) describes it in the environment: the only
+    place the launcher's variables are read. One process alone without them."""
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", "1"))
+    return Topology(
+        rank=int(env.get("RANK", "0")),
+        world_size=world,
+        local_rank=int(env.get("LOCAL_RANK", "0")),
+        local_world_size=int(env.get("LOCAL_WORLD_SIZE", str(world))),
+        tp_size=tp_size,
+        run_id=env.get("TORCHELASTIC_RUN_ID", ""),
+    )
 
 
 def pick_device(name: str, local_rank: int) -> torch.device:
@@ -97,20 +125,19 @@ def init_distributed(device: str = "auto", parallel: ParallelConfig | None = Non
     data x tensor parallel mesh."""
     parallel = parallel or ParallelConfig()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
     tp = parallel.tp
     if world % tp or (parallel.dp and parallel.dp * tp != world):
         raise ValueError(
             f"parallel: tp {tp} x dp {parallel.dp or 'auto'} does not fit {world} process(es); "
             f"launch tp x dp processes (torchrun --nproc_per_node {tp * max(parallel.dp, 1)})"
         )
-    dev = pick_device(device, local)
+    topology = launch_topology(tp)
+    dev = pick_device(device, topology.local_rank)
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    d = Dist(rank, world, local, dev, tp_size=tp)
+    d = Dist(topology, dev)
     if tp > 1:
         # new_group is collective over all ranks: every rank creates every group, in order.
         for i in range(world // tp):

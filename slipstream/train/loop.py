@@ -77,8 +77,7 @@ class Trainer:
         t = self.cfg.train
         return MixtureLoader(
             self.cfg.data,
-            self.d.dp_rank,
-            self.d.dp_size,
+            topology=self.d.topology,
             split=split,
             tokenizer=self.built.tokenizer,
             prefetch_steps=1 if split == "eval" else None,

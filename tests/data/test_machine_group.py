@@ -89,7 +89,7 @@ def test_steps_are_dealt_round_the_group_and_made_once_for_all(tmp_path, monkeyp
     backends = [LocalBackend(spec) for _ in range(RANKS)]
     lengths = backends[0].lengths()
     ranks = list(range(RANKS))
-    groups = [GroupFetch(b, lengths, ranks, r, RANKS, "t", deal=True)
+    groups = [GroupFetch(b, lengths, ranks, r, "t", deal=True)
               for r, b in enumerate(backends)]  # fmt: skip
     truth = [ldr.get_many(np.arange(ldr.num_docs)) for ldr in build_source_loaders(spec)]
     tokenized.clear()

@@ -185,25 +185,22 @@ def test_token_spans_index_like_the_whole_document():
 
 
 @pytest.mark.parametrize(
-    ("configured", "env", "dp", "want"),
+    ("configured", "layout", "want"),
     [
-        (0, {}, 8, 1),  # not under torchrun: alone
-        (0, {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}, 16, 8),  # data parallel only
-        (0, {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}, 8, 4),  # tensor parallel 2
-        (0, {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}, 1, 1),  # tensor parallel 16
-        (0, {"WORLD_SIZE": "12", "LOCAL_WORLD_SIZE": "4"}, 8, 1),  # no whole ranks per dp
-        (3, {}, 8, 3),
-        (16, {}, 8, 8),
+        (0, {"world_size": 8}, 1),  # one process per node (not under torchrun): alone
+        (0, {"world_size": 16, "local_world_size": 8}, 8),  # data parallel only
+        (0, {"world_size": 16, "local_world_size": 8, "tp_size": 2}, 4),  # tensor parallel 2
+        (0, {"world_size": 16, "local_world_size": 8, "tp_size": 16}, 1),  # a replica spans nodes
+        (0, {"world_size": 12, "local_world_size": 4, "tp_size": 3}, 1),  # no whole ranks per dp
+        (3, {"world_size": 8}, 3),
+        (16, {"world_size": 8}, 8),
     ],
 )
-def test_machine_group_size(monkeypatch, configured, env, dp, want):
+def test_machine_group_size(configured, layout, want):
     from slipstream.data.backends.group import group_size
+    from slipstream.topology import Topology
 
-    for k in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(k, raising=False)
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    assert group_size(configured, dp) == want
+    assert group_size(configured, Topology(**layout)) == want
 
 
 def test_a_document_whose_token_count_changed_under_the_job_is_a_clear_error(tmp_path):

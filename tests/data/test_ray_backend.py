@@ -290,15 +290,16 @@ def test_tensor_parallel_peers_both_take_their_data_ranks_batches(tmp_path, monk
     """4 processes, tensor-parallel pairs (rank = dp_rank * 2 + tp_rank): both processes of a
     data-parallel rank read its fetched rows (a file per reader), and each step is fetched
     once for the machine."""
+    from slipstream.topology import Topology
+
     monkeypatch.setenv("SLIPSTREAM_SHARED_DOCS", str(tmp_path / "store"))
-    monkeypatch.setenv("WORLD_SIZE", "4")
     local, _ = _specs(tmp_path)
     _, spec = _specs(tmp_path, backend={"machine_ranks": 2, "job": "group-tp"})
     ref, _ = run_steps(local, 4, world_size=2)
     loaders = []
     for rank in range(4):
-        monkeypatch.setenv("RANK", str(rank))
-        loaders.append(MixtureLoader(spec, rank // 2, 2))
+        where = Topology(rank=rank, world_size=4, local_world_size=4, tp_size=2)
+        loaders.append(MixtureLoader(spec, topology=where))
     got = [[next(ldr) for ldr in loaders] for _ in range(4)]
     for step in range(4):
         for rank, batch in enumerate(got[step]):

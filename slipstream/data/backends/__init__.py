@@ -9,10 +9,15 @@ from slipstream.data.backends.inline import InlineBackend
 from slipstream.data.backends.local import LocalBackend
 from slipstream.data.sources.loader import build_source_loaders
 from slipstream.data.spec import MixtureSpec
+from slipstream.topology import Topology
 
 
-def build_backend(spec: MixtureSpec, tokenizer: str | None = None) -> Backend:
-    """The backend `spec.backend.kind` names; `tokenizer` overrides `spec.tokenizer`."""
+def build_backend(
+    spec: MixtureSpec, tokenizer: str | None = None, topology: Topology | None = None
+) -> Backend:
+    """The backend `spec.backend.kind` names; `tokenizer` overrides `spec.tokenizer`;
+    `topology`: where this process stands in the job (default: alone)."""
+    topology = topology or Topology()
     if spec.backend.kind == "inline":
         return InlineBackend(build_source_loaders(spec, tokenizer))
     if spec.backend.kind == "ray":
@@ -23,8 +28,8 @@ def build_backend(spec: MixtureSpec, tokenizer: str | None = None) -> Backend:
                 f"backend.kind: 'ray' needs Ray ({e}); pip install 'slipstream[ray]', or use "
                 "'local'"
             ) from None
-        return RayBackend(spec, tokenizer)
-    return LocalBackend(spec, tokenizer)
+        return RayBackend(spec, tokenizer, topology)
+    return LocalBackend(spec, tokenizer, run_id=topology.run_id)
 
 
 __all__ = ["Backend", "InlineBackend", "LoadTask", "LocalBackend", "build_backend"]

@@ -38,30 +38,17 @@ import numpy as np
 from slipstream.data.backends.base import TokenSpan, add_tokens, check_length
 from slipstream.data.packing import DocKey, token_runs, unpack_keys
 from slipstream.data.sources.shared import MIN_FREE_BYTES, SharedDocs, lock, try_lock, unlock
+from slipstream.topology import Topology
 
 SWEEP_EVERY_S = 60.0
 
 
-def group_size(configured: int, dp_world_size: int) -> int:
-    """Consecutive data-parallel ranks per machine: `configured`, else torchrun's local ranks
-    divided by the ranks per data-parallel rank (tensor / pipeline parallel), else 1."""
+def group_size(configured: int, topology: Topology) -> int:
+    """Consecutive data-parallel ranks per machine: `configured`, else the data-parallel ranks
+    whose processes share this node (`Topology.dp_ranks_per_node`)."""
     if configured:
-        return min(configured, dp_world_size)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if world % dp_world_size or local % (world // dp_world_size):
-        return 1
-    return max(1, min(local // (world // dp_world_size), dp_world_size))
-
-
-def readers_per_rank(dp_world_size: int) -> tuple[int, int]:
-    """(processes that take each data-parallel rank's data, this one's index among them):
-    tensor-parallel peers share a data-parallel rank (rank = dp_rank * tp + tp_rank)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world % dp_world_size:
-        return 1, 0
-    readers = world // dp_world_size
-    return readers, int(os.environ.get("RANK", "0")) % readers
+        return min(configured, topology.dp_size)
+    return topology.dp_ranks_per_node
 
 
 def plan_fingerprint(plan) -> str:
@@ -96,8 +83,8 @@ class GroupFetch:
     local backend's tasks may be waited on from any thread)."""
 
     def __init__(
-        self, backend, lengths, ranks: list[int], rank: int, dp_world_size: int, tag: str,
-        root=None, deal: bool = False,
+        self, backend, lengths, ranks: list[int], rank: int, tag: str, *,
+        readers: tuple[int, int] = (1, 0), root=None, deal: bool = False,
     ) -> None:  # fmt: skip
         self.backend, self.lengths, self.ranks, self.rank = backend, lengths, ranks, rank
         self.deal, self.index = deal, ranks.index(rank)
@@ -105,7 +92,7 @@ class GroupFetch:
         self.store = SharedDocs(Path(root) if root else None)
         self.tag = hashlib.sha1(tag.encode()).hexdigest()[:12]
         self._swept = -float("inf")
-        self.readers, self.reader = readers_per_rank(dp_world_size)
+        self.readers, self.reader = readers
         self.steps_made = 0  # steps this rank fetched for the group (tests, benchmarks)
         self.recent_made: deque[int] = deque(maxlen=64)  # which: the last ones
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import math
 import multiprocessing as mp
-import os
 import threading
 import time
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -106,7 +105,9 @@ class _SpanLoad:
 class LocalBackend:
     """submit(source, ids) -> a task whose result() is the documents' token arrays."""
 
-    def __init__(self, spec: MixtureSpec, tokenizer: str | None = None) -> None:
+    def __init__(self, spec: MixtureSpec, tokenizer: str | None = None, run_id: str = "") -> None:
+        """run_id: the launcher's name for the job (`Topology.run_id`), so that two jobs on a
+        machine never share steps in its store."""
         self.spec = spec
         self._spec_dict = spec.to_dict()
         self._tokenizer = tokenizer or spec.tokenizer
@@ -119,9 +120,9 @@ class LocalBackend:
         self.num_loaded = [0] * len(loaders)
         self.tokenizer = loaders[0].tokenizer
         self._source_keys = [source_key(ldr) for ldr in loaders]
-        # Names this job's stream in the machine's store (`group.py`): torchrun's run id, and
-        # what the documents are. Two jobs alike in all of it would build identical steps.
-        run = spec.backend.job or os.environ.get("TORCHELASTIC_RUN_ID", "")
+        # Names this job's stream in the machine's store (`group.py`): the launcher's run id,
+        # and what the documents are. Two jobs alike in all of it would build identical steps.
+        run = spec.backend.job or run_id
         what = repr((self._spec_dict, self._tokenizer, self._source_keys)).encode()
         self.job = f"{run}-{hashlib.sha1(what).hexdigest()[:10]}"
         for ldr in loaders:

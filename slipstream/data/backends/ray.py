@@ -9,7 +9,7 @@ the directory): loaders hold no logical state, so nothing is lost or repeated. T
 come back as numpy arrays through the object store (far faster there than torch tensors).
 
 Starting: `backend.ray_address`, else $RAY_ADDRESS, else the Ray this process already joined,
-else a local one (under torchrun: rank 0 starts it, the other ranks join it).
+else a local one (in a launched job: its rank 0 starts it, the other ranks join it).
 """
 
 from __future__ import annotations
@@ -30,24 +30,26 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from slipstream.data.backends.base import TokenSpan
 from slipstream.data.sources.tokenizers import build_tokenizer
 from slipstream.data.spec import MixtureSpec
+from slipstream.topology import Topology
 
 MAX_RETRIES = 5
 JOIN_TIMEOUT_S = 120.0
 
 
-def connect(address: str = "") -> None:
-    """Join (or start) Ray for this process. Under torchrun without an address, rank 0 starts a
-    local Ray and leaves its address in a file named by torchrun's run id, where the other
-    ranks read it (so they cannot join some other Ray running on the machine)."""
+def connect(address: str = "", topology: Topology | None = None) -> None:
+    """Join (or start) Ray for this process. In a launched job without an address, its rank 0
+    starts a local Ray and leaves its address in a file named by the job's run id, where the
+    other ranks read it (so they cannot join some other Ray running on the machine)."""
+    topology = topology or Topology()
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS", "")
     if address:
         ray.init(address=address, log_to_driver=False)
         return
-    run = os.environ.get("TORCHELASTIC_RUN_ID")
+    run = topology.run_id
     note = Path(tempfile.gettempdir()) / f"slipstream-ray-{run}.address" if run else None
-    if int(os.environ.get("RANK", "0")) == 0:
+    if topology.is_main:
         ray.init(log_to_driver=False, include_dashboard=False)
         if note is not None:
             tmp = note.with_suffix(f".tmp{os.getpid()}")
@@ -63,10 +65,10 @@ def connect(address: str = "") -> None:
     ray.init(address=note.read_text() if note is not None else "auto", log_to_driver=False)
 
 
-def job_name(spec: MixtureSpec, tokenizer: str) -> str:
+def job_name(spec: MixtureSpec, tokenizer: str, run_id: str = "") -> str:
     if spec.backend.job:
         return spec.backend.job
-    run = os.environ.get("TORCHELASTIC_RUN_ID") or f"pid{os.getpid()}"
+    run = run_id or f"pid{os.getpid()}"
     digest = hashlib.sha1(
         json.dumps([spec.to_dict(), tokenizer], sort_keys=True, default=str).encode()
     )
@@ -132,15 +134,18 @@ class _Load:
 
 
 class RayBackend:
-    def __init__(self, spec: MixtureSpec, tokenizer: str | None = None) -> None:
+    def __init__(
+        self, spec: MixtureSpec, tokenizer: str | None = None, topology: Topology | None = None
+    ) -> None:
         from slipstream.data.backends.ray_actors import NAMESPACE, JobDirectory
 
-        connect(spec.backend.ray_address)
+        topology = topology or Topology()
+        connect(spec.backend.ray_address, topology)
         self.spec = spec
         tok = tokenizer or spec.tokenizer
         self.tokenizer = build_tokenizer(tok, spec.base_dir)
         self.names = [s.name for s in spec.sources]
-        self.job = job_name(spec, tok)
+        self.job = job_name(spec, tok, topology.run_id)
         self._ns = NAMESPACE
         # Detached: it must outlive whichever rank happened to create it; the last client to
         # detach takes it down (a crashed job's directory goes with its Ray). A client that
