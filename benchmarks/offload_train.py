@@ -67,7 +67,7 @@ def measure(side: str, layers: int, width: int, steps: int) -> dict:
     from slipstream.models import GPT, GPTConfig
     from slipstream.offload.estimate import Hardware, Workload, estimate
     from slipstream.tools.memory import saved_activation_bytes
-    from slipstream.train.optim import OptimConfig, build_optimizer, clip_and_step
+    from slipstream.train.optim import OptimConfig, build_optimizer
 
     zero2 = side == "zero2"
     group = None
@@ -111,7 +111,7 @@ def measure(side: str, layers: int, width: int, steps: int) -> dict:
         t0 = time.perf_counter()
         # As the trainer's loss does: the logits are not held through backward.
         F.cross_entropy(model(x[:, :-1]).float().flatten(0, 1), x[:, 1:].flatten()).backward()
-        clip_and_step(opt, model, 1.0)
+        opt.step(1.0)
         opt.zero_grad(set_to_none=True)
         if step >= WARMUP:
             times.append(time.perf_counter() - t0)

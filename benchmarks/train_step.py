@@ -104,16 +104,14 @@ def plain_steps(cfg, batches):
         t0 = time.perf_counter()
         batch = next(batches)
         wait = time.perf_counter() - t0
-        for group in opt.param_groups:
-            group["lr"] = cfg.optim.lr * lr_factor(step, cfg.train.steps, cfg.optim)
+        opt.begin_step(cfg.optim.lr * lr_factor(step, cfg.train.steps, cfg.optim))
         # Slipstream's pre-built batches carry document boundaries: the model then does the
         # same (document-masked) work as in Slipstream's own loop.
         keys = ("position_ids", "doc_ids", "cu_seqlens", "max_seqlen")
         logits = model(batch["input_ids"], *(batch.get(k) for k in keys))
         loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        opt.step()
+        opt.step()  # clips to optim.grad_clip first
         opt.zero_grad(set_to_none=True)
         yield wait, batch["num_tokens"], model
 

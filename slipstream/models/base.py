@@ -1,9 +1,11 @@
 """The model seam: `CausalLM`, what the trainer needs of any model, and `CausalLMBase`, the
-parts every model shares (parameter counts, FLOPs per token, sampling). Tensor-parallel layers
-(`parallel.tp > 1`) will plug in below this seam, inside the models."""
+parts every model shares (parameter counts, FLOPs per token, sampling). A model that can be
+split over tensor-parallel ranks declares how (`TensorParallelLayout`); the overlap pillar
+applies the declaration from outside, so a model holds no tensor-parallel code."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -37,6 +39,27 @@ class CausalLM(Protocol):
         """Write the model's own tokenizer (a `tokenizers` JSON file) for the data plane to
         use, and return its path; None when the model has none (the data spec names one)."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class TensorParallelLayout:
+    """How a model splits over tensor-parallel ranks, by module and parameter names (as
+    `named_modules()` gives them). Between `scatter_after` and `gather_before` the residual
+    stream is split by rows (tokens) across the ranks (sequence parallel)."""
+
+    colwise: dict[str, int]
+    """Linear layers whose output features are split, each with the number of equal fused
+    blocks its weight holds (q|k|v: 3, gate|up: 2), each block split alike."""
+    rowwise: tuple[str, ...]
+    """Linear layers whose input features are split (their outputs are summed)."""
+    scatter_after: str
+    """The module whose output, the full rows [B, T, D], is split by rows."""
+    gather_before: str
+    """The module whose input, row shards, is gathered back to the full rows [B, T, D]."""
+    row_local: tuple[str, ...] = ()
+    """Replicated parameters that see only this rank's rows (their gradients are summed)."""
+    divides: dict[str, int] = field(default_factory=dict)
+    """Sizes the tensor-parallel size must divide, by the config field that sets them."""
 
 
 class CausalLMBase(nn.Module):
@@ -78,6 +101,12 @@ class CausalLMBase(nn.Module):
 
     def tokenizer_file(self, out: Path) -> Path | None:
         return None
+
+    def tensor_parallel_layout(self) -> TensorParallelLayout:
+        raise ValueError(
+            f"parallel.tp: {type(self).__name__} declares no tensor-parallel layout; use "
+            "parallel.tp = 1 with this model"
+        )
 
     @torch.no_grad()
     def generate(

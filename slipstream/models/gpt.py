@@ -4,8 +4,9 @@ of its own document (`attention.py` picks the path: varlen flash attention on CU
 bf16/fp16, one causal SDPA call per document elsewhere).
 
 Shapes: B batch rows, T tokens per row, D model width, H heads, K head size (D = H * K).
-Under tensor parallelism (`shard_tensor_parallel`) the attention and MLP projections are split
-across ranks by heads and hidden units and the residual stream by rows (sequence parallel).
+`tensor_parallel_layout` declares how the model splits over tensor-parallel ranks (attention by
+heads, the MLP by hidden units, the residual stream by rows between the embedding and the
+final norm); the overlap pillar applies it, and nothing here changes under it.
 """
 
 from __future__ import annotations
@@ -18,16 +19,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from slipstream.models.attention import Layout, attend, plan_layout
-from slipstream.models.base import CausalLMBase
+from slipstream.models.base import CausalLMBase, TensorParallelLayout
 from slipstream.models.config import GPTConfig
-from slipstream.overlap.group import OverlapGroup
-from slipstream.overlap.tp import (
-    ColumnParallelLinear,
-    RowParallelLinear,
-    TensorParallelPlan,
-    gather_rows,
-    scatter_rows,
-)
 
 
 class RMSNorm(nn.Module):
@@ -56,16 +49,12 @@ class Attention(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cos, sin, layout: Layout) -> torch.Tensor:
-        """x: [B, T, D], or under tensor parallelism this rank's rows [R / tp, D] (R = B * T
-        padded to a multiple of tp); then qkv gives every row for this rank's heads."""
+        """x: [B, T, D] (split by rows under tensor parallelism: qkv then gives [B, T, .] of
+        this rank's heads, hence the -1)."""
         B, T = cos.shape[:2]
-        qkv = self.qkv(x)
-        rows = qkv.shape[0] if qkv.dim() == 2 else 0
-        q, k, v = qkv[: B * T].view(B, T, 3, -1, self.head_dim).unbind(2)
+        q, k, v = self.qkv(x).view(B, T, 3, -1, self.head_dim).unbind(2)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         y = attend(q, k, v, layout).reshape(B, T, -1)
-        if rows:  # back to the padded rows the row-parallel projection splits
-            y = F.pad(y.view(B * T, -1), (0, 0, 0, rows - B * T))
         return self.dropout(self.proj(y))
 
 
@@ -115,8 +104,6 @@ class GPT(CausalLMBase):
         angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64), inv_freq)
         self.register_buffer("rope_cos", angles.cos().float(), persistent=False)
         self.register_buffer("rope_sin", angles.sin().float(), persistent=False)
-        self.tp: OverlapGroup | None = None
-        self.tp_plan: TensorParallelPlan | None = None
         self.apply(self._init)
         for block in self.blocks:  # residual projections scaled down with depth (GPT-2)
             for w in (block.attn.proj.weight, block.mlp.down.weight):
@@ -147,10 +134,7 @@ class GPT(CausalLMBase):
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.embed(input_ids)
         cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
-        layout = plan_layout(x, doc_ids, cu_seqlens, max_seqlen)
-        if self.tp is not None:  # the residual stream is split by rows across the group
-            x = F.pad(x.view(B * T, -1), (0, 0, 0, -(B * T) % self.tp.world_size))
-            x = scatter_rows(x, self.tp)
+        layout = plan_layout(input_ids, doc_ids, cu_seqlens, max_seqlen)
         for block in self.blocks:
             if self.cfg.activation_checkpointing and torch.is_grad_enabled():
                 # Non-reentrant: works with DDP, hooks and inputs that need no grad; the RNG
@@ -158,28 +142,24 @@ class GPT(CausalLMBase):
                 x = checkpoint(block, x, cos, sin, layout, use_reentrant=False)
             else:
                 x = block(x, cos, sin, layout)
-        if self.tp is not None:  # every rank computes the output layer on all rows
-            x = gather_rows(x, self.tp)[: B * T].view(B, T, -1)
         return self.head(self.norm(x))
 
-    def shard_tensor_parallel(self, group: OverlapGroup) -> TensorParallelPlan:
-        """Split the attention and MLP projections across `group` (heads and hidden units),
-        in place, keeping this rank's slices of the weights built so far (so a sharded model
-        starts from the same weights as the unsharded one)."""
-        tp = group.world_size
-        if self.cfg.n_head % tp:
-            raise ValueError(
-                f"parallel.tp: {tp} does not divide model.n_head {self.cfg.n_head}; choose a "
-                "tensor-parallel size that divides the number of heads"
-            )
-        plan = TensorParallelPlan(group)
-        for block in self.blocks:
-            attn, mlp = block.attn, block.mlp
-            attn.qkv = ColumnParallelLinear.from_linear(attn.qkv, group, parts=3)
-            attn.proj = RowParallelLinear.from_linear(attn.proj, group)
-            mlp.up = ColumnParallelLinear.from_linear(mlp.up, group, parts=2 if mlp.swiglu else 1)
-            mlp.down = RowParallelLinear.from_linear(mlp.down, group)
-            plan.sharded += [attn.qkv.weight, attn.proj.weight, mlp.up.weight, mlp.down.weight]
-            plan.partial += [block.norm1.weight, block.norm2.weight]  # see only local rows
-        self.tp, self.tp_plan = group, plan
-        return plan
+    def tensor_parallel_layout(self) -> TensorParallelLayout:
+        """Attention split by heads (q|k|v fused), the MLP by hidden units (gate|up fused
+        under SwiGLU), the rows split from the embedding to the final norm; every rank
+        computes the output layer and the loss on all rows."""
+        colwise, rowwise, row_local = {}, [], []
+        for i, block in enumerate(self.blocks):
+            at = f"blocks.{i}"
+            colwise[f"{at}.attn.qkv"] = 3
+            colwise[f"{at}.mlp.up"] = 2 if block.mlp.swiglu else 1
+            rowwise += [f"{at}.attn.proj", f"{at}.mlp.down"]
+            row_local += [f"{at}.norm1.weight", f"{at}.norm2.weight"]
+        return TensorParallelLayout(
+            colwise=colwise,
+            rowwise=tuple(rowwise),
+            scatter_after="embed",
+            gather_before="norm",
+            row_local=tuple(row_local),
+            divides={"model.n_head": self.cfg.n_head},
+        )

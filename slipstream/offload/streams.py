@@ -31,6 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 import torch.distributed as dist
 
+from slipstream.comm import reduce_scatter_single
 from slipstream.offload.buckets import Bucket
 
 
@@ -148,7 +149,7 @@ class GradMover:
         self._flat[k], self._left[k] = None, len(b.params)
         if not self.cuda:
             mine = torch.empty(b.grad.numel(), dtype=torch.float32)
-            dist.reduce_scatter_tensor(mine, flat, group=self.group)
+            reduce_scatter_single(mine, flat, group=self.group)
             b.grad.add_(mine)
             self.on_ready(k)
             return
@@ -156,7 +157,7 @@ class GradMover:
         mine = torch.empty(b.grad.numel(), dtype=torch.float32, device=flat.device)
         # Launched on the collective's stream, after what the device's stream queued so far
         # (the adds into `flat`); the copy stream waits for it, not the device's stream.
-        work = dist.reduce_scatter_tensor(mine, flat, group=self.group, async_op=True)
+        work = reduce_scatter_single(mine, flat, group=self.group, async_op=True)
         start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(self.stream):
             work.wait()

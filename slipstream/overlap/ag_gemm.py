@@ -12,13 +12,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.distributed as dist
 
+from slipstream.comm import all_gather_single
 from slipstream.overlap.group import OverlapGroup
 from slipstream.overlap.signals import DEFAULT_TIMEOUT_S, SignalTimeout
-
-# torch 2.13 renamed all_gather_into_tensor; older releases have only the old name.
-_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def all_gather_matmul(
@@ -45,7 +42,7 @@ def all_gather_matmul(
 def all_gather(x: torch.Tensor, group: OverlapGroup, async_op: bool = False):
     """Rows of every rank, rank-major, by one collective (and its work handle if async)."""
     out = x.new_empty((group.world_size * x.shape[0], *x.shape[1:]))
-    work = _GATHER(out, x.contiguous(), group=group.group, async_op=async_op)
+    work = all_gather_single(out, x.contiguous(), group=group.group, async_op=async_op)
     return (out, work) if async_op else out
 
 

@@ -14,12 +14,9 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.distributed as dist
 
+from slipstream.comm import reduce_scatter_single
 from slipstream.overlap.group import OverlapGroup
-
-# torch 2.13 renamed reduce_scatter_tensor; older releases have only the old name.
-_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def matmul_reduce_scatter(x: torch.Tensor, w: torch.Tensor, group: OverlapGroup) -> torch.Tensor:
@@ -47,7 +44,7 @@ def matmul_reduce_scatter(x: torch.Tensor, w: torch.Tensor, group: OverlapGroup)
 
 def _reduce_scatter(partial: torch.Tensor, group: OverlapGroup, async_op: bool = False):
     out = partial.new_empty((partial.shape[0] // group.world_size, *partial.shape[1:]))
-    work = _SCATTER(out, partial, group=group.group, async_op=async_op)
+    work = reduce_scatter_single(out, partial, group=group.group, async_op=async_op)
     return (out, work) if async_op else out
 
 

@@ -6,6 +6,13 @@ rows of its own output columns; a row-parallel layer multiplies its slice of the
 dimension and scatters the summed rows back (matmul + reduce-scatter). Each backward uses the
 dual operation. Shapes: R rows (tokens) in all, R / tp per rank; weights as nn.Linear
 [out, in]. No biases (the models here have none).
+
+`apply_tensor_parallel` splits a model as its `TensorParallelLayout` declares: it swaps the
+declared linears for these layers and hooks the row split and gather onto the declared
+modules, so the model's own code runs unchanged. Inside a split model the layers keep the
+model's shapes: a column-parallel layer returns [B, T, out / tp] and a row-parallel one takes
+[B, T, in / tp] (`Rows` holds B and T between the split and the gather; R = B * T padded to a
+multiple of tp).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from slipstream.overlap.ag_gemm import all_gather, all_gather_matmul
@@ -79,42 +87,72 @@ def _split(weight: torch.Tensor, dim: int, parts: int, group: OverlapGroup) -> t
     return torch.cat([b.chunk(tp, dim)[group.rank] for b in blocks], dim).clone()
 
 
-class ColumnParallelLinear(nn.Module):
-    """Output features split across ranks; input rows sharded, output rows full."""
+class Rows:
+    """The batch shape of the rows the residual stream is split into: set where the rows are
+    split (each forward), read by the layers that leave and re-enter the split."""
 
-    def __init__(self, weight_shard: torch.Tensor, group: OverlapGroup) -> None:
+    __slots__ = ("shape",)
+
+    def __init__(self) -> None:
+        self.shape: tuple[int, int] | None = None
+
+    @property
+    def count(self) -> int:
+        assert self.shape is not None, "the rows were not split in this forward"
+        return self.shape[0] * self.shape[1]
+
+
+class ColumnParallelLinear(nn.Module):
+    """Output features split across ranks; input rows sharded, output rows full (with `rows`,
+    shaped [B, T, out / tp] as the model's own layer would give them)."""
+
+    def __init__(
+        self, weight_shard: torch.Tensor, group: OverlapGroup, rows: Rows | None = None
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight_shard)
-        self.group = group
+        self.group, self.rows = group, rows
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group: OverlapGroup, parts: int = 1):
+    def from_linear(cls, linear: nn.Linear, group: OverlapGroup, parts: int = 1, rows=None):
         if linear.bias is not None:
             raise ValueError("ColumnParallelLinear: biases are not supported")
-        return cls(_split(linear.weight.data, 0, parts, group), group)
+        return cls(_split(linear.weight.data, 0, parts, group), group, rows)
 
     def forward(self, x_shard: torch.Tensor) -> torch.Tensor:
         x, w = _autocast_inputs(x_shard.reshape(-1, x_shard.shape[-1]), self.weight)
-        return _AllGatherLinear.apply(x, w, self.group)
+        y = _AllGatherLinear.apply(x, w, self.group)
+        if self.rows is None:
+            return y
+        return y[: self.rows.count].view(*self.rows.shape, -1)  # the padding rows dropped
 
 
 class RowParallelLinear(nn.Module):
-    """Input features split across ranks; input rows full, output rows sharded."""
+    """Input features split across ranks; input rows full, output rows sharded (with `rows`,
+    the input shaped [B, T, in / tp] and padded here to R rows)."""
 
-    def __init__(self, weight_shard: torch.Tensor, group: OverlapGroup) -> None:
+    def __init__(
+        self, weight_shard: torch.Tensor, group: OverlapGroup, rows: Rows | None = None
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight_shard)
-        self.group = group
+        self.group, self.rows = group, rows
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group: OverlapGroup):
+    def from_linear(cls, linear: nn.Linear, group: OverlapGroup, rows=None):
         if linear.bias is not None:
             raise ValueError("RowParallelLinear: biases are not supported")
-        return cls(_split(linear.weight.data, 1, 1, group), group)
+        return cls(_split(linear.weight.data, 1, 1, group), group, rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, w = _autocast_inputs(x.reshape(-1, x.shape[-1]), self.weight)
+        if self.rows is not None:
+            x = _pad_rows(x, self.group.world_size)
         return _LinearReduceScatter.apply(x, w, self.group)
+
+
+def _pad_rows(x: torch.Tensor, tp: int) -> torch.Tensor:
+    return F.pad(x, (0, 0, 0, -x.shape[0] % tp))
 
 
 # -- moving between full rows and row shards ----------------------------------------------------
@@ -165,6 +203,13 @@ class TensorParallelPlan:
     group: OverlapGroup
     sharded: list[nn.Parameter] = field(default_factory=list)
     partial: list[nn.Parameter] = field(default_factory=list)
+    hooks: list = field(default_factory=list)
+    """The row split and gather on the model's modules (`apply_tensor_parallel`)."""
+
+    @property
+    def exposed_s(self) -> float:
+        """Seconds the caller waited for this group's communication, over the run."""
+        return self.group.exposed_s
 
     def reduce_partial_grads(self) -> None:
         """After the last backward of a step (once: summing accumulated grads per micro-batch
@@ -195,3 +240,49 @@ class TensorParallelPlan:
         if coef < 1.0:
             torch._foreach_mul_([p.grad for p in with_grad], coef)
         return norm
+
+
+# -- applying a model's declared layout ---------------------------------------------------------
+def apply_tensor_parallel(model: nn.Module, layout, group: OverlapGroup) -> TensorParallelPlan:
+    """Split `model` in place over `group` as `layout` (a `TensorParallelLayout`) declares,
+    keeping this rank's slices of the weights built so far (so a split model starts from the
+    same weights as the whole one). Returns the plan of which parameters are split."""
+    tp = group.world_size
+    for name, size in layout.divides.items():
+        if size % tp:
+            raise ValueError(
+                f"parallel.tp: {tp} does not divide {name} {size}; choose a tensor-parallel "
+                "size that divides it"
+            )
+    modules = dict(model.named_modules())
+    rows = Rows()
+    plan = TensorParallelPlan(group)
+    for name, parts in layout.colwise.items():
+        layer = ColumnParallelLinear.from_linear(modules[name], group, parts, rows)
+        _replace(model, name, layer)
+        plan.sharded.append(layer.weight)
+    for name in layout.rowwise:
+        layer = RowParallelLinear.from_linear(modules[name], group, rows)
+        _replace(model, name, layer)
+        plan.sharded.append(layer.weight)
+    params = dict(model.named_parameters())
+    plan.partial = [params[name] for name in layout.row_local]
+
+    def split(_module, _args, out: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> my rows
+        rows.shape = (out.shape[0], out.shape[1])
+        return scatter_rows(_pad_rows(out.reshape(rows.count, -1), tp), group)
+
+    def gather(_module, args: tuple) -> tuple:  # my rows -> [B, T, D] on every rank
+        full = gather_rows(args[0], group)[: rows.count].view(*rows.shape, -1)
+        return (full, *args[1:])
+
+    plan.hooks = [
+        modules[layout.scatter_after].register_forward_hook(split),
+        modules[layout.gather_before].register_forward_pre_hook(gather),
+    ]
+    return plan
+
+
+def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, layer)

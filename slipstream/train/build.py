@@ -12,13 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 
 from slipstream.data.sources.tokenizers import build_tokenizer
 from slipstream.models import CausalLMBase, GPTConfig, ModelConfig, build_model
-from slipstream.overlap import OverlapGroup
-from slipstream.train.distributed import Dist, ParallelConfig, host_dp_group, wrap_ddp
-from slipstream.train.optim import OptimConfig, build_optimizer, check_parallel_optim
+from slipstream.train.distributed import Dist
 
 if TYPE_CHECKING:  # the root config imports this package's config: no import at run time
     from slipstream.config import RunConfig
@@ -74,32 +71,6 @@ def build(cfg: RunConfig, d: Dist, out_dir: Path) -> Built:
             "(data.tokenizer = 'model')"
         )
     return Built(model, model_cfg, tokenizer)
-
-
-def shard_model(model, parallel: ParallelConfig, d: Dist) -> None:
-    """Split the model's layers over this rank's tensor-parallel group (after it is on its
-    device: the symmetric workspaces live there)."""
-    if d.tp_size == 1:
-        return
-    impl = parallel.overlap
-    if impl == "auto":
-        impl = "cuda" if d.device.type == "cuda" else "shm"
-    group = OverlapGroup(d.tp_group, impl, chunks=parallel.overlap_chunks)
-    model.shard_tensor_parallel(group)
-
-
-def build_parallel(model, cfg: OptimConfig, d: Dist):
-    """The optimizer and the data-parallel wrapping: (optimizer, DDP or None, the DDP hook's
-    bucket times). ZeRO-2 reduces gradients itself, so it gets no DDP (which would reduce
-    them a second time)."""
-    check_parallel_optim(cfg, d)
-    zero = cfg.zero_stage == 2
-    group = host_dp_group(d) if zero else None  # for its collectives on host tensors
-    # Gradients are reduced and weights gathered on the device: NCCL's data-parallel group.
-    device_group = (d.dp_group or dist.group.WORLD) if zero else None
-    optimizer = build_optimizer(model, cfg, d.device, group, device_group)
-    ddp, hook_times = (None, []) if zero else wrap_ddp(model, d)
-    return optimizer, ddp, hook_times
 
 
 def write_run_files(out_dir: Path, cfg: RunConfig, resolved: dict) -> None:

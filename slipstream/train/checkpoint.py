@@ -1,9 +1,9 @@
 """Checkpoints: atomic, resumable, the last K kept.
 
-A checkpoint is a folder `checkpoints/step_00000100/` holding the model, the optimizer (and its
-schedule; a sharded optimizer writes one file per rank, `optimizer.shard<r>.pt`), the data
-plane's state (a few counters), each rank's RNG states and `meta.json` (version, step, world
-size, model config). It is written under a temporary name and renamed
+A checkpoint is a folder `checkpoints/step_00000100/` holding the model, the optimizer's state
+as the named parts it gives (`<part>.pt`, with `.tp<r>` for each tensor-parallel slice: the
+checkpoint does not know how they are sharded), the data plane's state (a few counters), each
+rank's RNG states and `meta.json` (version, step, world size, model config). It is written under a temporary name and renamed
 when complete, so a crash mid-write leaves the previous checkpoint intact and no half one.
 """
 
@@ -94,13 +94,13 @@ def save_checkpoint(
     keep: int,
     *,
     model: dict,
-    optimizer: dict,
+    optimizer: dict[str, dict],
     data: dict,
     meta: dict,
 ) -> Path | None:
-    """Every rank calls this (each writes its RNG state); rank 0 writes the rest, and under
-    tensor parallelism each rank of the first replica writes its slice of the model and
-    optimizer (`model.tp1.pt`, ...)."""
+    """Every rank calls this (each writes its RNG state and the optimizer parts it gives);
+    rank 0 writes the rest, and under tensor parallelism each rank of the first replica
+    writes its slice of the model (`model.tp1.pt`, ...)."""
     root = checkpoint_dir(run_dir)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".tmp_{PREFIX}{step:08d}"
@@ -111,10 +111,8 @@ def save_checkpoint(
     torch.save(rng_state(), tmp / f"rng_rank{d.rank}.pt")
     if d.dp_rank == 0:
         torch.save(model, tmp / f"model{_suffix(d)}.pt")
-    if "shard" in optimizer:  # a sharded optimizer (ZeRO-2): every rank writes its own part
-        torch.save(optimizer, tmp / f"optimizer{_suffix(d)}.shard{optimizer['shard']['rank']}.pt")
-    elif d.dp_rank == 0:
-        torch.save(optimizer, tmp / f"optimizer{_suffix(d)}.pt")
+    for name, part in optimizer.items():
+        torch.save(part, tmp / f"{name}{_suffix(d)}.pt")
     if d.is_main:
         (tmp / "data.json").write_text(json.dumps(data))
         meta = {
@@ -136,19 +134,25 @@ def save_checkpoint(
     return final if d.is_main else None
 
 
-def _load_optimizer(path: Path, d: Dist) -> dict:
-    """The optimizer's state: one file, or `{"shards": [...]}` from one file per rank of a
-    sharded run (memory-mapped: each rank reads the parts it needs)."""
-    whole = path / f"optimizer{_suffix(d)}.pt"
-    if whole.is_file():
-        return safe_load(whole, d.device)
-    shards = sorted(
-        path.glob(f"optimizer{_suffix(d)}.shard*.pt"),
-        key=lambda p: int(p.name.rsplit(".shard", 1)[1][: -len(".pt")]),
-    )
-    if not shards:
-        raise ValueError(f"{path}: no optimizer state (optimizer{_suffix(d)}.pt or shards)")
-    return {"shards": [safe_load(p, "cpu", mmap=True) for p in shards]}
+class OptimizerParts:
+    """A checkpoint's optimizer parts for one tensor-parallel slice, by name (`StateParts`)."""
+
+    def __init__(self, folder: Path, d: Dist) -> None:
+        self.folder, self.suffix, self.device = folder, _suffix(d), d.device
+        tail = f"{self.suffix}.pt"
+        files = [p.name for p in folder.glob(f"optimizer*{tail}")]
+        self._names = sorted(n[: -len(tail)] for n in files if not self.suffix or n.endswith(tail))
+        if not self.suffix:  # a tensor-parallel slice's files are not this run's parts
+            self._names = [n for n in self._names if ".tp" not in n]
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def load(self, name: str, mmap: bool = False) -> dict:
+        """A part's state; memory-mapped on the host (a sharded optimizer reads only the spans
+        it owns), else on this rank's device."""
+        path = self.folder / f"{name}{self.suffix}.pt"
+        return safe_load(path, "cpu" if mmap else self.device, mmap=mmap)
 
 
 def load_checkpoint(path: Path, d: Dist, model_config: dict) -> dict[str, Any]:
@@ -176,6 +180,6 @@ def load_checkpoint(path: Path, d: Dist, model_config: dict) -> dict[str, Any]:
     return {
         "meta": meta,
         "model": safe_load(path / f"model{_suffix(d)}.pt", d.device),
-        "optimizer": _load_optimizer(path, d),
+        "optimizer": OptimizerParts(path, d),
         "data": json.loads((path / "data.json").read_text()),
     }

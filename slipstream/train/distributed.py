@@ -184,12 +184,28 @@ def shutdown(d: Dist) -> None:
         dist.destroy_process_group()
 
 
+class AllReduceMeter:
+    """Exposed data-parallel communication: from the last gradient bucket handed to the
+    all-reduce (the end of backward's compute) to when backward returned (every bucket
+    reduced). A `Meter`'s reader: read as backward's phase ends, it adds that wait."""
+
+    def __init__(self) -> None:
+        self.ready_s: list[float] = []  # when each bucket of the running backward was ready
+        self.total_s = 0.0
+
+    def exposed_s(self) -> float:
+        if self.ready_s:
+            self.total_s += max(0.0, time.perf_counter() - max(self.ready_s))
+            self.ready_s.clear()
+        return self.total_s
+
+
 def wrap_ddp(model: torch.nn.Module, d: Dist):
     """DDP over the data-parallel group with a timed all-reduce hook, or None with one
-    replica. Returns (ddp or None, the list the hook appends bucket-ready times to)."""
-    times: list[float] = []
+    replica. Returns (ddp or None, the meter of its exposed all-reduce)."""
+    meter = AllReduceMeter()
     if d.dp_size == 1:
-        return None, times
+        return None, meter
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     # broadcast_buffers off: the only buffers (RoPE tables) are the same everywhere.
@@ -199,8 +215,8 @@ def wrap_ddp(model: torch.nn.Module, d: Dist):
         device_ids=[d.device] if d.device.type == "cuda" else None,
         process_group=d.dp_group,
     )
-    ddp.register_comm_hook((times, d.dp_group), timed_allreduce)
-    return ddp, times
+    ddp.register_comm_hook((meter.ready_s, d.dp_group), timed_allreduce)
+    return ddp, meter
 
 
 def timed_allreduce(state: tuple[list[float], object], bucket):

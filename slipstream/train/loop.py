@@ -6,16 +6,16 @@ The loss of a step is the sum of token losses over all micro-batches and ranks d
 step's total number of targets, so a packed step weighs every token alike and N ranks give
 the same loss and gradients as one process with the same global batch.
 
-Seams: the optimizer is built by `build_optimizer` (the memory engine will plug in there, with
-its host step and copies as their own timed phases); tensor-parallel layers live inside the
-model (`slipstream.models`), so the loop does not change for them.
+Seams: the loop calls the step optimizer (`optim.py`: torch's AdamW or the memory engine), the
+model's forward through `parallel.py` (tensor parallel applied from outside the model, DDP),
+and the data loader; each reports the time it exposed through meters the step timer reads.
+Nothing in the loop asks what kind of optimizer or model it has.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,18 +25,12 @@ from rich.console import Console
 from slipstream.data.loader import MixtureLoader
 from slipstream.profile import StepTimer, diagnose
 from slipstream.train import checkpoint as ckpt
-from slipstream.train.build import (
-    autocast_dtype,
-    build,
-    build_parallel,
-    sample,
-    shard_model,
-    write_run_files,
-)
+from slipstream.train.build import autocast_dtype, build, sample, write_run_files
 from slipstream.train.distributed import Dist, all_reduce_sum, init_distributed
 from slipstream.train.evaluate import evaluate
 from slipstream.train.loss import num_targets, token_losses
-from slipstream.train.optim import clip_and_step, flush, lr_factor
+from slipstream.train.optim import lr_factor
+from slipstream.train.parallel import parallelize
 from slipstream.train.progress import Progress, print_summary
 from slipstream.train.signals import StopSignals
 
@@ -57,9 +51,10 @@ class Trainer:
         # The whole model's costs, taken before its layers are split across ranks.
         self.attention_cost = self.model.attention_cost()
         self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
-        shard_model(self.model, cfg.parallel, self.d)
-        self.optimizer, self.ddp, self._hook_times = build_parallel(self.model, cfg.optim, self.d)
+        self.parallel = parallelize(self.model, cfg.parallel, cfg.optim, self.d)
+        self.optimizer = self.parallel.optimizer
         self.loader = self._loader("train")
+        self._eval: tuple[MixtureLoader, dict] | None = None  # built at the first evaluation
         self.tokenizer = self.loader.tokenizer
         self.step = 0
         self.stop = False  # all ranks agreed to stop (a signal on any): checkpoint, then end
@@ -72,8 +67,8 @@ class Trainer:
             write_run_files(self.out, cfg, resolved)
 
     def _loader(self, split: str) -> MixtureLoader:
-        """This rank's loader of `split`; eval loaders start from the beginning each time.
-        Neither plans past the steps it will give (`end_step`): no data work is wasted."""
+        """This rank's loader of `split`. Neither plans past the steps it will give
+        (`end_step`): no data work is wasted."""
         t = self.cfg.train
         return MixtureLoader(
             self.cfg.data,
@@ -91,7 +86,7 @@ class Trainer:
             raise ValueError(f"--resume: no checkpoint in {self.out}/checkpoints; run without it")
         state = ckpt.load_checkpoint(path, self.d, self.built.model_config.to_dict())
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_parts(state["optimizer"])
         self.loader.load_state_dict(state["data"])
         self.step = state["meta"]["step"]
         if self.d.is_main:
@@ -114,61 +109,34 @@ class Trainer:
         with timer.phase("comm"):
             (total_targets,) = all_reduce_sum([float(sum(map(num_targets, mbs)))], self.d)
             total_targets /= tp
-        # DDP averages gradients over data-parallel ranks; scaling by their number turns that
-        # into the sum. fp16 under offload: the loss is scaled up so small gradients survive
-        # (the engine unscales them on the host, or skips the step if they overflowed).
-        loss_scale = getattr(self.optimizer, "loss_scale", 1.0)
-        scale = self.d.dp_size / max(total_targets, 1.0) * loss_scale
-        model = self.ddp or self.model
         lr = self.cfg.optim.lr * lr_factor(self.step, self.cfg.train.steps, self.cfg.optim)
-        clip = self.cfg.optim.grad_clip or float("inf")
+        loss_scale = self.optimizer.begin_step(lr)  # fp16: small gradients survive scaled up
+        # DDP averages gradients over data-parallel ranks; scaling by their number turns that
+        # into the sum.
+        scale = self.d.dp_size / max(total_targets, 1.0) * loss_scale
         loss_local = 0.0
         for i, mb in enumerate(mbs):
             last = i == len(mbs) - 1
-            if last and hasattr(self.optimizer, "prepare_final_backward"):
-                # Offload: without clipping, buckets are stepped on the host during backward.
-                self.optimizer.prepare_final_backward(lr, clip)
-            sync = nullcontext() if (self.ddp is None or last) else self.ddp.no_sync()
-            with sync:
-                tp_before = self._tp_exposed_s()
+            with self.parallel.accumulating(last):
                 with timer.phase("forward"):
-                    loss = token_losses(model, mb, self.autocast).sum() * scale
-                # Tensor-parallel waits that overlap did not hide: exposed communication.
-                tp_mid = self._tp_exposed_s()
-                timer.move("forward", "comm", tp_mid - tp_before)
+                    loss = token_losses(self.parallel.module, mb, self.autocast).sum() * scale
+                self.optimizer.before_backward(last)
                 with timer.phase("backward"):
-                    self._hook_times.clear()
-                    offload_before = getattr(self.optimizer, "offload_s", 0.0)
                     loss.backward()
-                    end = time.perf_counter()
-                timer.move("backward", "comm", self._tp_exposed_s() - tp_mid)
-                # The offload engine's gradient copies ran inside backward: their own phase.
-                offload_s = getattr(self.optimizer, "offload_s", 0.0) - offload_before
-                timer.move("backward", "grad_offload", offload_s)
             loss_local += loss.item() / loss_scale / self.d.dp_size
-        if self._hook_times:
-            # Exposed communication: from the last gradient bucket handed to all-reduce (the
-            # end of backward compute) to backward's return (all buckets reduced).
-            timer.move("backward", "comm", end - max(self._hook_times))
-        if hasattr(self.optimizer, "wait_grads"):
-            with timer.phase("grad_offload"):  # gradient copies backward did not hide
-                self.optimizer.wait_grads()
-        plan = getattr(self.model, "tp_plan", None)
-        if plan is not None:
-            with timer.phase("comm"):  # norms that saw only this rank's rows
-                plan.reduce_partial_grads()
-        with timer.phase("optimizer"):
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            grad_norm = clip_and_step(self.optimizer, self.model, clip)
+        with timer.phase("optimizer"):  # the meters sort out the waits it holds
+            self.optimizer.finish_backward()  # what backward left in flight lands
+            grad_norm = self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         with timer.phase("comm"):  # the stop flag rides along, so all ranks stop at one step
             loss_value, stop = all_reduce_sum([loss_local, float(self.signals.requested)], self.d)
             loss_value /= tp
         self.stop = stop > 0
-        stats = batch.stats
+        return self._metrics(batch.stats, loss_value, lr, grad_norm)
+
+    def _metrics(self, stats, loss: float, lr: float, grad_norm: float) -> dict[str, float]:
         row = {
-            "loss": loss_value,
+            "loss": loss,
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens": float(stats.num_tokens),
@@ -179,35 +147,35 @@ class Trainer:
             row[f"data/replicas/{src.name}"] = float(n)
         return row
 
-    def _tp_exposed_s(self) -> float:
-        plan = getattr(self.model, "tp_plan", None)
-        return plan.group.exposed_s if plan is not None else 0.0
-
     def evaluate(self) -> dict[str, float]:
         """Held-out loss and bits per byte, overall and per source (see evaluate.py)."""
         if self.cfg.data.holdout_fraction == 0 or self.cfg.train.eval_steps == 0:
             return {}
-        flush(self.optimizer)
-        with self._loader("eval") as loader:  # from its start: the same batches every time
-            return evaluate(self.model, loader, self.cfg.train.eval_steps, self.d, self.autocast)
+        self.optimizer.flush()
+        if self._eval is None:  # one loader and backend for every evaluation of the run
+            loader = self._loader("eval")
+            self._eval = (loader, loader.state_dict())
+        loader, start = self._eval
+        loader.load_state_dict(start)  # from its start: the same batches every time
+        return evaluate(self.model, loader, self.cfg.train.eval_steps, self.d, self.autocast)
 
     # -- the run ----------------------------------------------------------------------------
     def save(self) -> None:
-        flush(self.optimizer)  # the weights saved are those the optimizer state continues
+        self.optimizer.flush()  # the weights saved are those the optimizer state continues
         ckpt.save_checkpoint(
             self.out,
             self.step,
             self.d,
             self.cfg.train.keep_checkpoints,
             model=self.model.state_dict(),
-            optimizer=self.optimizer.state_dict(),
+            optimizer=self.optimizer.state_parts(),
             data=self.loader.state_dict(),
             meta={"model": self.built.model_config.to_dict()},
         )
 
     def fit(self) -> list[dict]:
         cfg, d = self.cfg.train, self.d
-        timer = StepTimer(d.device)
+        timer = StepTimer(d.device, meters=self.parallel.meters)
         history: list[dict] = []
         metrics = open(self.out / "metrics.jsonl", "a") if d.is_main else None  # noqa: SIM115
         flops = self.flops_per_token
@@ -246,6 +214,8 @@ class Trainer:
             if metrics:
                 metrics.close()
             self.loader.close()
+            if self._eval is not None:
+                self._eval[0].close()
         if self.step == cfg.steps and not self.stop:
             self._finish(timer, history)
         elif d.is_main:

@@ -1,15 +1,71 @@
-"""The optimizer: AdamW with decoupled weight decay on matrices only, and a linear warm-up
-followed by cosine decay to `min_lr_ratio * lr`. Either torch's (fused where the device has it)
-or, with `optim.offload`, the memory engine's OffloadOptimizer (fp32 masters and moments on the
-host, the model in `optim.offload_dtype`)."""
+"""The step-optimizer seam: AdamW with decoupled weight decay on matrices only, and a linear
+warm-up followed by cosine decay to `min_lr_ratio * lr`. Either torch's (fused where the device
+has it, behind `DeviceAdamW`) or, with `optim.offload`, the memory engine's OffloadOptimizer
+(fp32 masters and moments on the host, the model in `optim.offload_dtype`). Both implement
+`StepOptimizer`, which is all the loop and the checkpoint know of them."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
+
+from slipstream.profile import Meter
+from slipstream.train.device_optim import DeviceAdamW
+
+
+class StateParts(Protocol):
+    """A checkpoint's optimizer files for this rank's tensor-parallel slice, by part name."""
+
+    def names(self) -> list[str]: ...
+
+    def load(self, name: str, mmap: bool = False) -> dict: ...
+
+
+class StepOptimizer(Protocol):
+    """What the loop calls, in this order, every step; nothing else about an optimizer
+    reaches it."""
+
+    def begin_step(self, lr: float) -> float:
+        """The step's learning rate, before its forward passes; returns the factor the loss
+        is multiplied by (the fp16 loss scale; 1.0 otherwise)."""
+        ...
+
+    def before_backward(self, last: bool) -> None:
+        """Before each micro-batch's backward; `last`: the step's final one."""
+        ...
+
+    def finish_backward(self) -> None:
+        """After the step's last backward: gradients still in flight land (copies to the
+        host, partial sums over tensor-parallel ranks)."""
+        ...
+
+    def step(self, max_norm: float | None = None) -> float:
+        """Clip the global gradient norm (to `optim.grad_clip` unless given) and step; returns
+        the norm before clipping."""
+        ...
+
+    def zero_grad(self, set_to_none: bool = True) -> None: ...
+
+    def flush(self) -> None:
+        """An update still in flight reaches the model (before evaluating or saving)."""
+        ...
+
+    def meters(self) -> list[Meter]:
+        """The seconds it exposes inside other phases, for the step timer."""
+        ...
+
+    def state_parts(self) -> dict[str, dict]:
+        """The state this rank writes, by part name (opaque to the checkpoint: a sharded
+        optimizer names one part per rank, a replicated one writes on one rank only)."""
+        ...
+
+    def load_state_parts(self, parts: StateParts) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -73,11 +129,21 @@ class OptimConfig:
 
 
 def build_optimizer(
-    model: nn.Module, cfg: OptimConfig, device: torch.device, group=None, device_group=None
-):
-    """torch's AdamW, or the OffloadOptimizer (which first casts the model's parameters to
-    `cfg.offload_dtype`; with `group` (gloo), ZeRO-2 across its ranks, reducing gradients and
-    gathering weights over `device_group`, the same ranks on the device's backend)."""
+    model: nn.Module,
+    cfg: OptimConfig,
+    device: torch.device,
+    group=None,
+    device_group=None,
+    *,
+    tp_plan=None,
+    writes_state: bool = True,
+) -> StepOptimizer:
+    """torch's AdamW behind `DeviceAdamW`, or the OffloadOptimizer (which first casts the
+    model's parameters to `cfg.offload_dtype`; with `group` (gloo), ZeRO-2 across its ranks,
+    reducing gradients and gathering weights over `device_group`, the same ranks on the
+    device's backend). `tp_plan`: a tensor-parallel model's `TensorParallelPlan` (its norm
+    and partial-gradient sums); `writes_state`: whether this rank writes the (replicated)
+    state."""
     params = [p for p in model.parameters() if p.requires_grad]
     seen, decay, no_decay = set(), [], []
     for p in params:  # tied weights appear once
@@ -88,6 +154,7 @@ def build_optimizer(
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    max_norm = cfg.grad_clip or float("inf")
     if cfg.offload:
         from slipstream.offload.engine import OffloadOptimizer
 
@@ -103,14 +170,16 @@ def build_optimizer(
             device_group=device_group,
             delayed_update=cfg.delayed_update,
             delay_start=cfg.delayed_update_start,
+            max_norm=max_norm,
         )
-    return torch.optim.AdamW(
+    adamw = torch.optim.AdamW(
         groups,
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,
         fused=device.type in ("cpu", "cuda"),
     )
+    return DeviceAdamW(adamw, params, max_norm, tp_plan=tp_plan, writes_state=writes_state)
 
 
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
@@ -120,28 +189,6 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
     span = max(1, total_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def flush(optimizer) -> None:
-    """Let a delayed update in flight reach the model (before evaluating or saving)."""
-    if hasattr(optimizer, "flush"):
-        optimizer.flush()
-
-
-def clip_and_step(optimizer, model: nn.Module, max_norm: float) -> float:
-    """Clip the global gradient norm to `max_norm` and step; returns the norm before clipping.
-    The offload engine clips on the host, where the gradients are."""
-    from slipstream.offload.engine import OffloadOptimizer
-
-    if isinstance(optimizer, OffloadOptimizer):
-        return optimizer.step(max_norm)
-    plan = getattr(model, "tp_plan", None)
-    if plan is not None:  # split parameters' norms are summed over the tensor-parallel group
-        norm = plan.clip_grad_norm(model.parameters(), max_norm)
-    else:
-        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-    optimizer.step()
-    return norm
 
 
 def check_parallel_optim(cfg: OptimConfig, d) -> None:

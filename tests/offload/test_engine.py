@@ -9,7 +9,7 @@ import torch
 
 from slipstream.models import GPT, GPTConfig
 from slipstream.offload.engine import OffloadOptimizer
-from slipstream.train.optim import OptimConfig, build_optimizer, clip_and_step
+from slipstream.train.optim import OptimConfig, build_optimizer
 from tests.e2e.test_train import stop_and_resume
 
 
@@ -31,7 +31,7 @@ def train(model, opt, data, micro: int = 1, clip: float = 0.5) -> list[float]:
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
             (loss / micro).backward()
             losses.append(loss.item())
-        clip_and_step(opt, model, clip)
+        opt.step(clip)
         opt.zero_grad(set_to_none=True)
     return losses
 
@@ -71,23 +71,25 @@ def test_every_micro_step_of_accumulation_counts():
     assert not torch.allclose(next(one.parameters()), next(three.parameters()))
 
 
-def _train_early(model, opt, data, micro: int, clip: float, early: bool) -> None:
+def _train_early(model, opt, data, micro: int, early: bool) -> None:
     """Steps of `micro` micro-batches; `early`: announce the last backward, as the trainer does."""
     for i in range(0, len(data), micro):
         for j, x in enumerate(data[i : i + micro]):
-            if early and j == micro - 1:
-                opt.prepare_final_backward(1e-2, clip)
             logits = model(x[:, :-1]).float()
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+            if early:
+                opt.before_backward(last=j == micro - 1)
             (loss / micro).backward()
-        opt.step(clip)
+        opt.step()
         opt.zero_grad(set_to_none=True)
 
 
-def _small_buckets(model, dtype: torch.dtype) -> OffloadOptimizer:
+def _small_buckets(model, dtype: torch.dtype, clip: float) -> OffloadOptimizer:
     model.to(dtype)  # several buckets, so most step while backward still runs
     groups = [{"params": list(model.parameters()), "weight_decay": 0.1}]
-    return OffloadOptimizer(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, bucket_numel=3000)
+    return OffloadOptimizer(
+        groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, bucket_numel=3000, max_norm=clip
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -95,8 +97,8 @@ def test_buckets_step_during_backward_without_clipping_bit_for_bit(dtype):
     runs = {}
     for early in (False, True):
         model = tiny()
-        opt = _small_buckets(model, dtype)
-        _train_early(model, opt, batches(6), micro=2, clip=float("inf"), early=early)
+        opt = _small_buckets(model, dtype, clip=float("inf"))
+        _train_early(model, opt, batches(6), micro=2, early=early)
         runs[early] = (model, opt.early_steps, len(opt.buckets))
         opt.close()
     (plain, none, _), (early, stepped, buckets) = runs[False], runs[True]
@@ -105,8 +107,8 @@ def test_buckets_step_during_backward_without_clipping_bit_for_bit(dtype):
         assert torch.equal(a, b)
     # With clipping the scale waits for the last bucket: nothing steps early.
     model = tiny()
-    opt = _small_buckets(model, dtype)
-    _train_early(model, opt, batches(2), micro=2, clip=1.0, early=True)
+    opt = _small_buckets(model, dtype, clip=1.0)
+    _train_early(model, opt, batches(2), micro=2, early=True)
     assert opt.early_steps == 0
 
 
@@ -165,7 +167,7 @@ def test_delayed_update_matches_a_one_step_delayed_torch_adamw():
         for pw, pm in zip(work.parameters(), master.parameters(), strict=True):
             pm.grad, pw.grad = pw.grad, None
         previous = copy.deepcopy(master.state_dict())
-        clip_and_step(ref_opt, master, 0.5)
+        ref_opt.step(0.5)
         ref_opt.zero_grad()
         work.load_state_dict(master.state_dict() if k < start else previous)
     assert got == pytest.approx(want, rel=1e-5)
@@ -218,7 +220,7 @@ def scaled_train(model, opt, data) -> list[float]:
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
         (loss * opt.loss_scale).backward()
         losses.append(loss.item())
-        clip_and_step(opt, model, 1.0)
+        opt.step(1.0)
         opt.zero_grad(set_to_none=True)
     return losses
 
@@ -251,7 +253,7 @@ def test_an_overflowing_step_is_skipped_and_the_scale_halved():
     scaled_train(model, opt, batches(2))
     before = [p.detach().clone() for p in model.parameters()]
     steps = [int(opt.host.state[b.master]["step"]) for b in opt.buckets]
-    opt.loss_scale = 1e30  # fp16 gradients of a loss this large are inf
+    opt.scaler.scale = 1e30  # fp16 gradients of a loss this large are inf
     scaled_train(model, opt, batches(1))
     assert opt.loss_scale == 5e29  # halved
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))

@@ -11,7 +11,12 @@ import torch.nn.functional as F
 
 from slipstream.models import GPTConfig, build_model
 from slipstream.overlap import OverlapGroup
-from slipstream.overlap.tp import ColumnParallelLinear, RowParallelLinear, scatter_rows
+from slipstream.overlap.tp import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    apply_tensor_parallel,
+    scatter_rows,
+)
 from tests.overlap.ranks import run_ranks, values
 
 CFG = dict(kind="gpt", vocab_size=97, n_layer=2, n_head=4, d_model=32, max_seq_len=16)
@@ -58,7 +63,7 @@ def _gpt(rank: int, world: int, impl: str, mlp: str) -> dict:
     full = build_model(cfg, ".")
     torch.manual_seed(1)
     model = build_model(cfg, ".")
-    plan = model.shard_tensor_parallel(OverlapGroup(None, impl))
+    plan = apply_tensor_parallel(model, model.tensor_parallel_layout(), OverlapGroup(None, impl))
     ids = torch.randint(0, 97, (3, 15))  # 45 rows: pads to a multiple of tp
     doc_ids = (torch.arange(15) >= 6).long().expand(3, 15)  # two documents per row
     pos = torch.where(doc_ids == 0, torch.arange(15), torch.arange(15) - 6)
@@ -106,4 +111,4 @@ def test_heads_that_do_not_split_are_refused():
         world_size, rank = 3, 0
 
     with pytest.raises(ValueError, match="does not divide model.n_head"):
-        model.shard_tensor_parallel(Three())
+        apply_tensor_parallel(model, model.tensor_parallel_layout(), Three())
