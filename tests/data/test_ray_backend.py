@@ -195,9 +195,9 @@ def test_a_rank_receives_the_tokens_its_rows_hold_not_whole_documents(tmp_path):
     for ldr in loaders:
         for _ in range(5):
             next(ldr)
-        ldr._stop.set()  # the read-ahead stops; then every load it sent is received
-        ldr._thread.join()
-        for task in {id(e.task): e.task for es in ldr._inflight.values() for e in es}.values():
+        ldr._prefetch.stop()  # the read-ahead stops; then every load it sent is received
+        inflight = ldr._fetch._inflight
+        for task in {id(e.task): e.task for es in inflight.values() for e in es}.values():
             task.result()
     planner = Planner(spec, loaders[0].planner.lengths, dp_world_size=4)
     plans = [planner.plan_step() for _ in range(max(ldr.planner.step for ldr in loaders))]

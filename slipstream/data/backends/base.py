@@ -1,14 +1,16 @@
 """The backend seam: where source loaders run. The planner reads `lengths()` (token counts
-only); each rank's loader calls `submit(source, ids)` for the documents of its own rows and
-later `.result()` on what it returns. Nothing else about a backend reaches the stream, so any
-backend (inline, a local pool, Ray actors) yields the same batches.
+only); each rank's loader calls `submit_spans(source, ids, spans, shared)` for the documents
+of its own rows (or a machine's group of ranks for all of theirs, `group.py`), `flush()` once
+the step's loads are submitted, and later `.result()` on what each returned. Nothing else
+about a backend reaches the stream, so any backend (inline, a local pool, Ray actors) yields
+the same batches. `Backend` is the whole contract the loader uses; every backend implements
+all of it, trivially where a part does not apply.
 
-Span-capable backends (local, Ray) also offer `submit_spans(source, ids, spans, shared)`:
-tokens [lo, hi) of each document, as `TokenSpan`s; a machine's group of ranks loads a step
-with it (`group.py`), and `shared` names documents a neighbouring step holds too. Where the
-tokens cross a process boundary per request (Ray: `sends_spans`), every rank loads its own
-rows with it too: a long document's pieces land in several ranks' rows, and without spans
-each of those ranks would receive the whole document."""
+`spans`: tokens [lo, hi) of each document, as `TokenSpan`s (None: whole documents). Where the
+tokens cross a process boundary per request (Ray: `sends_spans`), every rank asks for spans: a
+long document's pieces land in several ranks' rows, and without spans each of those ranks
+would receive the whole document. `shared`: documents other ranks of the machine need too,
+tokenized once per machine where the backend can (local: `shares_docs`)."""
 
 from __future__ import annotations
 
@@ -97,12 +99,44 @@ class Backend(Protocol):
     num_bad: list[int]
     """Corrupt records skipped per source."""
     tokenizer: Tokenizer
+    names: list[str]
+    """The sources' names, in the spec's order (for messages)."""
 
     num_loaded: list[int]
     """Documents submitted for loading per source (what this client asked tokenized)."""
 
+    sends_spans: bool
+    """Tokens cross a process boundary per request: ask for the runs a rank's rows hold."""
+    shares_docs: bool
+    """Documents in `shared` are tokenized once per machine (worth computing them)."""
+
     def submit(self, source: int, ids: list[int]) -> LoadTask:
-        """Start loading documents `ids` of `source`."""
+        """Start loading documents `ids` of `source` (whole)."""
+        ...
+
+    def submit_spans(
+        self,
+        source: int,
+        ids: list[int],
+        spans: list[tuple[int, int]] | None,
+        shared: frozenset[int] | set[int] = frozenset(),
+    ) -> LoadTask:
+        """Start loading tokens [lo, hi) of each document (`TokenSpan`s), or whole documents
+        when `spans` is None."""
+        ...
+
+    def flush(self) -> None:
+        """The step's loads are submitted: send what waits to be sent."""
+        ...
+
+    def upkeep(self, step: int, owner: bool) -> None:
+        """Every `backend.autoscale_every` planned steps: the owner (the job's rank 0, on its
+        training stream) resizes replicas for the schedule ahead of `step`; the others take
+        the new layout."""
+        ...
+
+    def replicas(self) -> list[int] | None:
+        """Loader replicas serving each source, where the backend scales them (else None)."""
         ...
 
     def lengths(self) -> list[np.ndarray]:

@@ -183,8 +183,7 @@ class GroupFetch:
             tokens: dict[tuple[int, int, int, int], np.ndarray] = {}
             for s, (items, load) in step.loads.items():
                 for (d, a, b), t in zip(items, load.result(), strict=True):
-                    name = self.backend.names[s] if hasattr(self.backend, "names") else str(s)
-                    check_length(name, d, int(self.lengths[s][d]), len(t))
+                    check_length(self.backend.names[s], d, int(self.lengths[s][d]), len(t))
                     tokens[(s, d, a, b)] = t.data
             mine = None
             for r, (packed, lo, hi) in step.runs.items():
@@ -247,6 +246,9 @@ class GroupFetch:
         for (s, d, a, _), t in zip(keys, data, strict=True):
             add_tokens(out, (s, d), TokenSpan(a, int(self.lengths[s][d]), t))
         return out
+
+    def reset(self) -> None:
+        """Nothing to forget: each step is fetched by its fingerprint."""
 
     def close(self) -> None:
         """Publish the steps made here (other ranks may wait on them), then remove this

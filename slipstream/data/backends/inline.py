@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from slipstream.data.backends.base import TokenSpan
 from slipstream.data.sources.loader import SourceLoader
 
 
@@ -23,8 +24,12 @@ class Loaded:
 
 
 class InlineBackend:
+    sends_spans = False  # nothing crosses a process boundary
+    shares_docs = False
+
     def __init__(self, loaders: Sequence[SourceLoader]) -> None:
         self.loaders = list(loaders)
+        self.names = [ldr.name for ldr in self.loaders]
         self.num_docs = [ldr.num_docs for ldr in self.loaders]
         self.num_bad = [ldr.num_bad for ldr in self.loaders]
         self.tokenizer = self.loaders[0].tokenizer
@@ -33,6 +38,23 @@ class InlineBackend:
     def submit(self, source: int, ids: list[int]) -> Loaded:
         self.num_loaded[source] += len(ids)
         return Loaded(self.loaders[source].get_many(ids))
+
+    def submit_spans(self, source, ids, spans, shared=frozenset()) -> Loaded:
+        """The documents, loaded now; with `spans`, each one's tokens [lo, hi) only."""
+        whole = self.submit(source, ids).tokens
+        if spans is None:
+            return Loaded(whole)
+        return Loaded([TokenSpan(lo, len(t), t[lo:hi])
+                       for t, (lo, hi) in zip(whole, spans, strict=True)])  # fmt: skip
+
+    def flush(self) -> None:
+        """Nothing waits: loads run when submitted."""
+
+    def upkeep(self, step: int, owner: bool) -> None:
+        """A fixed loader per source: nothing to resize."""
+
+    def replicas(self) -> None:
+        return None
 
     def lengths(self) -> list[np.ndarray]:
         return [ldr.lengths() for ldr in self.loaders]

@@ -105,6 +105,9 @@ class _SpanLoad:
 class LocalBackend:
     """submit(source, ids) -> a task whose result() is the documents' token arrays."""
 
+    sends_spans = False  # the workers' results come back whole, within this machine
+    shares_docs = True  # `submit_shared`: a document other ranks need is tokenized once
+
     def __init__(self, spec: MixtureSpec, tokenizer: str | None = None, run_id: str = "") -> None:
         """run_id: the launcher's name for the job (`Topology.run_id`), so that two jobs on a
         machine never share steps in its store."""
@@ -118,6 +121,7 @@ class LocalBackend:
         self.num_bad = [ldr.num_bad for ldr in loaders]
         self._num_shards = [len(ldr.shards) for ldr in loaders]
         self.num_loaded = [0] * len(loaders)
+        self.names = [s.name for s in spec.sources]
         self.tokenizer = loaders[0].tokenizer
         self._source_keys = [source_key(ldr) for ldr in loaders]
         # Names this job's stream in the machine's store (`group.py`): the launcher's run id,
@@ -185,6 +189,12 @@ class LocalBackend:
 
     def flush(self) -> None:
         """Nothing waits to be sent: a task starts when submitted."""
+
+    def upkeep(self, step: int, owner: bool) -> None:
+        """A fixed pool of workers: nothing to resize."""
+
+    def replicas(self) -> None:
+        return None
 
     def lengths(self) -> list[np.ndarray]:
         """Every shard's token counts, shards in parallel on the pool (cached after the first

@@ -197,6 +197,14 @@ class RayBackend:
     def replicas(self) -> list[int]:
         return [len(self._layout[s]["serving"]) for s in range(len(self.names))]
 
+    def upkeep(self, step: int, owner: bool) -> None:
+        """The owner has the replicas sized for the schedule ahead; the others take the
+        directory's layout."""
+        if owner:
+            self.autoscale(step)
+        else:
+            self.refresh()
+
     def _send(self, load: _Load, where: list[int]) -> list[tuple[str, list[int], object]]:
         """Issue the items of `load` at positions `where` again, alone (after a failure)."""
         parts = []
@@ -226,6 +234,7 @@ class RayBackend:
         return self.submit_spans(source, ids, None)
 
     sends_spans = True  # the loader asks for runs of tokens, not whole documents
+    shares_docs = False  # a document always goes to one actor, which keeps recent ones
 
     def submit_spans(
         self,
