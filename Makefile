@@ -7,7 +7,7 @@ DEMO_DIR ?= data/demo
 DEMO_SPEC := recipes/data/demo.toml
 TOKENIZER := $(DEMO_DIR)/tokenizer-2k.json
 
-.PHONY: demo preview test lint format bench bench-gpu bench-gpu-offload bench-gpu-overlap finetune gpt125m clean
+.PHONY: demo preview test test-all lint format bench bench-gpu bench-gpu-offload bench-gpu-overlap finetune gpt125m clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ gpt125m: $(STAMP) $(DEMO_DIR)/tokenizer-50k.json
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Everything `test` runs, and the whole lever matrix (tests/e2e/test_combinations.py).
+test-all: $(STAMP)
+	$(PY) -m pytest -q --all
 
 lint: $(STAMP)
 	$(PY) -m ruff check slipstream tests benchmarks examples

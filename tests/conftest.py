@@ -126,3 +126,16 @@ def corpus_spec(root: Path, fmt: str, **overrides) -> dict:
 @pytest.fixture(params=["jsonl", "parquet", "text"])
 def fmt(request) -> str:
     return request.param
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--all", action="store_true", help="also run the tests marked `combinations`")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if config.getoption("--all"):
+        return
+    skip = pytest.mark.skip(reason="part of the whole lever matrix: make test-all")
+    for item in items:
+        if "combinations" in item.keywords:
+            item.add_marker(skip)

@@ -71,12 +71,17 @@ class OffloadOptimizer:
         delay_start: int = 0,
         device_group: dist.ProcessGroup | None = None,
         max_norm: float = float("inf"),
+        tp_group: dist.ProcessGroup | None = None,
     ) -> None:
         """`group`: the data-parallel ranks over gloo (host tensors: the broadcast of the first
         weights, the norm); `device_group`: the same ranks on the device's backend (NCCL on
         GPUs) for the gradients' reduce-scatter and the weights' all-gather, `group` if not
-        given. No group: one process. `max_norm`: the gradient clipping norm (inf: none)."""
-        self.group = group
+        given. No group: one process. `max_norm`: the gradient clipping norm (inf: none).
+        `tp_group`: the tensor-parallel peers over gloo, when the model is split: parameter
+        groups marked `tp_sharded` hold this rank's slices, whose squares the global norm sums
+        over the peers (the others are the same on every peer: counted once)."""
+        self.group, self.tp_group = group, tp_group
+        self._sharded: set[torch.Tensor] = set()  # masters of tensor-parallel slices
         self.device_group = device_group if device_group is not None else group
         self.max_norm = max_norm
         self.delayed = DelayedUpdate(delayed_update, delay_start)
@@ -91,6 +96,8 @@ class OffloadOptimizer:
                 bucket = make_bucket(chunk, self.world, self.rank, self.group)
                 self.buckets.append(bucket)
                 host_groups.append({"params": [bucket.master], "weight_decay": g["weight_decay"]})
+                if g.get("tp_sharded"):
+                    self._sharded.add(bucket.master)
         self.host = HostAdamW(host_groups, lr=lr, betas=betas, eps=eps, num_threads=num_threads)
         self.device = self.buckets[0].params[0].device if self.buckets else torch.device("cpu")
         self.early = EarlySteps(self._step_bucket)
@@ -212,11 +219,7 @@ class OffloadOptimizer:
                 if b.master.grad is b.grad:
                     b.master.grad = host_zeros(b.grad.numel())
                 b.master.grad, b.grad = b.grad, b.master.grad
-        sq = self.host.grad_sq_norm()
-        if self.world > 1:
-            t = torch.tensor([sq], dtype=torch.float64)
-            dist.all_reduce(t, group=self.group)
-            sq = float(t) / self.world**2  # of the averaged gradient, as DDP would give
+        sq = self._grad_sq_norm()
         # Unscale by the scale these gradients were made with (before any growth below).
         made_with = self.scaler.scale
         norm = math.sqrt(sq) / made_with
@@ -236,6 +239,27 @@ class OffloadOptimizer:
         else:
             self.host.step(**kwargs)
         return norm
+
+    def _grad_sq_norm(self) -> float:
+        """The squared norm of the whole model's averaged gradient: this rank's slices summed
+        over the data-parallel ranks, and tensor-parallel slices also over their peers."""
+        if self.tp_group is None:
+            sq = self.host.grad_sq_norm()
+            if self.world > 1:
+                t = torch.tensor([sq], dtype=torch.float64)
+                dist.all_reduce(t, group=self.group)
+                sq = float(t)
+            return sq / self.world**2  # of the averaged gradient, as DDP would give
+        rest = {b.master for b in self.buckets} - self._sharded
+        t = torch.tensor(
+            [self.host.grad_sq_norm(self._sharded), self.host.grad_sq_norm(rest)],
+            dtype=torch.float64,
+        )
+        if self.world > 1:
+            dist.all_reduce(t, group=self.group)
+        split = t[:1].clone()
+        dist.all_reduce(split, group=self.tp_group)
+        return float(split[0] + t[1]) / self.world**2
 
     @torch.no_grad()
     def _write_back(self) -> None:

@@ -87,12 +87,13 @@ class HostAdamW(torch.optim.Optimizer):
             dst.add_(src)
 
     @torch.no_grad()
-    def grad_sq_norm(self) -> float:
-        """Sum of squares of every gradient, the same for any thread count."""
+    def grad_sq_norm(self, only: set[torch.Tensor] | None = None) -> float:
+        """Sum of squares of every gradient (of those in `only`, if given), the same for any
+        thread count."""
         total = 0.0
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None:
+                if p.grad is not None and (only is None or p in only):
                     g = p.grad
                     if self._lib is not None and g.is_contiguous() and g.dtype == torch.float32:
                         total += self._lib.sum_squares(g.data_ptr(), g.numel(), self.num_threads)

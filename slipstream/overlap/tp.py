@@ -205,15 +205,33 @@ class TensorParallelPlan:
     partial: list[nn.Parameter] = field(default_factory=list)
     hooks: list = field(default_factory=list)
     """The row split and gather on the model's modules (`apply_tensor_parallel`)."""
+    partial_in_backward: bool = False
+    """The partial gradients are summed during backward (`sum_partial_grads_in_backward`)."""
 
     @property
     def exposed_s(self) -> float:
         """Seconds the caller waited for this group's communication, over the run."""
         return self.group.exposed_s
 
+    def sum_partial_grads_in_backward(self) -> None:
+        """For an optimizer that takes each gradient away as backward makes it (offload):
+        the `partial` parameters' gradients are summed over the group as they are made, each
+        micro-batch's on its own (summing the accumulated ones would count earlier
+        micro-batches again). Every rank runs the same backward, so the sums pair up."""
+
+        def summed(grad: torch.Tensor) -> torch.Tensor:
+            grad = grad.clone()
+            dist.all_reduce(grad, group=self.group.group)
+            return grad
+
+        self.hooks += [p.register_hook(summed) for p in self.partial]
+        self.partial_in_backward = True
+
     def reduce_partial_grads(self) -> None:
         """After the last backward of a step (once: summing accumulated grads per micro-batch
         would count earlier micro-batches again)."""
+        if self.partial_in_backward:
+            return
         grads = [p.grad for p in self.partial if p.grad is not None]
         if grads:
             flat = torch.cat([g.flatten() for g in grads])

@@ -165,6 +165,18 @@ def host_dp_group(d: Dist):
     return mine
 
 
+def host_tp_group(d: Dist):
+    """A gloo group over this rank's tensor-parallel peers, for collectives on host tensors
+    (the offload engine's norm of split parameters). Collective, like `host_dp_group`."""
+    world, tp = d.world_size, d.tp_size
+    mine = None
+    for i in range(world // tp):
+        group = dist.new_group(list(range(i * tp, (i + 1) * tp)), backend="gloo")
+        if d.dp_rank == i:
+            mine = group
+    return mine
+
+
 def all_reduce_sum(values: list[float], d: Dist) -> list[float]:
     """Sum a few numbers across ranks (one small collective; a sync point)."""
     if not d.enabled:

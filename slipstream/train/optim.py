@@ -136,14 +136,15 @@ def build_optimizer(
     device_group=None,
     *,
     tp_plan=None,
+    tp_host_group=None,
     writes_state: bool = True,
 ) -> StepOptimizer:
     """torch's AdamW behind `DeviceAdamW`, or the OffloadOptimizer (which first casts the
     model's parameters to `cfg.offload_dtype`; with `group` (gloo), ZeRO-2 across its ranks,
     reducing gradients and gathering weights over `device_group`, the same ranks on the
     device's backend). `tp_plan`: a tensor-parallel model's `TensorParallelPlan` (its norm
-    and partial-gradient sums); `writes_state`: whether this rank writes the (replicated)
-    state."""
+    and partial-gradient sums), with `tp_host_group` the same ranks over gloo for the offload
+    engine's host norm; `writes_state`: whether this rank writes the (replicated) state."""
     params = [p for p in model.parameters() if p.requires_grad]
     seen, decay, no_decay = set(), [], []
     for p in params:  # tied weights appear once
@@ -160,6 +161,13 @@ def build_optimizer(
 
         dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
         model.to(dtypes[cfg.offload_dtype])
+        if tp_plan is not None:  # slices and replicated parameters never share a bucket
+            sharded = {id(p) for p in tp_plan.sharded}
+            groups = [
+                {**g, "params": [p for p in g["params"] if (id(p) in sharded) == cut],
+                 "tp_sharded": cut}
+                for g in groups for cut in (True, False)
+            ]  # fmt: skip
         return OffloadOptimizer(
             groups,
             lr=cfg.lr,
@@ -171,6 +179,7 @@ def build_optimizer(
             delayed_update=cfg.delayed_update,
             delay_start=cfg.delayed_update_start,
             max_norm=max_norm,
+            tp_group=tp_host_group,
         )
     adamw = torch.optim.AdamW(
         groups,
@@ -193,11 +202,6 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
 
 def check_parallel_optim(cfg: OptimConfig, d) -> None:
     """Offload and ZeRO-2 against the number of ranks: clear errors for what cannot run."""
-    if d.tp_size > 1 and (cfg.offload or cfg.zero_stage):
-        raise ValueError(
-            "optim.offload / optim.zero_stage: not combined with parallel.tp > 1 yet; use "
-            "tensor parallelism with the device optimizer, or offload with parallel.tp = 1"
-        )
     if cfg.offload and d.dp_size > 1 and cfg.zero_stage != 2:
         raise ValueError(
             "optim.offload: under torchrun the host state is sharded across ranks; set "

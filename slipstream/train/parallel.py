@@ -15,7 +15,13 @@ from torch import nn
 from slipstream.overlap import OverlapGroup
 from slipstream.overlap.tp import TensorParallelPlan, apply_tensor_parallel
 from slipstream.profile import Meter
-from slipstream.train.distributed import Dist, ParallelConfig, host_dp_group, wrap_ddp
+from slipstream.train.distributed import (
+    Dist,
+    ParallelConfig,
+    host_dp_group,
+    host_tp_group,
+    wrap_ddp,
+)
 from slipstream.train.optim import OptimConfig, StepOptimizer, build_optimizer, check_parallel_optim
 
 
@@ -54,9 +60,14 @@ def parallelize(model: nn.Module, parallel: ParallelConfig, cfg: OptimConfig, d:
     group = host_dp_group(d) if zero else None  # for its collectives on host tensors
     # Gradients are reduced and weights gathered on the device: NCCL's data-parallel group.
     device_group = (d.dp_group or dist.group.WORLD) if zero else None
+    tp_host = None
+    if plan is not None and cfg.offload:  # gradients leave the device during backward
+        plan.sum_partial_grads_in_backward()
+        tp_host = host_tp_group(d)
     optimizer = build_optimizer(
-        model, cfg, d.device, group, device_group, tp_plan=plan, writes_state=d.dp_rank == 0
-    )
+        model, cfg, d.device, group, device_group, tp_plan=plan, tp_host_group=tp_host,
+        writes_state=d.dp_rank == 0,
+    )  # fmt: skip
     ddp, meter = (None, None) if zero else wrap_ddp(model, d)
     meters = [*optimizer.meters()]
     if plan is not None:  # waits inside forward and backward that overlap did not hide
