@@ -33,11 +33,6 @@ class RunConfig:
     recipe_dir: str = "."
 
     def __post_init__(self) -> None:
-        if self.parallel.tp > 1 and not isinstance(self.model, GPTConfig):
-            raise ValueError(
-                "parallel.tp: tensor parallelism splits the GPT's layers; model.kind "
-                f"{self.model.kind!r} runs with parallel.tp = 1 (data parallel)"
-            )
         if isinstance(self.model, GPTConfig) and self.model.max_seq_len < self.data.seq_len:
             raise ValueError(
                 f"data.seq_len: {self.data.seq_len} is longer than model.max_seq_len "

@@ -49,13 +49,23 @@ class TensorParallelLayout:
 
     colwise: dict[str, int]
     """Linear layers whose output features are split, each with the number of equal fused
-    blocks its weight holds (q|k|v: 3, gate|up: 2), each block split alike."""
+    blocks its weight holds (q|k|v: 3, gate|up: 2), each block split alike. Each gathers its
+    input rows as it multiplies (all-gather + matmul)."""
     rowwise: tuple[str, ...]
-    """Linear layers whose input features are split (their outputs are summed)."""
-    scatter_after: str
-    """The module whose output, the full rows [B, T, D], is split by rows."""
+    """Linear layers whose input features are split (their outputs are summed and scattered
+    by rows: matmul + reduce-scatter)."""
     gather_before: str
     """The module whose input, row shards, is gathered back to the full rows [B, T, D]."""
+    scatter_after: str = ""
+    """The module whose output, the full rows [B, T, D], is split by rows ..."""
+    scatter_before: str = ""
+    """... or the module whose input is (exactly one of the two)."""
+    gather_inputs: tuple[str, ...] = ()
+    """Modules whose input rows are gathered once for the several split layers inside them
+    (an attention's q, k and v projections): their layers are `colwise_local`."""
+    colwise_local: dict[str, int] = field(default_factory=dict)
+    """Linear layers (biases allowed) whose output features are split and whose input is
+    already the full rows (inside a `gather_inputs` module): a local matmul."""
     row_local: tuple[str, ...] = ()
     """Replicated parameters that see only this rank's rows (their gradients are summed)."""
     divides: dict[str, int] = field(default_factory=dict)

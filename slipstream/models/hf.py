@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slipstream.models.base import CausalLMBase
+from slipstream.models.base import CausalLMBase, TensorParallelLayout
 from slipstream.models.config import HFConfig
 from slipstream.models.masks import document_mask
 
@@ -84,6 +84,46 @@ class HFCausalLM(CausalLMBase):
         out.parent.mkdir(parents=True, exist_ok=True)
         tok.backend_tokenizer.save(str(out))
         return out
+
+    def tensor_parallel_layout(self) -> TensorParallelLayout:
+        """The Llama family's decoder (Llama, Mistral, Qwen2, SmolLM: q/k/v/o attention
+        projections and a gate/up/down MLP): each attention and MLP gathers its input rows
+        once, splits by heads (query and key/value heads alike) and hidden units, and scatters
+        its output rows; the rows are split from the first decoder layer to the final norm."""
+        c, prefix = self.model.config, "model.model"
+        layers = getattr(getattr(self.model, "model", None), "layers", None)
+        need = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+        names = {n for n, _ in self.named_modules()}
+        if layers is None or any(f"{prefix}.layers.{i}.{m}" not in names
+                                 for i in range(len(layers)) for m in need):  # fmt: skip
+            raise ValueError(
+                f"parallel.tp: model_type {c.model_type!r} is not laid out like Llama "
+                "(q/k/v/o_proj, gate/up/down_proj); use parallel.tp = 1 with this model"
+            )
+        local, rowwise, gathered, row_local = {}, [], [], []
+        for i in range(len(layers)):
+            at = f"{prefix}.layers.{i}"
+            for m in ("q_proj", "k_proj", "v_proj"):
+                local[f"{at}.self_attn.{m}"] = 1
+            local[f"{at}.mlp.gate_proj"] = local[f"{at}.mlp.up_proj"] = 1
+            rowwise += [f"{at}.self_attn.o_proj", f"{at}.mlp.down_proj"]
+            gathered += [f"{at}.self_attn", f"{at}.mlp"]
+            row_local += [f"{at}.input_layernorm.weight", f"{at}.post_attention_layernorm.weight"]
+        return TensorParallelLayout(
+            colwise={},
+            rowwise=tuple(rowwise),
+            scatter_before=f"{prefix}.layers.0",
+            gather_before=f"{prefix}.norm",
+            gather_inputs=tuple(gathered),
+            colwise_local=local,
+            row_local=tuple(row_local),
+            divides={
+                "num_attention_heads": c.num_attention_heads,
+                "num_key_value_heads": getattr(c, "num_key_value_heads", c.num_attention_heads),
+                "intermediate_size": c.intermediate_size,
+            },
+        )
 
     def forward(
         self, input_ids, position_ids=None, doc_ids=None, cu_seqlens=None, max_seqlen=None

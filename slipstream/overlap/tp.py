@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slipstream.overlap.ag_gemm import all_gather, all_gather_matmul
-from slipstream.overlap.gemm_rs import matmul_reduce_scatter
+from slipstream.overlap.gemm_rs import _reduce_scatter, matmul_reduce_scatter
 from slipstream.overlap.group import OverlapGroup
 
 
@@ -185,6 +185,21 @@ class _GatherRows(torch.autograd.Function):
         return grad.chunk(ctx.group.world_size)[ctx.group.rank].contiguous(), None
 
 
+class _GatherRowsSum(torch.autograd.Function):
+    """Row shards -> full rows, for a module whose split layers each use their own columns of
+    the result (heads, hidden units). Backward: the ranks' partial gradients summed, each
+    rank keeping its rows (reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x, group: OverlapGroup):
+        ctx.group = group
+        return all_gather(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter(grad.contiguous(), ctx.group), None
+
+
 def scatter_rows(x: torch.Tensor, group: OverlapGroup) -> torch.Tensor:
     return _ScatterRows.apply(x, group)
 
@@ -283,22 +298,64 @@ def apply_tensor_parallel(model: nn.Module, layout, group: OverlapGroup) -> Tens
         layer = RowParallelLinear.from_linear(modules[name], group, rows)
         _replace(model, name, layer)
         plan.sharded.append(layer.weight)
+    for name, parts in layout.colwise_local.items():
+        plan.sharded += _split_local(modules[name], parts, group)
     params = dict(model.named_parameters())
     plan.partial = [params[name] for name in layout.row_local]
 
-    def split(_module, _args, out: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> my rows
-        rows.shape = (out.shape[0], out.shape[1])
-        return scatter_rows(_pad_rows(out.reshape(rows.count, -1), tp), group)
+    def full_rows(x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> my rows
+        rows.shape = (x.shape[0], x.shape[1])
+        return scatter_rows(_pad_rows(x.reshape(rows.count, -1), tp), group)
 
     def gather(_module, args: tuple) -> tuple:  # my rows -> [B, T, D] on every rank
         full = gather_rows(args[0], group)[: rows.count].view(*rows.shape, -1)
         return (full, *args[1:])
 
-    plan.hooks = [
-        modules[layout.scatter_after].register_forward_hook(split),
-        modules[layout.gather_before].register_forward_pre_hook(gather),
+    def gather_summed(_module, args: tuple, kwargs: dict):  # the same, summed in backward
+        def whole(x):
+            return _GatherRowsSum.apply(x, group)[: rows.count].view(*rows.shape, -1)
+
+        return _map_input(args, kwargs, whole)
+
+    def split_input(_module, args: tuple, kwargs: dict):
+        return _map_input(args, kwargs, full_rows)
+
+    if bool(layout.scatter_after) == bool(layout.scatter_before):
+        raise ValueError(
+            "tensor parallel layout: name exactly one of scatter_after, scatter_before"
+        )
+    if layout.scatter_after:
+        split = modules[layout.scatter_after].register_forward_hook(
+            lambda m, a, out: full_rows(out)
+        )
+    else:
+        split = modules[layout.scatter_before].register_forward_pre_hook(
+            split_input, with_kwargs=True
+        )
+    plan.hooks = [split, modules[layout.gather_before].register_forward_pre_hook(gather)]
+    plan.hooks += [
+        modules[name].register_forward_pre_hook(gather_summed, with_kwargs=True)
+        for name in layout.gather_inputs
     ]
     return plan
+
+
+def _map_input(args: tuple, kwargs: dict, fn) -> tuple[tuple, dict]:
+    """A module's hidden states, positional or by name (Hugging Face passes them both ways)."""
+    if args:
+        return (fn(args[0]), *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+
+
+@torch.no_grad()
+def _split_local(linear: nn.Linear, parts: int, group: OverlapGroup) -> list[nn.Parameter]:
+    """This rank's output features of `linear`, in place (its bias too)."""
+    linear.weight = nn.Parameter(_split(linear.weight.data, 0, parts, group))
+    linear.out_features = linear.weight.shape[0]
+    if linear.bias is None:
+        return [linear.weight]
+    linear.bias = nn.Parameter(_split(linear.bias.data, 0, parts, group))
+    return [linear.weight, linear.bias]
 
 
 def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:

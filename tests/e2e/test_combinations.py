@@ -88,3 +88,26 @@ def test_the_delayed_update_on_a_sharded_tensor_parallel_mesh(tmp_path):
     want = train(tmp_path / "one", "local", 1, 1, "offload", *delayed)
     got = train(tmp_path / "mesh", "local", 2, 2, "zero2", *delayed)
     assert got == pytest.approx(want, rel=1e-5)  # tolerance: see the matrix above
+
+
+def test_a_hugging_face_llama_trains_with_tensor_parallelism(tmp_path):
+    """`model.kind = "hf"` (a small random Llama whose heads split) with parallel.tp = 2 and
+    the offload engine: the one-process losses."""
+    pytest.importorskip("transformers")
+    llama = (
+        '{model_type = "llama", vocab_size = 300, hidden_size = 32, num_hidden_layers = 2, '
+        "num_attention_heads = 2, num_key_value_heads = 2, intermediate_size = 64, "
+        "max_position_embeddings = 64}"
+    )
+    recipe = write_recipe(tmp_path)
+    gpt = "[model]\nn_layer = 2\nn_head = 2\nd_model = 32\nmax_seq_len = 64\n"
+    recipe.write_text(recipe.read_text().replace(gpt, f'[model]\nkind = "hf"\nconfig = {llama}\n'))
+    runs = {}
+    for nproc, extra in ((1, ()), (2, ("parallel.tp=2", *OPTIMIZERS["offload"]))):
+        args = [
+            a for s in (f"train.out_dir='{tmp_path / str(nproc)}'", *extra) for a in ("--set", s)
+        ]
+        out = run_cli("train", str(recipe), *args) if nproc == 1 else torchrun(recipe, *args)
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs[nproc] = losses(tmp_path / str(nproc))
+    assert runs[2] == pytest.approx(runs[1], rel=1e-5)  # tolerance: see the matrix above

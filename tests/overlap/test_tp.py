@@ -104,6 +104,60 @@ def test_tensor_parallel_gpt_matches_the_unsharded_model(world, impl, mlp, tmp_p
             assert err < 5e-5, (name, err)
 
 
+LLAMA = {
+    "model_type": "llama",
+    "vocab_size": 97,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,  # grouped-query attention: heads and their shared keys split alike
+    "intermediate_size": 64,
+    "max_position_embeddings": 16,
+}
+
+
+def _llama(rank: int, world: int, impl: str) -> dict:
+    from slipstream.models import HFConfig
+
+    cfg = HFConfig(config=dict(LLAMA))
+    torch.manual_seed(1)
+    full = build_model(cfg, ".")
+    torch.manual_seed(1)
+    model = build_model(cfg, ".")
+    plan = apply_tensor_parallel(model, model.tensor_parallel_layout(), OverlapGroup(None, impl))
+    ids = torch.randint(0, 97, (3, 15))  # 45 rows: pads to a multiple of tp
+    doc_ids = (torch.arange(15) >= 6).long().expand(3, 15)
+    pos = torch.where(doc_ids == 0, torch.arange(15), torch.arange(15) - 6)
+    torch.manual_seed(2)
+    weights = torch.randn(3, 15, 97)
+    (full(ids, pos, doc_ids) * weights).sum().backward()
+    ref = full(ids, pos, doc_ids)
+    out = model(ids, pos, doc_ids)
+    (out * weights).sum().backward()
+    plan.reduce_partial_grads()
+    err = {"logits": float((out - ref).abs().max())}
+    sharded = {id(p) for p in plan.sharded}
+    full_params = dict(full.named_parameters())
+    for name, p in model.named_parameters():
+        g = p.grad
+        if id(p) in sharded:
+            g = _gather_dim(
+                g, 1 if name.endswith(("o_proj.weight", "down_proj.weight")) else 0, 1, world
+            )
+        err[name] = float((g - full_params[name].grad).abs().max())
+    return err
+
+
+@pytest.mark.parametrize(("world", "impl"), [(2, "shm"), (2, "collective")])
+def test_tensor_parallel_llama_matches_the_unsharded_model(world, impl, tmp_path):
+    """A Hugging Face Llama split by its declared layout (gathered once per attention and
+    MLP, heads and key/value heads split alike) against the whole model."""
+    pytest.importorskip("transformers")
+    for errors in values(run_ranks(_llama, world, tmp_path, impl)):
+        for name, err in errors.items():
+            assert err < 5e-5, (name, err)  # fp32; the GPT's tolerance, same argument
+
+
 def test_heads_that_do_not_split_are_refused():
     model = build_model(GPTConfig(**{**CFG, "n_head": 2}), ".")
 
