@@ -148,13 +148,21 @@ class MixtureLoader:
             return None
         first = self.dp_rank // size * size
         ranks = list(range(first, min(first + size, self.dp_world_size)))
-        tag = f"{self.backend.job}|{self.split}|{self.dp_world_size}"
+        # The group's first rank too: two groups on one machine (nodes simulated on one host)
+        # never contend for one step's lock.
+        tag = f"{self.backend.job}|{self.split}|{self.dp_world_size}|{first}"
         # Local: the makers' own loader threads do the work, so the steps are dealt round
         # the group; Ray: the actors do it, and whoever gets there first sends the calls.
         deal = not self.backend.sends_spans
         readers = (self.topology.tp_size, self.topology.tp_rank)  # tensor-parallel peers
         return GroupFetch(self.backend, self.planner.lengths, ranks, self.dp_rank, tag,
                           readers=readers, deal=deal)  # fmt: skip
+
+    @property
+    def machine_group(self) -> list[int]:
+        """The data-parallel ranks that fetch each step together with this one (itself
+        alone when there is no group)."""
+        return list(self._group.ranks) if self._group is not None else [self.dp_rank]
 
     # -- iteration --------------------------------------------------------------------------
     def __iter__(self) -> MixtureLoader:

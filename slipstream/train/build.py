@@ -29,17 +29,24 @@ class Built:
     tokenizer: str
     """The data plane's tokenizer: `byte` or a file path."""
 
-    def resolved(self, d: Dist, attention_cost: float) -> dict:
-        """Run-time facts, saved beside config.json."""
+    def resolved(self, d: Dist, attention_cost: float, machine_group: list[int]) -> dict:
+        """Run-time facts, saved beside config.json (by rank 0: its node's view)."""
+        t = d.topology
         return {
             "model": self.model_config.to_dict(),
             "data": {
                 "tokenizer": self.tokenizer,
                 "dp_world_size": d.dp_size,
                 "balance.attention_cost": attention_cost,
+                "machine_group": machine_group,
             },
             "num_params": self.model.num_params(),
             "tp": d.tp_size,
+            "topology": {
+                "world_size": t.world_size,
+                "nodes": t.num_nodes,
+                "ranks_per_node": t.local_world_size,
+            },  # fmt: skip
         }
 
 

@@ -63,7 +63,9 @@ class Trainer:
         if resume:
             self._resume()
         if self.d.is_main:
-            resolved = self.built.resolved(self.d, self.loader.planner.attention_cost)
+            resolved = self.built.resolved(
+                self.d, self.loader.planner.attention_cost, self.loader.machine_group
+            )
             write_run_files(self.out, cfg, resolved)
 
     def _loader(self, split: str) -> MixtureLoader:

@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ from slipstream.topology import Topology
 
 MAX_RETRIES = 5
 JOIN_TIMEOUT_S = 120.0
+CONNECT_TIMEOUT_S = 10.0  # a cluster that is starting has this long to answer
 
 
 def connect(address: str = "", topology: Topology | None = None) -> None:
@@ -45,6 +47,7 @@ def connect(address: str = "", topology: Topology | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS", "")
     if address:
+        check_reachable(address)
         ray.init(address=address, log_to_driver=False)
         return
     run = topology.run_id
@@ -63,6 +66,34 @@ def connect(address: str = "", topology: Topology | None = None) -> None:
             raise TimeoutError(f"rank 0 did not start Ray within {JOIN_TIMEOUT_S:.0f} s")
         time.sleep(0.2)
     ray.init(address=note.read_text() if note is not None else "auto", log_to_driver=False)
+
+
+def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail within `timeout_s`, naming the address, when nothing answers there (Ray itself
+    retries for well over a minute, printing only its own warnings). `auto` and `local` are
+    Ray's to resolve."""
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(
+            f"backend.ray_address: {address!r} is not host:port (for example "
+            "'127.0.0.1:6379', or 'ray://host:10001' for a Ray client)"
+        )
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=min(2.0, timeout_s)).close()
+            return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise ValueError(
+                    f"backend.ray_address: nothing answers at {address} ({e.strerror or e}) "
+                    f"after {timeout_s:.0f} s; start the cluster there (ray start --head), or "
+                    "leave backend.ray_address empty for a local Ray"
+                ) from None
+            time.sleep(0.5)
 
 
 def job_name(spec: MixtureSpec, tokenizer: str, run_id: str = "") -> str:
