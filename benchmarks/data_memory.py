@@ -120,7 +120,7 @@ def measure(mode: str, ranks: int, num_sources: int) -> dict:
 
         env.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     cmd = [sys.executable, "-m", "benchmarks.data_memory", "--one", mode]
     procs = []

@@ -314,7 +314,7 @@ def main() -> None:
         import ray
 
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         env = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     results: dict[str, dict] = {}
     head = ["repeat", "ranks", "mode", "CPU s/step", "docs/step", "tok/s/rank"]

@@ -121,11 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from slipstream.errors import PeerLost
+
     try:
         args.func(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except PeerLost as e:  # a survivor's own line, not gloo's
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

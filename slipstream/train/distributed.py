@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.distributed as dist
 
+from slipstream.errors import PeerLost
 from slipstream.topology import Topology
 
 OVERLAP_CHOICES = ("auto", "shm", "cuda", "collective", "reference")
@@ -106,6 +107,37 @@ def launch_topology(tp_size: int = 1) -> Topology:
         tp_size=tp_size,
         run_id=env.get("TORCHELASTIC_RUN_ID", ""),
     )
+
+
+# What the collectives' backends say when a peer has gone: gloo's closed or reset sockets and
+# their timeouts, NCCL's aborted communicators.
+_PEER_GONE = ("closed by peer", "reset by peer", "broken pipe", "connection refused",
+              "socket timeout", "timed out", "nccl")  # fmt: skip
+
+
+def is_peer_failure(e: BaseException, d: Dist) -> bool:
+    if not d.enabled or not isinstance(e, RuntimeError) or isinstance(e, PeerLost):
+        return False
+    return isinstance(e, dist.DistError) or any(s in str(e).lower() for s in _PEER_GONE)
+
+
+def lost_ranks(d: Dist, wait_s: float = 5.0) -> list[int] | None:
+    """The ranks that no longer answer: each survivor marks itself in the job's key-value
+    store (the launcher's, which outlives the workers under torchrun) and waits up to
+    `wait_s` for the others. None when the store is gone too (without torchrun rank 0 holds
+    it: then rank 0 is among the lost)."""
+    try:
+        # The default group's store: private in torch, but the one every rank shares.
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"slipstream/alive/{d.rank}", "1")
+        deadline = time.monotonic() + wait_s
+        while True:
+            here = [r for r in range(d.world_size) if store.check([f"slipstream/alive/{r}"])]
+            if len(here) == d.world_size or time.monotonic() >= deadline:
+                return sorted(set(range(d.world_size)) - set(here))
+            time.sleep(0.2)
+    except Exception:  # noqa: BLE001 - the store's host is gone with its process
+        return None
 
 
 def pick_device(name: str, local_rank: int) -> torch.device:

@@ -23,10 +23,17 @@ import torch
 from rich.console import Console
 
 from slipstream.data.loader import MixtureLoader
+from slipstream.errors import PeerLost
 from slipstream.profile import StepTimer, diagnose
 from slipstream.train import checkpoint as ckpt
 from slipstream.train.build import autocast_dtype, build, sample, write_run_files
-from slipstream.train.distributed import Dist, all_reduce_sum, init_distributed
+from slipstream.train.distributed import (
+    Dist,
+    all_reduce_sum,
+    init_distributed,
+    is_peer_failure,
+    lost_ranks,
+)
 from slipstream.train.evaluate import evaluate
 from slipstream.train.loss import num_targets, token_losses
 from slipstream.train.optim import lr_factor
@@ -192,26 +199,12 @@ class Trainer:
         t0 = time.perf_counter()
         try:
             with self.signals, progress:
-                while self.step < (cfg.stop_at_step or cfg.steps) and not self.stop:
-                    timer.start_step()
-                    row = self.train_step(timer)
-                    phases = timer.end_step()
-                    self.step += 1
-                    row = {"step": self.step, **row}
-                    row.update({f"time/{k}_s": v for k, v in phases.items()})
-                    row["tokens_per_s"] = row["tokens"] / phases["step"]
-                    row["time/elapsed_s"] = time.perf_counter() - t0  # wall clock of the run
-                    if cfg.eval_every and self.step % cfg.eval_every == 0:
-                        row.update(self.evaluate())
-                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                        self.save()
-                    history.append(row)
-                    if metrics:
-                        metrics.write(json.dumps(row) + "\n")
-                        metrics.flush()
-                    progress.update(row)
-                if not cfg.checkpoint_every or self.step % cfg.checkpoint_every:
-                    self.save()
+                try:  # inside: a stop signal while the survivor looks for its peers is ours
+                    self._run_steps(timer, history, metrics, progress, t0)
+                except RuntimeError as e:
+                    if not is_peer_failure(e, d):
+                        raise
+                    raise PeerLost(self._lost_message(e)) from None
         finally:
             if metrics:
                 metrics.close()
@@ -223,6 +216,45 @@ class Trainer:
         elif d.is_main:
             self.console.print(f"stopped at step {self.step}; continue with --resume")
         return history
+
+    def _run_steps(self, timer: StepTimer, history: list, metrics, progress, t0: float) -> None:
+        cfg = self.cfg.train
+        while self.step < (cfg.stop_at_step or cfg.steps) and not self.stop:
+            timer.start_step()
+            row = self.train_step(timer)
+            phases = timer.end_step()
+            self.step += 1
+            row = {"step": self.step, **row}
+            row.update({f"time/{k}_s": v for k, v in phases.items()})
+            row["tokens_per_s"] = row["tokens"] / phases["step"]
+            row["time/elapsed_s"] = time.perf_counter() - t0  # wall clock of the run
+            if cfg.eval_every and self.step % cfg.eval_every == 0:
+                row.update(self.evaluate())
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.save()
+            history.append(row)
+            if metrics:
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+            progress.update(row)
+        if not cfg.checkpoint_every or self.step % cfg.checkpoint_every:
+            self.save()
+
+    def _lost_message(self, error: RuntimeError) -> str:
+        """One line of this rank's own: who was lost, when, and how to continue."""
+        lost = lost_ranks(self.d)
+        who = (
+            "rank 0 (it held the job's store)" if lost is None
+            else f"rank {', '.join(map(str, lost))}" if lost
+            else f"a peer ({str(error).splitlines()[0][:120]})"
+        )  # fmt: skip
+        last = ckpt.latest_checkpoint(self.out)
+        resume = (
+            f"the last checkpoint is step {int(last.name[len(ckpt.PREFIX):])} ({last}); "
+            "--resume continues from it" if last is not None
+            else "no checkpoint was written yet; start the run again"
+        )  # fmt: skip
+        return f"rank {self.d.rank}: lost {who} at step {self.step + 1}; {resume}"
 
     def _finish(self, timer: StepTimer, history: list[dict]) -> None:
         """Samples (every tensor-parallel rank of the first replica takes part) and, on rank

@@ -19,7 +19,7 @@ from tests.data.contract import assert_same_batches, check_resume, run_steps  # 
 
 @pytest.fixture(scope="session", autouse=True)
 def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,11 @@ def cluster(tmp_path):
         os.killpg(head.pid, signal.SIGTERM)  # --block: the head takes its processes down
         head.wait(timeout=60)
         log.close()
+        # `ray start` leaves the machine's record of "the current cluster", which a plain
+        # ray.init() elsewhere would try to join after the head is gone.
+        record = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if record.is_file() and record.read_text().strip().endswith(f":{port}"):
+            record.unlink()
 
 
 def _on_cluster(address: str, code: str) -> str:

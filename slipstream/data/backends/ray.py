@@ -53,7 +53,9 @@ def connect(address: str = "", topology: Topology | None = None) -> None:
     run = topology.run_id
     note = Path(tempfile.gettempdir()) / f"slipstream-ray-{run}.address" if run else None
     if topology.is_main:
-        ray.init(log_to_driver=False, include_dashboard=False)
+        # "local": always a new Ray of its own, never one found on the machine (a cluster
+        # another user started, or a stale record of one that is gone).
+        ray.init(address="local", log_to_driver=False, include_dashboard=False)
         if note is not None:
             tmp = note.with_suffix(f".tmp{os.getpid()}")
             tmp.write_text(ray.get_runtime_context().gcs_address)
