@@ -273,7 +273,7 @@ def main() -> None:
     ap.add_argument(
         "--alone",
         action="store_true",
-        help="every rank fetches its own rows (no machine group, backends/group.py)",
+        help="every rank fetches its own rows (no machine group, backends/machine_group.py)",
     )
     ap.add_argument(
         "--sequential",

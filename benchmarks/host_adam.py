@@ -67,7 +67,7 @@ def measure(side: str, n: int, threads: int, steps: int) -> dict:
     if side == "slipstream+bf16":  # the engine's bf16 copy (host_empty: pinned on CUDA)
         bf16 = host_empty(n, torch.bfloat16)
     if side == "probe":
-        from slipstream.offload import kernel
+        from slipstream.offload import adamw_kernel as kernel
 
         lib = kernel.load()
         m, v = torch.zeros(n), torch.zeros(n)

@@ -1,5 +1,5 @@
 """RankFetch: the loads of one rank's documents of each planned step, alone (a machine's ranks
-fetching together is `backends/group.py`, with the same `submit` / `collect`). A document cut
+fetching together is `backends/machine_group.py`, with the same `submit` / `collect`). A document cut
 at a step boundary is needed by the next step too: a load in flight that holds the tokens
 asked for is shared, not issued again. One load per source and step: a local pool splits it
 into a task per worker (and sends the shared documents through the machine's store); Ray

@@ -2,7 +2,7 @@
 micro-batches (dicts of tensors). Every rank plans the whole step from token counts alone (the
 same plan everywhere) and loads only the documents of its own rows: a document is tokenized
 by the rank whose rows hold it, so a job's data work does not grow with its ranks (alone:
-`fetch.py`; with the machine's other ranks: `backends/group.py`). A background thread
+`fetch.py`; with the machine's other ranks: `backends/machine_group.py`). A background thread
 (`prefetch.py`) plans `prefetch_steps` ahead and keeps those steps' loads in flight, so the
 training thread does not wait while loaders keep up. Run-time facts (this rank, the number of
 ranks, the split, the resolved tokenizer) are arguments: the spec is never changed.
@@ -21,7 +21,7 @@ import torch
 
 from slipstream.configfile import VERSION_KEY, check_version
 from slipstream.data.backends import Backend, build_backend
-from slipstream.data.backends.group import GroupFetch, group_size
+from slipstream.data.backends.machine_group import GroupFetch, group_size
 from slipstream.data.balance import imbalance, partition
 from slipstream.data.batch import LABELS, build_micro_batch
 from slipstream.data.fetch import RankFetch, shared_docs
@@ -142,7 +142,7 @@ class MixtureLoader:
         self._prefetch: Prefetcher | None = None
 
     def _group_fetch(self, load_all_rows: bool) -> GroupFetch | None:
-        """This machine's data-parallel ranks fetch each step together (`group.py`)."""
+        """This machine's data-parallel ranks fetch each step together (`machine_group.py`)."""
         size = group_size(self.spec.backend.machine_ranks, self.topology)
         if load_all_rows or size < 2:
             return None

@@ -185,7 +185,7 @@ class BackendSpec:
     """ray: how far ahead on the weight schedule replicas are sized for."""
     machine_ranks: int = 0
     """local and ray: consecutive data-parallel ranks that share a machine and fetch each step
-    together, through shared memory (`backends/group.py`): local, the steps are dealt round
+    together, through shared memory (`backends/machine_group.py`): local, the steps are dealt round
     them and each step is loaded by one of them for all; ray, the first to get there fetches
     for all. 0 = from torchrun's LOCAL_WORLD_SIZE and WORLD_SIZE, 1 = every rank alone."""
 

@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from slipstream.offload import kernel
+from slipstream.offload import adamw_kernel as kernel
 from slipstream.offload.hostmem import host_zeros
 
 

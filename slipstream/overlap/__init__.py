@@ -4,9 +4,9 @@ matmul + reduce-scatter on it (or on chunked async collectives), a Triton consum
 waits on tile flags, and the tensor-parallel linear layers built from them."""
 
 from slipstream.overlap.ag_gemm import all_gather_matmul
+from slipstream.overlap.flags import PeerFailed, SignalTimeout
 from slipstream.overlap.gemm_rs import matmul_reduce_scatter
 from slipstream.overlap.group import IMPLEMENTATIONS, OverlapGroup, create_heap
-from slipstream.overlap.signals import PeerFailed, SignalTimeout
 from slipstream.overlap.symmetric import ShmHeap, SymmetricHeap
 from slipstream.overlap.trace import SimLink, Trace
 

@@ -14,8 +14,8 @@ import contextlib
 import torch
 
 from slipstream.comm import all_gather_single
+from slipstream.overlap.flags import DEFAULT_TIMEOUT_S, SignalTimeout
 from slipstream.overlap.group import OverlapGroup
-from slipstream.overlap.signals import DEFAULT_TIMEOUT_S, SignalTimeout
 
 
 def all_gather_matmul(
@@ -88,7 +88,7 @@ def _symmetric(x_shard, w, group: OverlapGroup, return_gathered: bool):
                     piece = x_shard[rows]
                     group.link.send(piece.numel() * piece.element_size())
                     heap.put(dst, ws.buf, piece, index=(rank, rows))
-                    # After the data (signals.py; on CUDA, stream order).
+                    # After the data (flags.py; on CUDA, stream order).
                     heap.signal(dst, ws.ready + rank, base + c + 1)
                     group.record("put_done", dst, epoch)
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from slipstream.overlap.signals import NUM_SYSTEM_FLAGS
+from slipstream.overlap.flags import NUM_SYSTEM_FLAGS
 from slipstream.overlap.symmetric import Region, _Arena, _round_up
 
 

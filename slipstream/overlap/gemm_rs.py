@@ -80,7 +80,7 @@ def _symmetric(x, w, group: OverlapGroup) -> torch.Tensor:
         with on_copy_stream():
             group.record("put_issued", dst, epoch)
             group.link.send(nbytes)
-            # After the data (signals.py; on CUDA, stream order after the matmul).
+            # After the data (flags.py; on CUDA, stream order after the matmul).
             heap.signal(dst, ws.ready + rank, base + c + 1)
             group.record("put_done", dst, epoch)
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from slipstream.overlap.signals import BARRIER, NUM_SYSTEM_FLAGS, FlagTable, process_alive
+from slipstream.overlap.flags import BARRIER, NUM_SYSTEM_FLAGS, FlagTable, process_alive
 
 ALIGN_BYTES = 64
 SHM_DIR = "/dev/shm"

@@ -39,7 +39,7 @@ from slipstream.train.loss import num_targets, token_losses
 from slipstream.train.optim import lr_factor
 from slipstream.train.parallel import parallelize
 from slipstream.train.progress import Progress, print_summary
-from slipstream.train.signals import StopSignals
+from slipstream.train.stop import StopSignals
 
 if TYPE_CHECKING:
     from slipstream.config import RunConfig

@@ -1,4 +1,4 @@
-"""A machine's ranks on the local backend fetch each step once, together (`backends/group.py`):
+"""A machine's ranks on the local backend fetch each step once, together (`backends/machine_group.py`):
 the steps are dealt round the ranks, each step is loaded by one of them for all, a document
 cut at a step boundary is tokenized once though two ranks build its two steps, and the
 batches are those of every rank loading alone."""
@@ -14,7 +14,7 @@ import pytest
 
 from slipstream.data import MixtureLoader, MixtureSpec, Planner
 from slipstream.data.backends import LocalBackend
-from slipstream.data.backends.group import GroupFetch
+from slipstream.data.backends.machine_group import GroupFetch
 from slipstream.data.packing import doc_keys, doc_lengths, unpack_keys
 from slipstream.data.sources.loader import SourceLoader, build_source_loaders
 from tests.conftest import corpus_spec
@@ -201,7 +201,7 @@ def test_a_store_short_of_space_gets_no_files_and_each_rank_loads_its_own(tmp_pa
     """With less free space than the store keeps in reserve (a container's small /dev/shm),
     a maker writes nothing for the others: each rank finds no file and loads the step
     itself, with the same batches, and the store stays empty."""
-    from slipstream.data.backends import group
+    from slipstream.data.backends import machine_group as group
 
     monkeypatch.setenv("SLIPSTREAM_SHARED_DOCS", str(tmp_path / "store"))
     ref, _ = run_steps(_spec(tmp_path, machine_ranks=1), 4, world_size=2)

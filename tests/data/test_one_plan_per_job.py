@@ -197,7 +197,7 @@ def test_token_spans_index_like_the_whole_document():
     ],
 )
 def test_machine_group_size(configured, layout, want):
-    from slipstream.data.backends.group import group_size
+    from slipstream.data.backends.machine_group import group_size
     from slipstream.topology import Topology
 
     assert group_size(configured, Topology(**layout)) == want

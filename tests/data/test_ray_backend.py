@@ -256,7 +256,7 @@ def test_a_machines_ranks_fetch_each_step_once_together(tmp_path, monkeypatch):
 def test_a_rank_whose_step_maker_left_no_file_fetches_the_step_itself(tmp_path, monkeypatch):
     """The rank holding a step's lock dies before publishing (its lock is released): the rank
     waiting on it fetches the step itself, and gets the same batch."""
-    from slipstream.data.backends.group import plan_fingerprint
+    from slipstream.data.backends.machine_group import plan_fingerprint
     from slipstream.data.sources.shared import try_lock, unlock
 
     monkeypatch.setenv("SLIPSTREAM_SHARED_DOCS", str(tmp_path / "store"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slipstream.offload import kernel
+from slipstream.offload import adamw_kernel as kernel
 from slipstream.offload.host_adam import HostAdamW
 
 HYPER = {"lr": 1e-2, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}

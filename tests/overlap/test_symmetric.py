@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from slipstream.overlap.signals import SignalTimeout
+from slipstream.overlap.flags import SignalTimeout
 from slipstream.overlap.symmetric import SHM_DIR, SHM_PREFIX, ShmHeap, remove_stale_segments
 from tests.overlap.ranks import run_ranks, values
 
@@ -140,7 +140,7 @@ def _dead_pid() -> int:
 def test_a_peer_that_aborts_and_exits_during_the_check_is_not_named_the_root(monkeypatch):
     """Rank 1 dies; rank 0 sees it, aborts and exits just as rank 2 checks its peers. Rank 2
     must name rank 1 (died without aborting), not rank 0 (only echoed the failure)."""
-    from slipstream.overlap import signals
+    from slipstream.overlap import flags as signals
 
     world, pids = 3, [_dead_pid(), _dead_pid(), os.getpid()]
     tables = [np.zeros((signals.NUM_SYSTEM_FLAGS + 1, world), dtype=np.int64) for _ in range(3)]

@@ -1,6 +1,6 @@
 """The backend seam: where source loaders run. The planner reads `lengths()` (token counts
 only); each rank's loader calls `submit_spans(source, ids, spans, shared)` for the documents
-of its own rows (or a machine's group of ranks for all of theirs, `group.py`), `flush()` once
+of its own rows (or a machine's group of ranks for all of theirs, `machine_group.py`), `flush()` once
 the step's loads are submitted, and later `.result()` on what each returned. Nothing else
 about a backend reaches the stream, so any backend (inline, a local pool, Ray actors) yields
 the same batches. `Backend` is the whole contract the loader uses; every backend implements

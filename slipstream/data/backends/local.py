@@ -124,7 +124,7 @@ class LocalBackend:
         self.names = [s.name for s in spec.sources]
         self.tokenizer = loaders[0].tokenizer
         self._source_keys = [source_key(ldr) for ldr in loaders]
-        # Names this job's stream in the machine's store (`group.py`): the launcher's run id,
+        # Names this job's stream in the machine's store (`machine_group.py`): the launcher's run id,
         # and what the documents are. Two jobs alike in all of it would build identical steps.
         run = spec.backend.job or run_id
         what = repr((self._spec_dict, self._tokenizer, self._source_keys)).encode()
@@ -173,7 +173,7 @@ class LocalBackend:
         shared: frozenset[int] | set[int] = frozenset(),
     ) -> _SpanLoad:
         """Tokens [lo, hi) of each document, as `TokenSpan`s, for a machine's group of ranks
-        (`group.py`). Each document is tokenized once, however many of its spans are asked,
+        (`machine_group.py`). Each document is tokenized once, however many of its spans are asked,
         in up to `num_workers` tasks; those in `shared` (which a neighbouring step holds too,
         and which another rank may build) go through the machine's store."""
         # Sorted, so each task reads a contiguous range of files and row groups.
