@@ -7,9 +7,9 @@ dimension and scatters the summed rows back (matmul + reduce-scatter). Each back
 dual operation. Shapes: R rows (tokens) in all, R / tp per rank; weights as nn.Linear
 [out, in]. No biases (the models here have none).
 
-`apply_tensor_parallel` splits a model as its `TensorParallelLayout` declares: it swaps the
-declared linears for these layers and hooks the row split and gather onto the declared
-modules, so the model's own code runs unchanged. Inside a split model the layers keep the
+`layout.py` splits a model as its `TensorParallelLayout` declares, with these layers and
+hooks on the declared modules, so the model's own code runs unchanged. Inside a split model
+the layers keep the
 model's shapes: a column-parallel layer returns [B, T, out / tp] and a row-parallel one takes
 [B, T, in / tp] (`Rows` holds B and T between the split and the gather; R = B * T padded to a
 multiple of tp).
@@ -273,91 +273,3 @@ class TensorParallelPlan:
         if coef < 1.0:
             torch._foreach_mul_([p.grad for p in with_grad], coef)
         return norm
-
-
-# -- applying a model's declared layout ---------------------------------------------------------
-def apply_tensor_parallel(model: nn.Module, layout, group: OverlapGroup) -> TensorParallelPlan:
-    """Split `model` in place over `group` as `layout` (a `TensorParallelLayout`) declares,
-    keeping this rank's slices of the weights built so far (so a split model starts from the
-    same weights as the whole one). Returns the plan of which parameters are split."""
-    tp = group.world_size
-    for name, size in layout.divides.items():
-        if size % tp:
-            raise ValueError(
-                f"parallel.tp: {tp} does not divide {name} {size}; choose a tensor-parallel "
-                "size that divides it"
-            )
-    modules = dict(model.named_modules())
-    rows = Rows()
-    plan = TensorParallelPlan(group)
-    for name, parts in layout.colwise.items():
-        layer = ColumnParallelLinear.from_linear(modules[name], group, parts, rows)
-        _replace(model, name, layer)
-        plan.sharded.append(layer.weight)
-    for name in layout.rowwise:
-        layer = RowParallelLinear.from_linear(modules[name], group, rows)
-        _replace(model, name, layer)
-        plan.sharded.append(layer.weight)
-    for name, parts in layout.colwise_local.items():
-        plan.sharded += _split_local(modules[name], parts, group)
-    params = dict(model.named_parameters())
-    plan.partial = [params[name] for name in layout.row_local]
-
-    def full_rows(x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> my rows
-        rows.shape = (x.shape[0], x.shape[1])
-        return scatter_rows(_pad_rows(x.reshape(rows.count, -1), tp), group)
-
-    def gather(_module, args: tuple) -> tuple:  # my rows -> [B, T, D] on every rank
-        full = gather_rows(args[0], group)[: rows.count].view(*rows.shape, -1)
-        return (full, *args[1:])
-
-    def gather_summed(_module, args: tuple, kwargs: dict):  # the same, summed in backward
-        def whole(x):
-            return _GatherRowsSum.apply(x, group)[: rows.count].view(*rows.shape, -1)
-
-        return _map_input(args, kwargs, whole)
-
-    def split_input(_module, args: tuple, kwargs: dict):
-        return _map_input(args, kwargs, full_rows)
-
-    if bool(layout.scatter_after) == bool(layout.scatter_before):
-        raise ValueError(
-            "tensor parallel layout: name exactly one of scatter_after, scatter_before"
-        )
-    if layout.scatter_after:
-        split = modules[layout.scatter_after].register_forward_hook(
-            lambda m, a, out: full_rows(out)
-        )
-    else:
-        split = modules[layout.scatter_before].register_forward_pre_hook(
-            split_input, with_kwargs=True
-        )
-    plan.hooks = [split, modules[layout.gather_before].register_forward_pre_hook(gather)]
-    plan.hooks += [
-        modules[name].register_forward_pre_hook(gather_summed, with_kwargs=True)
-        for name in layout.gather_inputs
-    ]
-    return plan
-
-
-def _map_input(args: tuple, kwargs: dict, fn) -> tuple[tuple, dict]:
-    """A module's hidden states, positional or by name (Hugging Face passes them both ways)."""
-    if args:
-        return (fn(args[0]), *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
-
-
-@torch.no_grad()
-def _split_local(linear: nn.Linear, parts: int, group: OverlapGroup) -> list[nn.Parameter]:
-    """This rank's output features of `linear`, in place (its bias too)."""
-    linear.weight = nn.Parameter(_split(linear.weight.data, 0, parts, group))
-    linear.out_features = linear.weight.shape[0]
-    if linear.bias is None:
-        return [linear.weight]
-    linear.bias = nn.Parameter(_split(linear.bias.data, 0, parts, group))
-    return [linear.weight, linear.bias]
-
-
-def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, layer)

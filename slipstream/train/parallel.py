@@ -13,7 +13,8 @@ import torch.distributed as dist
 from torch import nn
 
 from slipstream.overlap import OverlapGroup
-from slipstream.overlap.tp import TensorParallelPlan, apply_tensor_parallel
+from slipstream.overlap.layout import apply_tensor_parallel
+from slipstream.overlap.tp import TensorParallelPlan
 from slipstream.profile import Meter
 from slipstream.train.distributed import (
     Dist,

@@ -11,12 +11,8 @@ import torch.nn.functional as F
 
 from slipstream.models import GPTConfig, build_model
 from slipstream.overlap import OverlapGroup
-from slipstream.overlap.tp import (
-    ColumnParallelLinear,
-    RowParallelLinear,
-    apply_tensor_parallel,
-    scatter_rows,
-)
+from slipstream.overlap.layout import apply_tensor_parallel
+from slipstream.overlap.tp import ColumnParallelLinear, RowParallelLinear, scatter_rows
 from tests.overlap.ranks import run_ranks, values
 
 CFG = dict(kind="gpt", vocab_size=97, n_layer=2, n_head=4, d_model=32, max_seq_len=16)
