@@ -7,7 +7,13 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import run_cli
-from tests.e2e.test_train import losses, reference_losses, torchrun, write_recipe
+from tests.e2e.test_train import (
+    losses,
+    reference_losses,
+    torchrun,
+    write_hf_recipe,
+    write_recipe,
+)
 
 __all__ = ["reference_losses"]  # the one-process losses, a fixture of test_train.py
 
@@ -94,14 +100,7 @@ def test_a_hugging_face_llama_trains_with_tensor_parallelism(tmp_path):
     """`model.kind = "hf"` (a small random Llama whose heads split) with parallel.tp = 2 and
     the offload engine: the one-process losses."""
     pytest.importorskip("transformers")
-    llama = (
-        '{model_type = "llama", vocab_size = 300, hidden_size = 32, num_hidden_layers = 2, '
-        "num_attention_heads = 2, num_key_value_heads = 2, intermediate_size = 64, "
-        "max_position_embeddings = 64}"
-    )
-    recipe = write_recipe(tmp_path)
-    gpt = "[model]\nn_layer = 2\nn_head = 2\nd_model = 32\nmax_seq_len = 64\n"
-    recipe.write_text(recipe.read_text().replace(gpt, f'[model]\nkind = "hf"\nconfig = {llama}\n'))
+    recipe = write_hf_recipe(tmp_path)
     runs = {}
     for nproc, extra in ((1, ()), (2, ("parallel.tp=2", *OPTIMIZERS["offload"]))):
         args = [

@@ -275,8 +275,8 @@ def test_resume_with_dropout_on_gives_the_losses_of_an_uninterrupted_run(tmp_pat
     assert [r["loss"] for r in Trainer(plain).fit()][1:] != pytest.approx(want[1:], rel=1e-3)
 
 
-def test_a_hugging_face_model_trains_through_the_trainer(tmp_path):
-    pytest.importorskip("transformers")
+def write_hf_recipe(tmp_path: Path) -> Path:
+    """The e2e recipe with a small randomly initialized Llama (whose heads split over 2)."""
     llama = (
         '{model_type = "llama", vocab_size = 300, hidden_size = 32, num_hidden_layers = 2, '
         "num_attention_heads = 2, num_key_value_heads = 2, intermediate_size = 64, "
@@ -287,6 +287,12 @@ def test_a_hugging_face_model_trains_through_the_trainer(tmp_path):
     text = recipe.read_text()
     assert gpt in text
     recipe.write_text(text.replace(gpt, f'[model]\nkind = "hf"\nconfig = {llama}\n'))
+    return recipe
+
+
+def test_a_hugging_face_model_trains_through_the_trainer(tmp_path):
+    pytest.importorskip("transformers")
+    recipe = write_hf_recipe(tmp_path)
     cfg = RunConfig.load(recipe, ["train.sample_tokens=4"])
     history = Trainer(cfg).fit()
     assert len(history) == 6 and history[-1]["loss"] < history[0]["loss"]

@@ -53,8 +53,9 @@ def test_column_and_row_parallel_layers_match_nn_linear(impl, tmp_path):
         assert err < 1e-5  # fp32, sums in another order
 
 
-def _gpt(rank: int, world: int, impl: str, mlp: str) -> dict:
-    cfg = GPTConfig(**{**CFG, "mlp": mlp})
+def _split_against_whole(cfg, impl: str, world: int, split_dim) -> dict:
+    """The largest difference from the whole model, in the logits and in every parameter's
+    gradient (split ones gathered: `split_dim(name)` gives (dim, fused parts))."""
     torch.manual_seed(1)
     full = build_model(cfg, ".")
     torch.manual_seed(1)
@@ -76,11 +77,17 @@ def _gpt(rank: int, world: int, impl: str, mlp: str) -> dict:
     for name, p in model.named_parameters():
         g = p.grad
         if id(p) in sharded:
-            dim = 1 if name.endswith(("proj.weight", "down.weight")) else 0
-            parts = 3 if "qkv" in name else (2 if "up" in name and mlp == "swiglu" else 1)
-            g = _gather_dim(g, dim, parts, world)
+            g = _gather_dim(g, *split_dim(name), world)
         err[name] = float((g - full_params[name].grad).abs().max())
     return err
+
+
+def _gpt(rank: int, world: int, impl: str, mlp: str) -> dict:
+    def split_dim(name: str) -> tuple[int, int]:
+        dim = 1 if name.endswith(("proj.weight", "down.weight")) else 0
+        return dim, 3 if "qkv" in name else (2 if "up" in name and mlp == "swiglu" else 1)
+
+    return _split_against_whole(GPTConfig(**{**CFG, "mlp": mlp}), impl, world, split_dim)
 
 
 @pytest.mark.parametrize(
@@ -115,33 +122,10 @@ LLAMA = {
 def _llama(rank: int, world: int, impl: str) -> dict:
     from slipstream.models import HFConfig
 
-    cfg = HFConfig(config=dict(LLAMA))
-    torch.manual_seed(1)
-    full = build_model(cfg, ".")
-    torch.manual_seed(1)
-    model = build_model(cfg, ".")
-    plan = apply_tensor_parallel(model, model.tensor_parallel_layout(), OverlapGroup(None, impl))
-    ids = torch.randint(0, 97, (3, 15))  # 45 rows: pads to a multiple of tp
-    doc_ids = (torch.arange(15) >= 6).long().expand(3, 15)
-    pos = torch.where(doc_ids == 0, torch.arange(15), torch.arange(15) - 6)
-    torch.manual_seed(2)
-    weights = torch.randn(3, 15, 97)
-    (full(ids, pos, doc_ids) * weights).sum().backward()
-    ref = full(ids, pos, doc_ids)
-    out = model(ids, pos, doc_ids)
-    (out * weights).sum().backward()
-    plan.reduce_partial_grads()
-    err = {"logits": float((out - ref).abs().max())}
-    sharded = {id(p) for p in plan.sharded}
-    full_params = dict(full.named_parameters())
-    for name, p in model.named_parameters():
-        g = p.grad
-        if id(p) in sharded:
-            g = _gather_dim(
-                g, 1 if name.endswith(("o_proj.weight", "down_proj.weight")) else 0, 1, world
-            )
-        err[name] = float((g - full_params[name].grad).abs().max())
-    return err
+    def split_dim(name: str) -> tuple[int, int]:
+        return (1 if name.endswith(("o_proj.weight", "down_proj.weight")) else 0), 1
+
+    return _split_against_whole(HFConfig(config=dict(LLAMA)), impl, world, split_dim)
 
 
 @pytest.mark.parametrize(("world", "impl"), [(2, "shm"), (2, "collective")])
