@@ -232,6 +232,8 @@ class LocalBackend:
         return list(procs)
 
     def close(self) -> None:
+        """Queued loads are cancelled and running ones finish first: once this returns, no
+        load of this backend runs (none writes to the machine's store, none is counted)."""
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None

@@ -72,7 +72,9 @@ class SourceActor:
         return [len(t) for t in tokens], [t[lo:hi] for t, (lo, hi) in zip(tokens, spans)]
 
     def _get(self, source: int, ids: list[int]) -> list[np.ndarray]:
-        t0 = time.perf_counter()
+        # CPU seconds of this actor's process, not wall-clock: a source's cost must not
+        # depend on what else shares the machine's cores (the autoscaler compares them).
+        t0 = time.process_time()
         missing = [d for d in dict.fromkeys(ids) if (source, d) not in self.cache]
         loaded = self.loaders[source].get_many(missing) if missing else []
         for d, tokens in zip(missing, loaded):
@@ -85,7 +87,7 @@ class SourceActor:
             out.append(self.cache[(source, d)])
         while len(self.cache) > CACHE_DOCS:
             self.cache.popitem(last=False)
-        self.busy_s[source] += time.perf_counter() - t0
+        self.busy_s[source] += time.process_time() - t0
         return out
 
     def stats(self) -> dict:
