@@ -49,7 +49,7 @@ def run_slipstream(cfg, budget_s: float):
     from slipstream.profile import StepTimer
     from slipstream.train import Trainer
 
-    trainer = Trainer(cfg, console=Console(quiet=True))
+    trainer = Trainer(cfg, console=Console(quiet=True), overwrite=True)  # each repeat anew
     timer = StepTimer(trainer.d.device)
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < budget_s and trainer.step < cfg.train.steps:

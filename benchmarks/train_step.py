@@ -78,7 +78,7 @@ def run_slipstream(cfg) -> dict:
 
     from slipstream.train import Trainer
 
-    rows = Trainer(cfg, console=Console(quiet=True)).fit()
+    rows = Trainer(cfg, console=Console(quiet=True), overwrite=True).fit()  # each repeat anew
     done = rows[WARMUP:]
     wall = rows[-1]["time/elapsed_s"] - rows[WARMUP - 1]["time/elapsed_s"]
     wait = sum(r["time/data_wait_s"] for r in done)

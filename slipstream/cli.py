@@ -37,17 +37,33 @@ def _data_preview(args: argparse.Namespace) -> None:
     print_preview(spec, run_preview(spec, args.steps, args.ranks), args.ranks)
 
 
-def _train(args: argparse.Namespace) -> None:
+# Exit statuses of `slipstream train` (also in its --help).
+EXIT_FINISHED, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 3
+TRAIN_EPILOG = """exit status: 0 the run finished (or was already finished); 1 it failed (a rank
+was lost: see its line); 2 a mistake in the recipe, the command or the run folder (one line
+says which); 3 it stopped before train.steps (a signal, or train.stop_at_step) with a
+checkpoint: continue with --resume (one process; under torchrun a stopped job exits 0, as
+torchrun takes any other status for a failed worker); 130 interrupted by a second signal."""
+
+
+def _train(args: argparse.Namespace) -> int:
     from slipstream.config import RunConfig
     from slipstream.train import Trainer
     from slipstream.train.distributed import shutdown
 
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run and --overwrite replaces it: pass one")
     cfg = RunConfig.load(args.recipe, args.set)
-    trainer = Trainer(cfg, resume=args.resume)
+    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
     try:
         trainer.fit()
     finally:
         shutdown(trainer.d)
+    if trainer.finished or trainer.d.enabled:
+        # Under a launcher a worker's non-zero exit reads as a failure (torchrun restarts
+        # or reports it): a stopped job exits 0 there, and says so in its last line.
+        return EXIT_FINISHED
+    return EXIT_STOPPED
 
 
 def _memory(args: argparse.Namespace) -> None:
@@ -82,9 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     v.set_defaults(func=_data_preview)
 
-    tr = sub.add_parser("train", help="train a model on a recipe (under torchrun for DDP)")
+    tr = sub.add_parser(
+        "train",
+        help="train a model on a recipe (under torchrun for DDP)",
+        epilog=TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     tr.add_argument("recipe")
     tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    tr.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in train.out_dir (its metrics and checkpoints)",
+    )
     tr.add_argument(
         "--set",
         action="append",
@@ -124,14 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     from slipstream.errors import PeerLost
 
     try:
-        args.func(args)
+        status = args.func(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except PeerLost as e:  # a survivor's own line, not gloo's
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or EXIT_FINISHED

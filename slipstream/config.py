@@ -55,6 +55,10 @@ class RunConfig:
             base_dir = spec_path.parent.resolve()
         raw["data"] = data
         raw = apply_overrides(raw, [o for o in overrides if o not in first])
+        train = dict(raw.get("train", {}))
+        if not train.get("out_dir"):  # each recipe its own run folder: runs/<name>
+            train["out_dir"] = str(Path("runs") / path.stem)
+        raw["train"] = train
         unknown = set(raw) - set(SECTIONS)
         if unknown:
             raise ValueError(f"{path}: unknown sections {sorted(unknown)}; use {list(SECTIONS)}")
@@ -62,7 +66,7 @@ class RunConfig:
             model=model_config_from_raw(raw.get("model", {}), "model"),
             data=MixtureSpec.from_dict(raw["data"], base_dir=str(base_dir)),
             optim=build_config(OptimConfig, raw.get("optim", {}), "optim"),
-            train=build_config(TrainConfig, raw.get("train", {}), "train"),
+            train=build_config(TrainConfig, raw["train"], "train"),
             parallel=build_config(ParallelConfig, raw.get("parallel", {}), "parallel"),
             recipe_dir=str(recipe_dir),
         )

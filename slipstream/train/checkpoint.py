@@ -32,6 +32,33 @@ def _suffix(d: Dist) -> str:
     return f".tp{d.tp_rank}" if d.tp_size > 1 else ""
 
 
+RUN_FILES = ("config.json", "resolved.json", "metrics.jsonl", "summary.json", "checkpoints")
+"""What a run writes into its folder (and all that --overwrite removes)."""
+
+
+def claim_run_dir(run_dir: Path, resume: bool, overwrite: bool, d: Dist) -> None:
+    """Make sure this run may write into `run_dir`: a folder that holds another run is
+    refused unless it is continued (--resume) or replaced (--overwrite: its run files go,
+    nothing else). Every rank checks; rank 0 removes."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"train.out_dir: {run_dir} is a file; name a folder for the run")
+    held = [n for n in RUN_FILES if (run_dir / n).exists()]
+    if resume or not held:
+        return
+    if not overwrite:
+        raise ValueError(
+            f"train.out_dir: {run_dir} holds a run ({', '.join(held)}); continue it with "
+            "--resume, train into another folder (--set train.out_dir=...), or replace it "
+            "with --overwrite"
+        )
+    barrier(d)  # every rank has looked before rank 0 removes
+    if d.is_main:
+        for name in held:
+            path = run_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    barrier(d)
+
+
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 

@@ -14,8 +14,10 @@ class TrainConfig:
     stop_at_step: int = 0
     """End this run after this step (0 = train.steps), with a checkpoint there; for jobs in
     time-limited slots. Continue with --resume."""
-    out_dir: str = "runs/demo"
-    """Metrics, the resolved config and checkpoints go here (relative to the working dir)."""
+    out_dir: str = ""
+    """Metrics, the resolved config and checkpoints go here (relative to the working dir);
+    empty: `runs/<the recipe's name>`. A folder that holds a run is trained into again only
+    with --resume (continue it) or --overwrite (replace it)."""
     seed: int = 0
     """Seeds the model's initialization (the data order has its own seed, data.seed)."""
     device: str = "auto"

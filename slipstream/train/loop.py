@@ -46,13 +46,22 @@ if TYPE_CHECKING:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, resume: bool = False, console: Console | None = None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        resume: bool = False,
+        console: Console | None = None,
+        overwrite: bool = False,
+    ):
+        """resume: continue the run in train.out_dir; overwrite: replace the run there (a
+        folder holding a run is refused otherwise)."""
         self.cfg = cfg
         self.d: Dist = init_distributed(cfg.train.device, cfg.parallel)
         self.console = console or Console()
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
         self.out = Path(cfg.train.out_dir)
+        ckpt.claim_run_dir(self.out, resume, overwrite, self.d)
         self.built = build(cfg, self.d, self.out)
         self.model = self.built.model.to(self.d.device)
         # The whole model's costs, taken before its layers are split across ranks.
@@ -182,10 +191,24 @@ class Trainer:
             meta={"model": self.built.model_config.to_dict()},
         )
 
+    @property
+    def finished(self) -> bool:
+        """Every step of train.steps is done (not stopped early by a signal or stop_at_step)."""
+        return self.step >= self.cfg.train.steps
+
     def fit(self) -> list[dict]:
         cfg, d = self.cfg.train, self.d
         timer = StepTimer(d.device, meters=self.parallel.meters)
         history: list[dict] = []
+        if self.finished:  # a finished run resumed: nothing to train
+            if d.is_main:
+                self.console.print(
+                    f"the run in {self.out} finished at step {self.step} of {cfg.steps}; to "
+                    f"train further, raise train.steps (--set train.steps={2 * cfg.steps}) "
+                    "and --resume"
+                )
+            self.loader.close()
+            return history
         metrics = open(self.out / "metrics.jsonl", "a") if d.is_main else None  # noqa: SIM115
         flops = self.flops_per_token
         progress = Progress(

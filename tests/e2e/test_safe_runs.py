@@ -1,0 +1,70 @@
+"""Runs are safe: a folder that holds a run is trained into again only with --resume or
+--overwrite; each recipe has its own default folder; the exit status tells a finished run, a
+stopped one and a mistake apart."""
+
+from __future__ import annotations
+
+import json
+
+from slipstream.config import RunConfig
+from tests.e2e.test_train import losses, slipstream, write_recipe
+
+
+def _steps(run) -> list[int]:
+    return [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_second_run_into_a_used_folder_is_refused_and_changes_nothing(tmp_path):
+    recipe = write_recipe(tmp_path)
+    assert slipstream("train", str(recipe)).returncode == 0
+    run = tmp_path / "run"
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    again = slipstream("train", str(recipe), "--set", "train.steps=3")
+    assert again.returncode == 2, again.stderr
+    lines = again.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(run) in lines[0], lines
+    assert "--resume" in lines[0] and "--overwrite" in lines[0]
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before  # config.json, metrics, checkpoints: untouched
+
+
+def test_overwrite_replaces_the_run(tmp_path):
+    recipe = write_recipe(tmp_path)
+    assert slipstream("train", str(recipe)).returncode == 0
+    run = tmp_path / "run"
+    out = slipstream("train", str(recipe), "--overwrite", "--set", "train.steps=3")
+    assert out.returncode == 0, out.stderr
+    assert _steps(run) == [1, 2, 3]  # the old run's rows are gone, not appended to
+    saved = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert saved == ["step_00000003"]  # its own checkpoint, not the old run's
+    assert json.loads((run / "config.json").read_text())["train"]["steps"] == 3
+
+
+def test_each_recipe_has_its_own_default_folder(tmp_path):
+    recipe = write_recipe(tmp_path, name="my-run.toml")
+    text = "\n".join(ln for ln in recipe.read_text().splitlines() if not ln.startswith("out_dir"))
+    recipe.write_text(text + "\n")
+    assert RunConfig.load(recipe).train.out_dir == "runs/my-run"
+
+
+def test_an_out_dir_that_is_a_file_is_one_line(tmp_path):
+    recipe = write_recipe(tmp_path)
+    (tmp_path / "taken").write_text("not a folder")
+    out = slipstream("train", str(recipe), "--set", f"train.out_dir='{tmp_path / 'taken'}'")
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "is a file" in out.stderr
+
+
+def test_the_exit_status_tells_stopped_finished_and_already_finished_apart(tmp_path):
+    recipe = write_recipe(tmp_path)
+    stopped = slipstream("train", str(recipe), "--set", "train.stop_at_step=2")
+    assert stopped.returncode == 3, stopped.stderr  # stopped early: --resume continues
+    done = slipstream("train", str(recipe), "--resume")
+    assert done.returncode == 0, done.stderr
+    assert _steps(tmp_path / "run") == [1, 2, 3, 4, 5, 6]
+    again = slipstream("train", str(recipe), "--resume")
+    assert again.returncode == 0
+    assert "finished at step 6 of 6" in again.stdout and "train.steps" in again.stdout
+    assert len(losses(tmp_path / "run")) == 6  # nothing trained or logged again
+    both = slipstream("train", str(recipe), "--resume", "--overwrite")
+    assert both.returncode == 2 and "pass one" in both.stderr
