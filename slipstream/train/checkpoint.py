@@ -64,9 +64,8 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    root = checkpoint_dir(run_dir)
-    done = sorted(p for p in root.glob(f"{PREFIX}*") if p.is_dir()) if root.is_dir() else []
-    return done[-1] if done else None
+    found = checkpoints(run_dir)
+    return found[0] if found else None
 
 
 def rng_state() -> dict[str, Any]:
@@ -101,17 +100,45 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class DamagedCheckpoint(ValueError):
+    """A checkpoint file that cannot be read: missing, empty, truncated or corrupt."""
+
+
+def _damaged(path: Path, e: BaseException) -> DamagedCheckpoint:
+    reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
+    return DamagedCheckpoint(f"{path}: unreadable ({reason})")
+
+
 def safe_load(path: Path, device: torch.device | str = "cpu", mmap: bool = False) -> Any:
     """`torch.load` of tensors and plain containers only: a checkpoint from anyone can hold a
-    pickled callable, which this refuses instead of running."""
+    pickled callable, which this refuses instead of running. A file that cannot be read at
+    all is a `DamagedCheckpoint`, naming it."""
     try:
         return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise _damaged(path, e) from None
         raise ValueError(
             f"{path}: refused to load: it holds objects other than tensors and plain values "
             f"({str(e).splitlines()[0]}); only load checkpoints from sources you trust, and "
             "write them with this version of Slipstream"
         ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise _damaged(path, e) from None
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _damaged(path, e) from None
+
+
+def checkpoints(run_dir: str | Path) -> list[Path]:
+    """The run's complete checkpoints, newest first."""
+    root = checkpoint_dir(run_dir)
+    done = sorted(p for p in root.glob(f"{PREFIX}*") if p.is_dir()) if root.is_dir() else []
+    return done[::-1]
 
 
 def save_checkpoint(
@@ -184,7 +211,7 @@ class OptimizerParts:
 
 def load_checkpoint(path: Path, d: Dist, model_config: dict) -> dict[str, Any]:
     """The checkpoint's parts, after checking it fits this run; RNG restored in place."""
-    meta = json.loads((path / "meta.json").read_text())
+    meta = read_json(path / "meta.json")
     check_version(meta, CHECKPOINT_VERSION, f"{path}: checkpoint")
     diff = {
         k: (meta["model"].get(k), v) for k, v in model_config.items() if meta["model"].get(k) != v
@@ -208,5 +235,5 @@ def load_checkpoint(path: Path, d: Dist, model_config: dict) -> dict[str, Any]:
         "meta": meta,
         "model": safe_load(path / f"model{_suffix(d)}.pt", d.device),
         "optimizer": OptimizerParts(path, d),
-        "data": json.loads((path / "data.json").read_text()),
+        "data": read_json(path / "data.json"),
     }

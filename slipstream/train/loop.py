@@ -99,16 +99,42 @@ class Trainer:
         )
 
     def _resume(self) -> None:
-        path = ckpt.latest_checkpoint(self.out)
-        if path is None:
+        """From the newest checkpoint every rank can read: a damaged one (a file missing,
+        truncated or corrupt on any rank) is named, and the one before it is tried."""
+        candidates = ckpt.checkpoints(self.out)
+        if not candidates:
             raise ValueError(f"--resume: no checkpoint in {self.out}/checkpoints; run without it")
+        damaged = []
+        for path in candidates:
+            try:
+                self._load(path)
+                error = None
+            except ckpt.DamagedCheckpoint as e:
+                error = e
+            (bad,) = all_reduce_sum([float(error is not None)], self.d)  # all ranks agree
+            if not bad:
+                break
+            damaged.append(str(error or f"{path}: damaged on another rank"))
+            if self.d.is_main:
+                self.console.print(  # no wrapping inside a path; no markup in it either
+                    f"checkpoint damaged: {damaged[-1]}; trying an older one",
+                    soft_wrap=True,
+                    markup=False,
+                )
+        else:
+            raise ValueError(
+                f"--resume: every checkpoint in {self.out}/checkpoints is damaged "
+                f"({'; '.join(damaged)}); start again with --overwrite"
+            )
+        if self.d.is_main:
+            self.console.print(f"resumed from {path} at step {self.step}")
+
+    def _load(self, path: Path) -> None:
         state = ckpt.load_checkpoint(path, self.d, self.built.model_config.to_dict())
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_parts(state["optimizer"])
         self.loader.load_state_dict(state["data"])
         self.step = state["meta"]["step"]
-        if self.d.is_main:
-            self.console.print(f"resumed from {path} at step {self.step}")
 
     def _say_stopping(self) -> None:
         if self.d.is_main:

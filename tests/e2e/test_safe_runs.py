@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from slipstream.config import RunConfig
 from tests.e2e.test_train import losses, slipstream, write_recipe
 
@@ -68,3 +70,40 @@ def test_the_exit_status_tells_stopped_finished_and_already_finished_apart(tmp_p
     assert len(losses(tmp_path / "run")) == 6  # nothing trained or logged again
     both = slipstream("train", str(recipe), "--resume", "--overwrite")
     assert both.returncode == 2 and "pass one" in both.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "damage"),
+    [
+        ("model.pt", lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])),
+        ("optimizer.pt", lambda p: p.write_bytes(b"")),
+        ("meta.json", lambda p: p.write_text("{not json")),
+    ],
+    ids=["truncated-model", "empty-optimizer", "corrupt-meta"],
+)
+def test_resume_names_a_damaged_checkpoint_and_falls_back_to_an_intact_one(tmp_path, name, damage):
+    recipe = write_recipe(tmp_path)  # checkpoints at steps 3 and 6, both kept
+    first = slipstream(
+        "train", str(recipe), "--set", "train.steps=8", "--set", "train.stop_at_step=6"
+    )
+    assert first.returncode == 3, first.stderr
+    run = tmp_path / "run"
+    damage(run / "checkpoints" / "step_00000006" / name)
+    out = slipstream("train", str(recipe), "--set", "train.steps=8", "--resume")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    said = " ".join(out.stdout.split())  # the console wraps long lines
+    assert f"step_00000006/{name}: unreadable" in said and "trying an older one" in said
+    assert "at step 3" in said
+    assert _steps(run)[-5:] == [4, 5, 6, 7, 8]  # continued from step 3
+
+
+def test_resume_with_every_checkpoint_damaged_is_one_line(tmp_path):
+    recipe = write_recipe(tmp_path)
+    assert slipstream("train", str(recipe)).returncode == 0
+    for folder in (tmp_path / "run" / "checkpoints").iterdir():
+        (folder / "model.pt").write_bytes(b"")
+    out = slipstream("train", str(recipe), "--resume", "--set", "train.steps=8")
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "every checkpoint" in lines[0] and "--overwrite" in lines[0]
