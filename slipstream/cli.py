@@ -72,8 +72,18 @@ def _memory(args: argparse.Namespace) -> None:
     run_memory(args)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("slipstream")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slipstream", description=__doc__)
+    p.add_argument("--version", action="version", version=f"slipstream {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     data = sub.add_parser("data", help="the data plane").add_subparsers(dest="verb", required=True)
 

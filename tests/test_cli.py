@@ -64,14 +64,29 @@ def test_preview_reports_proportions_packing_and_imbalance(tmp_path):
         ),
         (["data", "preview", "{spec}", "--set", "dp_world_size=4"], "takes --ranks N"),
         (["data", "preview", "{spec}", "--ranks", "0"], "--ranks: 0 must be >= 1"),
+        (["memory", "--params=-7e9", "--layers", "32", "--hidden", "4096"], "--params: -7"),
+        (["memory", "--params", "7e9", "--layers", "0", "--hidden", "4096"], "--layers: 0"),
+        (["memory", "{spec}", "--params", "7e9"], "--params with a recipe"),
+        (
+            ["data", "preview", "{spec}", "--set", "tokenizer='{tok}'"],
+            "is not a readable tokenizers JSON file",
+        ),
     ],
 )
 def test_user_mistakes_print_one_line_and_no_traceback(tmp_path, args, message):
     spec = write_spec_toml(tmp_path)
-    out = slipstream(*[a.replace("{spec}", spec) for a in args])
+    tok = tmp_path / "truncated-tokenizer.json"
+    tok.write_text('{"version": "1.0", "truncation": null, "model": {"type": "BPE", "vo')
+    out = slipstream(*[a.replace("{spec}", spec).replace("{tok}", str(tok)) for a in args])
     assert out.returncode == 2
     assert message in out.stderr
     assert "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_version_is_printed():
+    out = slipstream("--version")
+    assert out.returncode == 0 and out.stdout.startswith("slipstream ")
 
 
 def test_prepare_demo_writes_jsonl_parquet_manifest_and_spec(tmp_path):

@@ -17,6 +17,12 @@ from slipstream.offload.estimate import GIB, Hardware, Workload, plan
 
 def workload_from_args(args: argparse.Namespace) -> Workload:
     if args.recipe:
+        given = [k for k in ("params", "layers", "hidden") if getattr(args, k) is not None]
+        if given:
+            raise ValueError(
+                f"memory: {', '.join('--' + k for k in given)} with a recipe: the recipe's "
+                "model is measured; give either the recipe or the sizes"
+            )
         return workload_from_recipe(args)
     missing = [k for k in ("params", "layers", "hidden") if getattr(args, k) is None]
     if missing:
@@ -24,6 +30,9 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
             f"memory: give a recipe, or --params, --layers and --hidden (missing: "
             f"{', '.join('--' + m for m in missing)})"
         )
+    for key in ("params", "layers", "hidden", "vocab", "seq_len", "micro_batch"):
+        if getattr(args, key) <= 0:
+            raise ValueError(f"--{key.replace('_', '-')}: {getattr(args, key)} must be > 0")
     return Workload(
         num_params=args.params,
         num_layers=args.layers,

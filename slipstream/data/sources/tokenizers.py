@@ -85,7 +85,14 @@ class HFTokenizer:
                 f"tokenizer: {path} not found; use 'byte' or train one with "
                 "`slipstream data train-tokenizer`"
             )
-        self._tok = _Tok.from_file(str(path))
+        try:
+            self._tok = _Tok.from_file(str(path))
+        except Exception as e:  # tokenizers raises its own Exception type for a bad file
+            reason = (str(e).splitlines() or ["unreadable"])[0][:120]
+            raise ValueError(
+                f"tokenizer: {path} is not a readable tokenizers JSON file ({reason}); "
+                "train it again with `slipstream data train-tokenizer`, or use 'byte'"
+            ) from None
         # What caches of token counts are keyed by: the vocabulary and rules, not the path.
         self.fingerprint = hashlib.sha1(path.read_bytes()).hexdigest()[:16]
         self.vocab_size = self._tok.get_vocab_size()
