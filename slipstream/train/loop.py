@@ -79,6 +79,7 @@ class Trainer:
         if resume:
             self._resume()
         if self.d.is_main:
+            self._say_what_was_resolved()
             resolved = self.built.resolved(
                 self.d, self.loader.planner.attention_cost, self.loader.machine_group
             )
@@ -135,6 +136,24 @@ class Trainer:
         self.optimizer.load_state_parts(state["optimizer"])
         self.loader.load_state_dict(state["data"])
         self.step = state["meta"]["step"]
+
+    def _say_what_was_resolved(self) -> None:
+        """What a user would otherwise never see: skipped records, an unreachable peak."""
+        spec, bad = self.cfg.data, self.loader.backend.num_bad
+        for src, n in zip(spec.sources, bad, strict=True):
+            if n:
+                self.console.print(
+                    f"data: source {src.name!r}: {n:,} corrupt record(s) skipped "
+                    f"(on_error = {src.on_error!r}); `slipstream data preview` lists them",
+                    markup=False,
+                )
+        o, t = self.cfg.optim, self.cfg.train
+        if o.warmup_steps > t.steps:
+            self.console.print(
+                f"note: optim.warmup_steps {o.warmup_steps} > train.steps {t.steps}: the "
+                f"learning rate never reaches optim.lr (peak {o.lr * t.steps / o.warmup_steps:.3g})",
+                markup=False,
+            )
 
     def _say_stopping(self) -> None:
         if self.d.is_main:

@@ -161,3 +161,11 @@ def test_transform_runs_in_the_loader_and_a_bad_one_is_named(tmp_path):
     raw = spec_with(tmp_path, transform="no_such_module:f")
     with pytest.raises(ValueError, match=r"sources\.short\.transform: cannot load"):
         build_source_loaders(MixtureSpec.from_dict(raw, str(tmp_path)))
+
+
+def test_a_binary_file_in_a_text_source_is_refused_by_name(tmp_path):
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "weights.txt").write_bytes(b"PK\x03\x04\x00\x00" + bytes(range(256)) * 8)
+    raw = spec_with(tmp_path, format="text", paths=["bin/weights.txt"])
+    with pytest.raises(ValueError, match=r"weights\.txt: a binary file, not text"):
+        build_source_loaders(MixtureSpec.from_dict(raw, str(tmp_path)))

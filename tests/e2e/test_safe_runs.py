@@ -107,3 +107,16 @@ def test_resume_with_every_checkpoint_damaged_is_one_line(tmp_path):
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "every checkpoint" in lines[0] and "--overwrite" in lines[0]
+
+
+def test_train_says_what_it_skipped_and_a_peak_it_never_reaches(tmp_path):
+    recipe = write_recipe(tmp_path)
+    shard = sorted(p for p in tmp_path.rglob("*.jsonl") if "run" not in p.parts)[0]
+    shard.write_text(shard.read_text() + "{not json\n" + json.dumps({"text": 7}) + "\n")
+    out = slipstream(
+        "train", str(recipe), "--set", "train.steps=2", "--set", "optim.warmup_steps=10"
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    said = " ".join(out.stdout.split())
+    assert "2 corrupt record(s) skipped (on_error = 'skip')" in said, said[:600]
+    assert "optim.warmup_steps 10 > train.steps 2: the learning rate never reaches" in said

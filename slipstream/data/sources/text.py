@@ -21,6 +21,11 @@ class TextFormat(ByteRangeFormat):
 
     def build_index(self, path: str) -> ShardIndex:
         data = Path(path).read_bytes()
+        if b"\x00" in data[:8192]:  # text has no NUL bytes; binary formats are full of them
+            raise ValueError(
+                f"{path}: a binary file, not text (a NUL byte in its first 8 KiB); leave it out "
+                "of this text source's paths, or give it its own format"
+            )
         if self.separator is None:
             spans = [(0, len(data))] if data.strip() else []
         else:
