@@ -67,6 +67,7 @@ class Trainer:
         # The whole model's costs, taken before its layers are split across ranks.
         self.attention_cost = self.model.attention_cost()
         self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
+        self.num_params = self.model.num_params()  # the whole model's, before any split
         self.parallel = parallelize(self.model, cfg.parallel, cfg.optim, self.d)
         self.optimizer = self.parallel.optimizer
         self.loader = self._loader("train")
@@ -83,6 +84,9 @@ class Trainer:
             resolved = self.built.resolved(
                 self.d, self.loader.planner.attention_cost, self.loader.machine_group
             )
+            resolved["num_params"] = self.num_params
+            if self.d.tp_size > 1:
+                resolved["num_params_per_tp_rank"] = self.model.num_params()
             write_run_files(self.out, cfg, resolved)
 
     def _loader(self, split: str) -> MixtureLoader:
@@ -337,7 +341,32 @@ class Trainer:
             return
         shares = timer.shares()
         diagnosis = diagnose(shares) if shares else None
-        print_summary(self.console, history, shares, diagnosis, samples, self.model)
+        per_rank = self.model.num_params() if self.d.tp_size > 1 else None
+        print_summary(self.console, history, shares, diagnosis, samples, self.num_params, per_rank)
+        summary = self._summary(history, per_rank)
         if diagnosis:
-            summary = {"diagnosis": diagnosis.message, "lever": diagnosis.lever, "shares": shares}
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            summary.update(diagnosis=diagnosis.message, lever=diagnosis.lever, shares=shares)
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self.console.print(
+            f"metrics: {self.out / 'metrics.jsonl'}; checkpoint: {summary['checkpoint']}",
+            markup=False,
+            soft_wrap=True,
+        )
+
+    def _summary(self, history: list[dict], per_rank: int | None) -> dict:
+        """What the run came to, for scripts: summary.json."""
+        evals = [r for r in history if "eval_bpb" in r]
+        last = ckpt.latest_checkpoint(self.out)
+        out = {
+            "steps": self.step,
+            "final_loss": history[-1]["loss"] if history else None,
+            "final_eval_bpb": evals[-1]["eval_bpb"] if evals else None,
+            "num_params": self.num_params,
+            "tokens": sum(r["tokens"] for r in history),
+            "wall_s": history[-1]["time/elapsed_s"] if history else 0.0,
+            "metrics": str(self.out / "metrics.jsonl"),
+            "checkpoint": str(last) if last else None,
+        }
+        if per_rank is not None:
+            out["num_params_per_tp_rank"] = per_rank
+        return out

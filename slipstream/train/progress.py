@@ -81,12 +81,15 @@ def print_summary(
     shares: dict[str, float],
     diagnosis: Diagnosis | None,
     samples: list[str],
-    model,
+    num_params: int,
+    num_params_per_rank: int | None = None,
 ) -> None:
+    """num_params: the whole model's; num_params_per_rank: each tensor-parallel rank's."""
     if history:
         first, last = history[0], history[-1]
+        each = f" ({num_params_per_rank:,} per tensor-parallel rank)" if num_params_per_rank else ""
         console.print(
-            f"\n{model.num_params():,} parameters; loss {first['loss']:.4f} -> {last['loss']:.4f}"
+            f"\n{num_params:,} parameters{each}; loss {first['loss']:.4f} -> {last['loss']:.4f}"
             f" over {len(history)} steps"
         )
         evals = [r for r in history if "eval_bpb" in r]

@@ -120,3 +120,17 @@ def test_train_says_what_it_skipped_and_a_peak_it_never_reaches(tmp_path):
     said = " ".join(out.stdout.split())
     assert "2 corrupt record(s) skipped (on_error = 'skip')" in said, said[:600]
     assert "optim.warmup_steps 10 > train.steps 2: the learning rate never reaches" in said
+
+
+def test_the_end_of_a_run_says_what_it_came_to(tmp_path):
+    recipe = write_recipe(tmp_path)
+    out = slipstream("train", str(recipe))
+    assert out.returncode == 0, out.stderr
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["final_loss"] == losses(run)[-1]
+    assert summary["final_eval_bpb"] > 0 and summary["num_params"] > 0
+    assert summary["tokens"] > 0 and summary["wall_s"] > 0
+    assert summary["checkpoint"].endswith("step_00000006")
+    said = " ".join(out.stdout.split())
+    assert f"{summary['num_params']:,} parameters;" in said and "metrics.jsonl" in said

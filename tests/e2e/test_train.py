@@ -338,7 +338,11 @@ def test_tensor_parallel_run_matches_one_process_and_resumes(tmp_path, reference
     assert first.returncode == 0, first.stderr
     second = torchrun(recipe, *args, "--resume")
     assert second.returncode == 0, second.stderr
-    assert json.loads((run / "resolved.json").read_text())["tp"] == 2
+    resolved = json.loads((run / "resolved.json").read_text())
+    assert resolved["tp"] == 2
+    # The whole model's parameters, and each rank's slice (the embeddings stay whole).
+    assert resolved["num_params"] > resolved["num_params_per_tp_rank"] > resolved["num_params"] / 2
+    assert "per tensor-parallel rank" in second.stdout
     saved = sorted(p.name for p in (run / "checkpoints" / "step_00000006").glob("model*.pt"))
     assert saved == ["model.tp0.pt", "model.tp1.pt"]  # one slice per tensor-parallel rank
     # Measured: equal to 1 fp32 ulp (4e-8) over 6 steps; the split matmuls add the same
