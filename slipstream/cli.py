@@ -58,6 +58,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         trainer.fit()
     finally:
+        trainer.optimizer.close()  # its threads end before the process group does
         shutdown(trainer.d)
     if trainer.finished or trainer.d.enabled:
         # Under a launcher a worker's non-zero exit reads as a failure (torchrun restarts

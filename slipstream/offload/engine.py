@@ -147,10 +147,6 @@ class OffloadOptimizer:
         return [("grad_offload", lambda: self.mover.exposed_s)]
 
     @property
-    def offload_s(self) -> float:
-        return self.mover.exposed_s
-
-    @property
     def loss_scale(self) -> float:
         return self.scaler.scale
 

@@ -194,6 +194,7 @@ def _rank(rank: int, world: int, init: str, bf16: bool, device: str, unused: boo
                 [p.detach().float().cpu().flatten().tolist() for p in params],
             )
         )
+        opt.close()  # its threads and hooks end before the process group does
     finally:
         dist.destroy_process_group()
 
