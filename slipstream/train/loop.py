@@ -27,18 +27,13 @@ from slipstream.errors import PeerLost
 from slipstream.profile import StepTimer, diagnose
 from slipstream.train import checkpoint as ckpt
 from slipstream.train.build import autocast_dtype, build, sample, write_run_files
-from slipstream.train.distributed import (
-    Dist,
-    all_reduce_sum,
-    init_distributed,
-    is_peer_failure,
-    lost_ranks,
-)
+from slipstream.train.distributed import Dist, all_reduce_sum, init_distributed, is_peer_failure
 from slipstream.train.evaluate import evaluate
 from slipstream.train.loss import num_targets, token_losses
 from slipstream.train.optim import lr_factor
 from slipstream.train.parallel import parallelize
 from slipstream.train.progress import Progress, print_summary
+from slipstream.train.report import lost_message, run_summary, say_resolved
 from slipstream.train.stop import StopSignals
 
 if TYPE_CHECKING:
@@ -80,7 +75,7 @@ class Trainer:
         if resume:
             self._resume()
         if self.d.is_main:
-            self._say_what_was_resolved()
+            say_resolved(self.console, cfg, self.loader.backend.num_bad)
             resolved = self.built.resolved(
                 self.d, self.loader.planner.attention_cost, self.loader.machine_group
             )
@@ -140,24 +135,6 @@ class Trainer:
         self.optimizer.load_state_parts(state["optimizer"])
         self.loader.load_state_dict(state["data"])
         self.step = state["meta"]["step"]
-
-    def _say_what_was_resolved(self) -> None:
-        """What a user would otherwise never see: skipped records, an unreachable peak."""
-        spec, bad = self.cfg.data, self.loader.backend.num_bad
-        for src, n in zip(spec.sources, bad, strict=True):
-            if n:
-                self.console.print(
-                    f"data: source {src.name!r}: {n:,} corrupt record(s) skipped "
-                    f"(on_error = {src.on_error!r}); `slipstream data preview` lists them",
-                    markup=False,
-                )
-        o, t = self.cfg.optim, self.cfg.train
-        if o.warmup_steps > t.steps:
-            self.console.print(
-                f"note: optim.warmup_steps {o.warmup_steps} > train.steps {t.steps}: the "
-                f"learning rate never reaches optim.lr (peak {o.lr * t.steps / o.warmup_steps:.3g})",
-                markup=False,
-            )
 
     def _say_stopping(self) -> None:
         if self.d.is_main:
@@ -276,7 +253,7 @@ class Trainer:
                 except RuntimeError as e:
                     if not is_peer_failure(e, d):
                         raise
-                    raise PeerLost(self._lost_message(e)) from None
+                    raise PeerLost(lost_message(self.d, self.out, self.step, e)) from None
         finally:
             if metrics:
                 metrics.close()
@@ -312,22 +289,6 @@ class Trainer:
         if not cfg.checkpoint_every or self.step % cfg.checkpoint_every:
             self.save()
 
-    def _lost_message(self, error: RuntimeError) -> str:
-        """One line of this rank's own: who was lost, when, and how to continue."""
-        lost = lost_ranks(self.d)
-        who = (
-            "rank 0 (it held the job's store)" if lost is None
-            else f"rank {', '.join(map(str, lost))}" if lost
-            else f"a peer ({str(error).splitlines()[0][:120]})"
-        )  # fmt: skip
-        last = ckpt.latest_checkpoint(self.out)
-        resume = (
-            f"the last checkpoint is step {int(last.name[len(ckpt.PREFIX):])} ({last}); "
-            "--resume continues from it" if last is not None
-            else "no checkpoint was written yet; start the run again"
-        )  # fmt: skip
-        return f"rank {self.d.rank}: lost {who} at step {self.step + 1}; {resume}"
-
     def _finish(self, timer: StepTimer, history: list[dict]) -> None:
         """Samples (every tensor-parallel rank of the first replica takes part) and, on rank
         0, the summary."""
@@ -343,7 +304,7 @@ class Trainer:
         diagnosis = diagnose(shares) if shares else None
         per_rank = self.model.num_params() if self.d.tp_size > 1 else None
         print_summary(self.console, history, shares, diagnosis, samples, self.num_params, per_rank)
-        summary = self._summary(history, per_rank)
+        summary = run_summary(history, self.step, self.num_params, per_rank, self.out)
         if diagnosis:
             summary.update(diagnosis=diagnosis.message, lever=diagnosis.lever, shares=shares)
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -352,21 +313,3 @@ class Trainer:
             markup=False,
             soft_wrap=True,
         )
-
-    def _summary(self, history: list[dict], per_rank: int | None) -> dict:
-        """What the run came to, for scripts: summary.json."""
-        evals = [r for r in history if "eval_bpb" in r]
-        last = ckpt.latest_checkpoint(self.out)
-        out = {
-            "steps": self.step,
-            "final_loss": history[-1]["loss"] if history else None,
-            "final_eval_bpb": evals[-1]["eval_bpb"] if evals else None,
-            "num_params": self.num_params,
-            "tokens": sum(r["tokens"] for r in history),
-            "wall_s": history[-1]["time/elapsed_s"] if history else 0.0,
-            "metrics": str(self.out / "metrics.jsonl"),
-            "checkpoint": str(last) if last else None,
-        }
-        if per_rank is not None:
-            out["num_params_per_tp_rank"] = per_rank
-        return out
