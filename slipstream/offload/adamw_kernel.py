@@ -35,13 +35,23 @@ def load() -> ctypes.CDLL | None:
     return native.load(SOURCE, FLAGS, _declare)
 
 
+KINDS = {"float32": 0, "bfloat16": 1, "float16": 2}  # the kernel's dtype codes
+
+
+def kind(t) -> int | None:
+    """The kernel's code for tensor t's dtype; None for a dtype it does not read."""
+    return KINDS.get(str(t.dtype).removeprefix("torch."))
+
+
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-    lib.adamw_step.argtypes = [p, p, p, p, p, i64, f32, f32, f32, f32, f32, f32, f32, f32, i32]
-    lib.adamw_step.restype = None
-    lib.sum_squares.argtypes = [p, i64, i32]
-    lib.sum_squares.restype = ctypes.c_double
+    lib.adamw_fused.argtypes = [p, p, p, p, i32, p, p, i64] + [f32] * 8 + [i32]
+    lib.adamw_fused.restype = None
+    lib.stage_grad.argtypes = [p, i32, p, p, i32, i64, i32]
+    lib.stage_grad.restype = ctypes.c_double
+    lib.grad_sumsq.argtypes = [p, i32, p, i64, i32]
+    lib.grad_sumsq.restype = ctypes.c_double
+    lib.grad_add.argtypes = [p, p, i32, i64, i32]
+    lib.grad_add.restype = None
     lib.access_probe.argtypes = [p, p, p, p, i64, i32]
     lib.access_probe.restype = None
-    lib.grad_add_bf16.argtypes = [p, p, i64, i32]
-    lib.grad_add_bf16.restype = None

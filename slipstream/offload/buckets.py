@@ -19,9 +19,7 @@ class Bucket:
     offsets: list[int]
     numel: int  # real elements
     padded: int  # numel rounded up to a multiple of the world size: W equal slices
-    grad: torch.Tensor  # fp32 host, this rank's slice (one process: the whole bucket): the
-    # gradient summed over micro-steps (and, W > 1, reduced over ranks before it lands here)
-    master: torch.Tensor  # fp32 host, this rank's slice; .grad is what the host step reads
+    master: torch.Tensor  # fp32 host, this rank's slice (one process: the whole bucket)
     working: torch.Tensor | None  # bf16 host copy of the slice's new weights (bf16 models)
 
     def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
@@ -33,8 +31,8 @@ def make_bucket(
     params: list[nn.Parameter], world: int, rank: int, group: dist.ProcessGroup | None
 ) -> Bucket:
     """A bucket over `params`, padded to a multiple of `world`, holding rank `rank`'s slice.
-    Host memory per rank: 4 + 4 (+ 2 for bf16) bytes per element of its slice; the whole
-    bucket exists only briefly (the first broadcast here; each backward's transient on the
+    Host memory per rank: 4 (+ 2 for bf16) bytes per element of its slice, beside its
+    gradient (`grads.py`); the whole bucket exists only briefly (the first broadcast here; each backward's transient on the
     device, `streams.py`)."""
     if any(p.dtype != params[0].dtype for p in params):
         raise ValueError("optim.offload: every parameter must have the same dtype")
@@ -62,12 +60,10 @@ def make_bucket(
         master = host_empty(size, pin=pin and not bf16)
         master.copy_(full[rank * size : (rank + 1) * size])
         del full
-    grad = host_zeros(size)
-    master.grad = grad
     # bf16 models: the host step writes the slice's bf16 weights in the same pass, and these
     # are what go back to the device (and, W > 1, what the ranks gather).
     working = host_empty(size, torch.bfloat16, pin=pin) if bf16 else None
-    return Bucket(params, offsets, total, padded, grad, master, working)
+    return Bucket(params, offsets, total, padded, master, working)
 
 
 def chunk_params(params: list[nn.Parameter], bucket_numel: int) -> list[list[nn.Parameter]]:

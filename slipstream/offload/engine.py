@@ -6,13 +6,19 @@ moments.
 - Parameters are grouped into flat buckets, in the reverse of registration order (about the
   order backward produces their gradients), never mixing weight-decay groups. A bucket is
   padded to a multiple of W; rank r owns the r-th slice.
-- A post-accumulate-grad hook moves each parameter's gradient toward its bucket's fp32 host
-  buffer as soon as backward has produced it, and frees the model's gradient. With W > 1 the
-  bucket is reduce-scattered on the device when its last gradient arrives, and only this
-  rank's slice goes to the host (`streams.py`). Every micro-step of gradient accumulation is
-  added, none is dropped; `zero_grad()` clears the buffers.
+- A post-accumulate-grad hook moves each parameter's gradient to the host as soon as backward
+  has produced it, and frees the model's gradient. With W > 1 the bucket is reduce-scattered
+  on the device when its last gradient arrives, and only this rank's slice goes to the host
+  (`streams.py`). Every micro-step of gradient accumulation is counted, none is dropped;
+  `zero_grad()` clears the buffers.
+- One fused host pass per step (`grads.py`): the step's last micro-gradient stays staged in
+  the model's dtype and the host step reads it there (plus the fp32 sum of earlier
+  micro-steps, if any), with its sum of squares taken as it was staged: 28 bytes per
+  parameter of a bf16 model, no fp32 gradient buffer. `fused=False` is the two-pass path
+  (add into fp32, a norm pass, a step over fp32) with the same bits.
 - `step(max_norm)`: the gradients are summed over ranks, then averaged like DDP; the global
-  norm is summed across ranks (host sums in a fixed order, so the same for any thread count);
+  norm is summed across ranks (segment by segment in a fixed order, so the same for any thread
+  count);
   HostAdamW steps each slice with the clipping scale fused in and, for bf16 models, writes
   the slice's bf16 weights in the same pass; with W > 1 those slices are all-gathered on the
   device; the model's weights are written from them.
@@ -47,8 +53,8 @@ from slipstream.comm import all_gather_single
 from slipstream.offload.buckets import Bucket, chunk_params, make_bucket
 from slipstream.offload.delayed import DelayedUpdate
 from slipstream.offload.early import EarlySteps
+from slipstream.offload.grads import HostGrad
 from slipstream.offload.host_adam import HostAdamW
-from slipstream.offload.hostmem import host_zeros
 from slipstream.offload.loss_scale import LossScaler
 from slipstream.offload.state import STATE_VERSION, load_slices, save_slices
 from slipstream.offload.streams import GradMover
@@ -72,6 +78,7 @@ class OffloadOptimizer:
         device_group: dist.ProcessGroup | None = None,
         max_norm: float = float("inf"),
         tp_group: dist.ProcessGroup | None = None,
+        fused: bool = True,
     ) -> None:
         """`group`: the data-parallel ranks over gloo (host tensors: the broadcast of the first
         weights, the norm); `device_group`: the same ranks on the device's backend (NCCL on
@@ -79,7 +86,8 @@ class OffloadOptimizer:
         given. No group: one process. `max_norm`: the gradient clipping norm (inf: none).
         `tp_group`: the tensor-parallel peers over gloo, when the model is split: parameter
         groups marked `tp_sharded` hold this rank's slices, whose squares the global norm sums
-        over the peers (the others are the same on every peer: counted once)."""
+        over the peers (the others are the same on every peer: counted once). `fused`: the
+        one-pass host step (`grads.py`); False: the two-pass path, the same bits."""
         self.group, self.tp_group = group, tp_group
         self._sharded: set[torch.Tensor] = set()  # masters of tensor-parallel slices
         self.device_group = device_group if device_group is not None else group
@@ -100,10 +108,15 @@ class OffloadOptimizer:
                     self._sharded.add(bucket.master)
         self.host = HostAdamW(host_groups, lr=lr, betas=betas, eps=eps, num_threads=num_threads)
         self.device = self.buckets[0].params[0].device if self.buckets else torch.device("cpu")
+        self.fused = fused
+        pin = self.device.type == "cuda"
+        self.grads = [HostGrad(b, self.world, fused, self.host, pin) for b in self.buckets]
+        self._spare: list[HostGrad | None] = [None] * len(self.buckets)  # the delayed update's
+        self._last = True  # whether the backward under way is the step's last
         self.early = EarlySteps(self._step_bucket)
         self.mover = GradMover(
             self.buckets, self.device, self.device_group, group, self.world,
-            self.early.bucket_ready, add=self.host.add_grad,
+            self.early.bucket_ready, grads=self.grads, last=lambda: self._last,
         )  # fmt: skip
         fp16 = any(b.params[0].dtype == torch.float16 for b in self.buckets)
         self.scaler = LossScaler(fp16)
@@ -123,7 +136,9 @@ class OffloadOptimizer:
     def before_backward(self, last: bool) -> None:
         """Before the step's last backward, without clipping, fp16 or the delayed update,
         each bucket's host step is armed to start as soon as its gradient is complete. Not
-        when some parameter got no gradient earlier (its bucket never completes)."""
+        when some parameter got no gradient earlier (its bucket never completes). Not the
+        last: its gradients go into the fp32 sum as they arrive (the last one stays staged)."""
+        self._last = last
         if not last:
             return
         armed = (
@@ -158,12 +173,32 @@ class OffloadOptimizer:
     def param_groups(self) -> list[dict]:
         return self.host.param_groups
 
+    def gradient(self, k: int) -> torch.Tensor:
+        """Bucket k's fp32 gradient summed so far (this rank's slice; a copy)."""
+        return self.grads[k].gradient()
+
+    @property
+    def host_bytes_per_param(self) -> float:
+        """Bytes the host step moves per parameter of this rank's slices, one micro-batch
+        per step: fused, the staged gradient (2 for a bf16 model, 4 for fp32) read, the
+        master and moments read and written (24), the bf16 copy written (2 for bf16 models);
+        two-pass, also the fp32 add (10 or 12) and the norm's pass (4)."""
+        if not self.grads:
+            return 0.0
+        g = self.grads[0]
+        stage = g.dtype.itemsize
+        out = 2 if self.buckets[0].working is not None else 0
+        if self.fused:
+            return stage + 24 + out
+        return (stage + 8) + 4 + (4 + 24 + out)
+
     def _step_bucket(self, k: int, lrs: list[float]) -> None:
         b = self.buckets[k]
         out = {b.master: b.working} if b.working is not None else None
+        source, _ = self.grads[k].finish()
         # The scale `_launch` uses without clipping: clip = 1.0.
         self.host.step(grad_scale=1.0 / (self.world * self.scaler.scale), bf16_out=out,
-                       only={b.master}, lrs=lrs)  # fmt: skip
+                       only={b.master}, lrs=lrs, sources={b.master: source})  # fmt: skip
 
     def _hook(self, bucket: Bucket, i: int):
         def move_to_host(p: nn.Parameter) -> None:
@@ -175,8 +210,9 @@ class OffloadOptimizer:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.mover.wait()  # no add in flight into the buffers cleared here
+        for g in self.grads:
+            g.clear()
         for b in self.buckets:
-            b.grad.zero_()
             for p in b.params:
                 p.grad = None
 
@@ -193,6 +229,7 @@ class OffloadOptimizer:
         max_norm = self.max_norm if max_norm is None else max_norm
         delayed = self.delayed.active(self._num_steps)
         self._num_steps += 1
+        self._last = True  # the next step's backward passes, until told otherwise
         if not delayed:
             norm = self._launch(max_norm, background=False)
             self._write_back()
@@ -210,12 +247,14 @@ class OffloadOptimizer:
         self.mover.wait()  # with W > 1 already summed over ranks: this rank's slices
         early = self.early.join()
         assert not early or not math.isfinite(max_norm), "buckets stepped early, then clipped"
-        if background:  # the host step reads one buffer while backward fills the other
-            for b in self.buckets:
-                if b.master.grad is b.grad:
-                    b.master.grad = host_zeros(b.grad.numel())
-                b.master.grad, b.grad = b.grad, b.master.grad
-        sq = self._grad_sq_norm()
+        grads = list(self.grads)
+        if background:  # the host step reads one set of buffers while backward fills the other
+            for k, g in enumerate(grads):
+                spare = self._spare[k] or g.like()
+                self.grads[k], self._spare[k] = spare, g
+        parts = [g.finish() for g in grads]  # (what the step reads, sum of squares) per bucket
+        sources = {b.master: src for b, (src, _) in zip(self.buckets, parts, strict=True)}
+        sq = self._grad_sq_norm([s for _, s in parts])
         # Unscale by the scale these gradients were made with (before any growth below).
         made_with = self.scaler.scale
         norm = math.sqrt(sq) / made_with
@@ -226,7 +265,7 @@ class OffloadOptimizer:
         outs = {b.master: b.working for b in self.buckets if b.working is not None}
         # The learning rates now: a background step must not see the next step's.
         lrs = [g["lr"] for g in self.host.param_groups]
-        kwargs = {"grad_scale": scale, "bf16_out": outs or None, "lrs": lrs}
+        kwargs = {"grad_scale": scale, "bf16_out": outs or None, "lrs": lrs, "sources": sources}
         if early:  # stepped during backward (no clipping, so with this very scale)
             assert self.early.lrs == lrs, "the learning rate changed during the step"
             kwargs["only"] = {b.master for k, b in enumerate(self.buckets) if k not in early}
@@ -236,21 +275,21 @@ class OffloadOptimizer:
             self.host.step(**kwargs)
         return norm
 
-    def _grad_sq_norm(self) -> float:
-        """The squared norm of the whole model's averaged gradient: this rank's slices summed
-        over the data-parallel ranks, and tensor-parallel slices also over their peers."""
+    def _grad_sq_norm(self, sqs: list[float]) -> float:
+        """The squared norm of the whole model's averaged gradient from each bucket's sum of
+        squares (`sqs`, this rank's slices): summed over the data-parallel ranks, and
+        tensor-parallel slices also over their peers."""
         if self.tp_group is None:
-            sq = self.host.grad_sq_norm()
+            sq = sum(sqs)
             if self.world > 1:
                 t = torch.tensor([sq], dtype=torch.float64)
                 dist.all_reduce(t, group=self.group)
                 sq = float(t)
             return sq / self.world**2  # of the averaged gradient, as DDP would give
-        rest = {b.master for b in self.buckets} - self._sharded
-        t = torch.tensor(
-            [self.host.grad_sq_norm(self._sharded), self.host.grad_sq_norm(rest)],
-            dtype=torch.float64,
-        )
+        split = [0.0, 0.0]  # tensor-parallel slices, the rest
+        for b, s in zip(self.buckets, sqs, strict=True):
+            split[b.master not in self._sharded] += s
+        t = torch.tensor(split, dtype=torch.float64)
         if self.world > 1:
             dist.all_reduce(t, group=self.group)
         split = t[:1].clone()

@@ -3,9 +3,11 @@
 - It sets its own thread count (`num_threads`, default: the CPUs this process may use), since
   torchrun sets OMP_NUM_THREADS=1 and an optimizer stepping on one thread is several times
   slower.
-- The gradient scale (clipping coefficient, loss-scale inverse) is applied in the same pass,
-  and so is the copy-out of the updated weights to bf16 (`step(bf16_out=...)`), which a
-  separate cast would pay for with a second sweep over memory.
+- The gradient is read where it was staged, in the model's dtype, plus the fp32 sum of
+  earlier micro-steps when there is one (`step(sources=...)`); the gradient scale (clipping
+  coefficient, loss-scale inverse) is applied in the same pass, and so is the copy-out of the
+  updated weights to bf16 (`step(bf16_out=...)`), which a separate cast would pay for with a
+  second sweep over memory.
 - The same bits for any thread count; the same math as `torch.optim.AdamW` (decoupled weight
   decay, bias corrections), which the tests hold it to.
 
@@ -68,38 +70,66 @@ class HostAdamW(torch.optim.Optimizer):
     def uses_kernel(self) -> bool:
         return self._lib is not None
 
+    def _fits(self, *ts: torch.Tensor | None) -> bool:
+        """Whether the kernel reads these: host tensors of one length, contiguous, of a
+        dtype it knows (None: absent)."""
+        real = [t for t in ts if t is not None]
+        return (
+            self._lib is not None
+            and all(t.device.type == "cpu" and t.is_contiguous() for t in real)
+            and all(kernel.kind(t) is not None for t in real)
+            and len({t.numel() for t in real}) == 1
+        )
+
     @torch.no_grad()
     def add_grad(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """dst += src: a model's gradient into its fp32 host buffer. bf16 gradients go through
-        the kernel (the same bits as `add_`, about 5x faster than torch's mixed-dtype add on 2
-        cores: benchmarks/results/2026-11-30-grad-add.md); anything else through `add_`."""
-        if (
-            self._lib is not None
-            and src.dtype == torch.bfloat16
-            and dst.dtype == torch.float32
-            and src.device.type == "cpu"
-            and src.shape == dst.shape
-            and src.is_contiguous()
-            and dst.is_contiguous()
-        ):
-            self._lib.grad_add_bf16(dst.data_ptr(), src.data_ptr(), dst.numel(), self.num_threads)
+        """dst += src: a micro-step's gradient into its fp32 sum. Through the kernel for bf16,
+        fp16 and fp32 (the same bits as `add_`: the conversion is exact; about 5x faster than
+        torch's mixed-dtype add on 2 cores: benchmarks/results/2026-11-30-grad-add.md)."""
+        if dst.dtype == torch.float32 and src.shape == dst.shape and self._fits(dst, src):
+            k = kernel.kind(src)
+            self._lib.grad_add(dst.data_ptr(), src.data_ptr(), k, dst.numel(), self.num_threads)
         else:
             dst.add_(src)
+
+    @torch.no_grad()
+    def sumsq(self, g: torch.Tensor, acc: torch.Tensor | None = None) -> float:
+        """The sum of squares of acc + g (g alone without acc), in double, the same for any
+        thread count."""
+        if self._fits(g, acc) and (acc is None or acc.dtype == torch.float32):
+            acc_ptr = None if acc is None else acc.data_ptr()
+            return self._lib.grad_sumsq(g.data_ptr(), kernel.kind(g), acc_ptr, g.numel(),
+                                        self.num_threads)  # fmt: skip
+        x = g.float() if acc is None else acc.reshape(g.shape) + g.float()
+        return float(x.double().square().sum())
+
+    @torch.no_grad()
+    def stage(self, stage: torch.Tensor, src: torch.Tensor, acc: torch.Tensor | None,
+              fold: bool) -> float:  # fmt: skip
+        """stage = src (a micro-step's gradient into its staging slot, in its own dtype),
+        after acc += stage when `fold` (the slot held an earlier micro-step); returns the sum
+        of squares of acc + src: one pass."""
+        same = src.dtype == stage.dtype and src.numel() == stage.numel()
+        if same and self._fits(stage, src, acc) and (acc is None or acc.dtype == torch.float32):
+            acc_ptr = None if acc is None else acc.data_ptr()
+            return self._lib.stage_grad(stage.data_ptr(), kernel.kind(stage), src.data_ptr(),
+                                        acc_ptr, int(fold), stage.numel(), self.num_threads)  # fmt: skip
+        if fold:
+            assert acc is not None
+            acc.add_(stage.reshape(acc.shape))
+        stage.copy_(src.reshape(stage.shape))
+        return self.sumsq(stage, acc)
 
     @torch.no_grad()
     def grad_sq_norm(self, only: set[torch.Tensor] | None = None) -> float:
         """Sum of squares of every gradient (of those in `only`, if given), the same for any
         thread count."""
-        total = 0.0
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and (only is None or p in only):
-                    g = p.grad
-                    if self._lib is not None and g.is_contiguous() and g.dtype == torch.float32:
-                        total += self._lib.sum_squares(g.data_ptr(), g.numel(), self.num_threads)
-                    else:
-                        total += float(g.double().square().sum())
-        return total
+        return sum(
+            self.sumsq(p.grad)
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None and (only is None or p in only)
+        )
 
     @torch.no_grad()
     def step(
@@ -109,17 +139,24 @@ class HostAdamW(torch.optim.Optimizer):
         bf16_out: dict[torch.Tensor, torch.Tensor] | None = None,
         only: set[torch.Tensor] | None = None,
         lrs: list[float] | None = None,
+        sources: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]] | None = None,
     ):
         """One AdamW step on every parameter with a gradient (of those in `only`, if given).
         `grad_scale` multiplies each gradient first; `bf16_out[p]` (a bf16 tensor shaped like
         p) receives the new weights. `lrs`: each group's learning rate as it was when the step
-        was launched (a step in a background thread must not see the next step's)."""
+        was launched (a step in a background thread must not see the next step's).
+        `sources[p] = (g, acc)`: p's gradient is acc + g, read where it was staged (g in the
+        model's dtype, acc the fp32 sum of earlier micro-steps or None), in the step's own
+        pass; then p.grad is not read."""
         loss = closure() if closure is not None else None
         for gi, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
             lr = group["lr"] if lrs is None else lrs[gi]
             for p in group["params"]:
-                if p.grad is None or (only is not None and p not in only):
+                if only is not None and p not in only:
+                    continue
+                g, acc = sources[p] if sources is not None and p in sources else (p.grad, None)
+                if g is None:
                     continue
                 state = self.state[p]
                 if not state:
@@ -129,21 +166,23 @@ class HostAdamW(torch.optim.Optimizer):
                 state["step"] += 1
                 step = int(state["step"])
                 out = None if bf16_out is None else bf16_out.get(p)
-                self._update(p, p.grad, state, group, lr, beta1, beta2, step, grad_scale, out)
+                self._update(p, g, acc, state, group, lr, (beta1, beta2), step, grad_scale, out)
         return loss
 
-    def _update(self, p, g, state, group, lr, beta1, beta2, step, grad_scale, out) -> None:
-        wd, eps = group["weight_decay"], group["eps"]
+    def _update(self, p, g, acc, state, group, lr, betas, step, grad_scale, out) -> None:
+        (beta1, beta2), wd, eps = betas, group["weight_decay"], group["eps"]
         bc1 = 1 - beta1**step
         bc2_sqrt = math.sqrt(1 - beta2**step)
         m, v = state["exp_avg"], state["exp_avg_sq"]
         if out is not None and (out.dtype != torch.bfloat16 or out.shape != p.shape):
             raise ValueError("HostAdamW: bf16_out tensors must be bf16 and shaped like p")
-        if self._lib is not None and g.dtype == torch.float32 and g.is_contiguous():
-            if out is not None and not out.is_contiguous():
-                raise ValueError("HostAdamW: bf16_out tensors must be contiguous")
-            self._lib.adamw_step(
-                *(t.data_ptr() for t in (p, g, m, v)),
+        if out is not None and not out.is_contiguous():
+            raise ValueError("HostAdamW: bf16_out tensors must be contiguous")
+        if self._fits(p, g, acc) and (acc is None or acc.dtype == torch.float32):
+            self._lib.adamw_fused(
+                *(t.data_ptr() for t in (p, m, v, g)),
+                kernel.kind(g),
+                None if acc is None else acc.data_ptr(),
                 None if out is None else out.data_ptr(),
                 p.numel(),
                 lr,
@@ -157,7 +196,12 @@ class HostAdamW(torch.optim.Optimizer):
                 self.num_threads,
             )
             return
-        torch_adamw_step(p, g.float() * grad_scale, m, v, lr, beta1, beta2, eps, wd, bc1, bc2_sqrt)
+        full = (
+            g.float().reshape(p.shape)
+            if acc is None
+            else acc.reshape(p.shape) + g.float().reshape(p.shape)
+        )
+        torch_adamw_step(p, full * grad_scale, m, v, lr, beta1, beta2, eps, wd, bc1, bc2_sqrt)
         if out is not None:
             out.copy_(p)
 

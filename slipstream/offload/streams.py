@@ -1,16 +1,17 @@
 """Gradients from the device to the host during backward.
 
 One process: on CUDA each gradient is copied on a side stream into its bucket's pinned staging
-buffer (the model's dtype), so backward keeps running while the copy crosses the link; the
-device gradient is freed at once (the caching allocator keeps its memory until the copy stream
-is done with it). When the last gradient of a bucket has been queued, a host thread waits for
-that bucket's copies and adds the staging buffer into the bucket's fp32 gradient, so the host
-work overlaps backward too.
+buffer (the model's dtype; `grads.py`), so backward keeps running while the copy crosses the
+link; the device gradient is freed at once (the caching allocator keeps its memory until the
+copy stream is done with it). When the last gradient of a bucket has been queued, a host
+thread waits for that bucket's copies and hands them to the bucket's `HostGrad`: the step's
+last micro-gradient stays staged (its sum of squares taken), earlier ones are added into the
+fp32 sum, so the host work overlaps backward too.
 
 W data-parallel ranks (ZeRO-2): each gradient is added into its bucket's whole-bucket fp32
 buffer on the device, a transient that lives from the bucket's first gradient to its last;
 then the bucket is reduce-scattered there (NCCL on GPUs: NVLink, not PCIe) and only this
-rank's slice, 1/W of it, crosses to the host and is added into the slice's fp32 gradient.
+rank's slice, 1/W of it, crosses to the host into the slice's staging.
 Neither the link nor host memory ever carries the other ranks' slices. On CUDA the
 reduce-scatter runs on the collective's stream and the copy stream waits for it, so both
 overlap the rest of backward.
@@ -19,8 +20,8 @@ overlap the rest of backward.
 copy time backward did not hide (`exposed_s`), beside the copy streams' own busy time
 (`copy_s`, from CUDA events).
 
-On a CPU the "device" gradient is already in host memory: one process adds it straight into
-the fp32 buffer; W ranks reduce-scatter each bucket (gloo) as it completes, as above.
+On a CPU the "device" gradient is already in host memory: one process stages it (or adds it)
+as it arrives; W ranks reduce-scatter each bucket (gloo) as it completes, as above.
 """
 
 from __future__ import annotations
@@ -44,13 +45,15 @@ class GradMover:
         host_group: dist.ProcessGroup | None = None,
         world: int = 1,
         on_ready=None,
-        add=None,
+        grads: list | None = None,
+        last=None,
     ) -> None:
         """`group`: the data-parallel ranks on the device's backend (the reduce-scatters);
         `host_group`: the same ranks over gloo (a few flags per step). Both only when W > 1.
-        `add(dst, src)`: dst += src on the host (the engine passes HostAdamW's, which takes
-        bf16 gradients through its kernel)."""
-        self.add = add or (lambda dst, src: dst.add_(src))
+        `grads[k]`: bucket k's `HostGrad` (the engine may swap them between steps); `last()`:
+        whether this backward is the step's last."""
+        assert grads is not None
+        self.grads, self.last = grads, last or (lambda: True)
         self.buckets, self.group, self.host_group, self.world = buckets, group, host_group, world
         # Called with a bucket's index once its gradient of this backward is complete in the
         # host buffer (every parameter's; with W > 1 reduced): the engine may step it then.
@@ -69,9 +72,6 @@ class GradMover:
         if not self.cuda:
             return
         self.stream = torch.cuda.Stream(device)
-        # One process: the gradients in the model's dtype; W ranks: this rank's reduced slice.
-        dtype = buckets[0].params[0].dtype if buckets and world == 1 else torch.float32
-        self.staging = [torch.empty(b.grad.numel(), dtype=dtype, pin_memory=True) for b in buckets]
         self._queued = [False] * len(buckets)
         # Which parameters of each bucket have a gradient in its staging buffer since the last
         # add: a bucket completed by `wait()` adds only those (the others' slots hold an older
@@ -100,7 +100,7 @@ class GradMover:
             if self._left[k] == 0:
                 self._reduce(k)
         elif not self.cuda:
-            self.add(bucket.view(bucket.grad, i), g)
+            self.grads[k].put(i, g.reshape(-1), self.last())
             p.grad = None
             self._left[k] -= 1
             if self._left[k] == 0:
@@ -114,12 +114,13 @@ class GradMover:
                 # staged first (no early step: the bucket is not whole), then overwrite.
                 self._finish(k, ready=False)
                 self._await_add(k)
+            self.grads[k].before_copy(i)  # a staged earlier micro-step goes into the fp32 sum
             self.stream.wait_stream(torch.cuda.current_stream(g.device))
             with torch.cuda.stream(self.stream):
                 if self._start[k] is None:
                     self._start[k] = torch.cuda.Event(enable_timing=True)
                     self._start[k].record(self.stream)
-                bucket.view(self.staging[k], i).copy_(g, non_blocking=True)
+                bucket.view(self.grads[k].buf, i).copy_(g, non_blocking=True)
             self._written[k].add(i)
             g.record_stream(self.stream)  # its memory is reused only after the copy
             p.grad = None
@@ -147,14 +148,16 @@ class GradMover:
         b, flat = self.buckets[k], self._flat[k]
         assert flat is not None
         self._flat[k], self._left[k] = None, len(b.params)
+        hg = self.grads[k]
         if not self.cuda:
-            mine = torch.empty(b.grad.numel(), dtype=torch.float32)
+            mine = torch.empty(hg.size, dtype=torch.float32)
             reduce_scatter_single(mine, flat, group=self.group)
-            b.grad.add_(mine)
+            hg.put(0, mine, self.last())
             self.on_ready(k)
             return
         self._await_add(k)
-        mine = torch.empty(b.grad.numel(), dtype=torch.float32, device=flat.device)
+        hg.before_copy(0)
+        mine = torch.empty(hg.size, dtype=torch.float32, device=flat.device)
         # Launched on the collective's stream, after what the device's stream queued so far
         # (the adds into `flat`); the copy stream waits for it, not the device's stream.
         work = reduce_scatter_single(mine, flat, group=self.group, async_op=True)
@@ -162,12 +165,12 @@ class GradMover:
         with torch.cuda.stream(self.stream):
             work.wait()
             start.record(self.stream)
-            self.staging[k].copy_(mine, non_blocking=True)
+            hg.buf.copy_(mine, non_blocking=True)
             done.record(self.stream)
         mine.record_stream(self.stream)
         self._timed.append((start, done))
         # The transients stay referenced until the copy has landed.
-        self._adds[k] = self._pool.submit(self._add, k, done, (flat, mine, work))
+        self._adds[k] = self._pool.submit(self._add, k, done, [0], self.last(), (flat, mine, work))
 
     def _finish(self, k: int, ready: bool = True) -> None:
         """One process: the bucket's copies are queued; a host thread adds them once they have
@@ -177,16 +180,15 @@ class GradMover:
         self._timed.append((self._start[k], done))
         self._start[k], self._queued[k] = None, False
         self._left[k] = len(self.buckets[k].params)
-        written, self._written[k] = self._written[k], set()
-        self._adds[k] = self._pool.submit(self._add, k, done, written=written, ready=ready)
+        written, self._written[k] = sorted(self._written[k]), set()
+        self._adds[k] = self._pool.submit(self._add, k, done, written, self.last(), ready=ready)
 
-    def _add(self, k: int, done: torch.cuda.Event, keep=None, written=None, ready=True) -> None:
+    def _add(self, k: int, done, written: list[int], last: bool, keep=None, ready=True) -> None:
+        """Once the copies have landed: segments `written` of bucket k's staging hold this
+        micro-step's gradient (a slot no gradient reached since the last hand-over is left
+        out)."""
         done.synchronize()
-        b = self.buckets[k]
-        if written is None:  # W > 1: the reduced slice, whole
-            self.add(b.grad, self.staging[k])
-        else:
-            add_staged(b, b.grad, self.staging[k], written, self.add)
+        self.grads[k].landed(written, last)
         if ready:
             self.on_ready(k)
 
@@ -222,15 +224,3 @@ class GradMover:
     def close(self) -> None:
         if self.cuda:
             self._pool.shutdown(wait=True)
-
-
-def add_staged(bucket: Bucket, grad: torch.Tensor, staging: torch.Tensor, written, add) -> None:
-    """grad += the staged gradients of the parameters in `written` (indices into
-    bucket.params): the whole buffer in one pass when every parameter wrote its slot, else
-    slot by slot, so a slot no gradient reached since the last add (an older backward's, or
-    never written) is not added."""
-    if len(written) == len(bucket.params):
-        add(grad, staging)
-        return
-    for i in sorted(written):
-        add(bucket.view(grad, i), bucket.view(staging, i))

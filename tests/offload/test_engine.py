@@ -63,7 +63,7 @@ def _accumulate(model, opt, data, micro: int) -> list[torch.Tensor]:
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
         (loss / micro).backward()
     opt.finish_backward()
-    return [b.grad.clone() for b in opt.buckets]
+    return [opt.gradient(k) for k in range(len(opt.buckets))]
 
 
 def test_every_micro_step_of_accumulation_counts():
@@ -88,8 +88,10 @@ def test_every_micro_step_of_accumulation_counts():
     dropped = _accumulate(three, build_optimizer(three, cfg, torch.device("cpu")), merged[1:], 2)
     assert not all(torch.allclose(a, b, rtol=1e-2) for a, b in zip(dropped, want, strict=True))
     # Then one step from the same gradient is the same update, bit for bit.
-    for bo, bt in zip(opt_one.buckets, opt_two.buckets, strict=True):
-        bt.grad.copy_(bo.grad)
+    for k, gt in enumerate(opt_two.grads):
+        gt.clear()
+        for j in range(len(gt.segments)):
+            gt.put(j, gt.seg(got[k], j), last=True)
     opt_one.step(0.5)
     opt_two.step(0.5)
     assert all(torch.equal(a, b) for a, b in zip(one.parameters(), two.parameters(), strict=True))
@@ -157,7 +159,7 @@ def test_gradients_leave_the_model_during_backward():
     x = batches(1)[0]
     torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
     assert all(p.grad is None for p in model.parameters())
-    assert all(b.master.grad.abs().sum() > 0 for b in opt.buckets)
+    assert all(opt.gradient(k).abs().sum() > 0 for k in range(len(opt.buckets)))
 
 
 def test_trainer_with_offload_resumes_exactly(tmp_path):
@@ -321,11 +323,11 @@ def test_cuda_copy_stream_path_matches_torch_adamw_with_accumulation():
     opt.wait_grads()
     assert opt.mover.cuda and opt.mover.copy_s > 0
     want = {id(o): r.grad for o, r in zip(off.parameters(), ref.parameters(), strict=True)}
-    for b in opt.buckets:
+    for k, b in enumerate(opt.buckets):
         for i, p in enumerate(b.params):
             g = want[id(p)]
             expect = torch.zeros(p.shape) if g is None else g.cpu()  # "unused": zeros
-            torch.testing.assert_close(b.view(b.grad, i), expect, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(b.view(opt.gradient(k), i), expect, rtol=1e-5, atol=1e-7)
             assert p.grad is None  # the device copy was freed
     ref_opt.step()
     opt.step()
@@ -334,20 +336,27 @@ def test_cuda_copy_stream_path_matches_torch_adamw_with_accumulation():
 
 
 def test_staged_gradients_are_added_only_where_a_gradient_was_written():
-    """On CUDA a bucket's staging buffer is added into its fp32 gradient; when `wait()`
-    completes a bucket some parameter of which got no gradient, that parameter's slot holds an
-    older backward's gradient (or nothing) and must not be added (streams.add_staged)."""
+    """On CUDA a bucket's copies land in its staging buffer; when `wait()` completes a bucket
+    some parameter of which got no gradient, that parameter's slot holds an older backward's
+    gradient (or nothing) and must not be counted (HostGrad.landed with those slots only)."""
     from slipstream.offload.buckets import make_bucket
-    from slipstream.offload.streams import add_staged
+    from slipstream.offload.grads import HostGrad
+    from slipstream.offload.host_adam import HostAdamW
 
     params = [torch.nn.Parameter(torch.zeros(s)) for s in (3, 4, 5)]
     bucket = make_bucket(params, 1, 0, None)
-    staging = torch.arange(12, dtype=torch.float32) + 1  # every slot holds something
-    grad = torch.zeros(12)
-    add_staged(bucket, grad, staging, {0, 2}, lambda d, s: d.add_(s))
-    assert torch.equal(bucket.view(grad, 1), torch.zeros(4))  # the stale slot stayed out
-    assert torch.equal(bucket.view(grad, 0), bucket.view(staging, 0))
-    assert torch.equal(bucket.view(grad, 2), bucket.view(staging, 2))
-    add_staged(bucket, grad, staging, {0, 1, 2}, lambda d, s: d.add_(s))  # whole: one pass
-    assert torch.equal(bucket.view(grad, 1), bucket.view(staging, 1))
-    assert torch.equal(bucket.view(grad, 0), 2 * bucket.view(staging, 0))
+    grad = HostGrad(bucket, 1, True, HostAdamW([bucket.master]), pin=False)
+    grad.buf.copy_(torch.arange(12, dtype=torch.float32) + 1)  # every slot holds something
+    staged = grad.buf.clone()
+    grad.landed([0, 2], last=False)  # an earlier micro-step: into the fp32 sum
+    got = grad.gradient()
+    assert torch.equal(bucket.view(got, 1), torch.zeros(4))  # the stale slot stayed out
+    assert torch.equal(bucket.view(got, 0), bucket.view(staged, 0))
+    assert torch.equal(bucket.view(got, 2), bucket.view(staged, 2))
+    grad.landed([0, 1, 2], last=True)  # the last: stays staged, read by the step
+    got = grad.gradient()
+    assert torch.equal(bucket.view(got, 1), bucket.view(staged, 1))
+    assert torch.equal(bucket.view(got, 0), 2 * bucket.view(staged, 0))
+    (src, acc), sq = grad.finish()
+    assert src is grad.buf and acc is not None
+    assert sq == pytest.approx(float(got.double().square().sum()), rel=1e-12)

@@ -98,7 +98,7 @@ def test_engine_state_is_in_huge_pages(dtype):
     opt.step()
     (b,) = opt.buckets
     st = opt.host.state[b.master]
-    mapped = [b.master, b.grad, st["exp_avg"], st["exp_avg_sq"]]
+    mapped = [b.master, opt.grads[0].buf, st["exp_avg"], st["exp_avg_sq"]]
     if dtype == torch.bfloat16:
         mapped.append(b.working)
     for t in mapped:
