@@ -145,7 +145,7 @@ void adamw_fused(float *restrict p, float *restrict m, float *restrict v,
 
 /* A block's sum of squares in LANES independent double sums (element i into lane i mod
  * LANES, so the loop vectorizes), added in lane order: fixed for any thread count. */
-#define LANES 16
+#define LANES 32
 static inline double lanes_total(const double *s) {
     double t = 0.0;
     for (int j = 0; j < LANES; j++) t += s[j];
@@ -155,12 +155,15 @@ static inline double lanes_total(const double *s) {
 static inline double sq_block(const void *restrict g, int kind, const float *restrict acc,
                               int64_t lo, int64_t hi) {
     double s[LANES] = {0};
-    for (int64_t i = lo; i < hi; i += LANES) {
-        int64_t w = hi - i < LANES ? hi - i : LANES;
-        for (int64_t j = 0; j < w; j++) {
+    int64_t i = lo;
+    for (; i + LANES <= hi; i += LANES)
+        for (int j = 0; j < LANES; j++) {
             double x = (double)(acc ? acc[i + j] + load(g, kind, i + j) : load(g, kind, i + j));
             s[j] += x * x;
         }
+    for (int j = 0; i < hi; i++, j++) {
+        double x = (double)(acc ? acc[i] + load(g, kind, i) : load(g, kind, i));
+        s[j] += x * x;
     }
     return lanes_total(s);
 }
@@ -179,13 +182,17 @@ static inline double stage_block(void *restrict stage, int kind, const void *res
                                  float *restrict acc, int fold, int64_t lo, int64_t hi) {
     double s[LANES] = {0};
     int width = kind == KIND_FP32 ? 4 : 2;
-    for (int64_t i = lo; i < hi; i += LANES) {
-        int64_t w = hi - i < LANES ? hi - i : LANES;
-        for (int64_t j = 0; j < w; j++) {
-            if (fold) acc[i + j] += load(stage, kind, i + j);
+    int64_t i = lo;
+    if (fold)
+        for (int64_t k = lo; k < hi; k++) acc[k] += load(stage, kind, k);
+    for (; i + LANES <= hi; i += LANES)
+        for (int j = 0; j < LANES; j++) {
             double x = (double)(acc ? acc[i + j] + load(src, kind, i + j) : load(src, kind, i + j));
             s[j] += x * x;
         }
+    for (int j = 0; i < hi; i++, j++) {
+        double x = (double)(acc ? acc[i] + load(src, kind, i) : load(src, kind, i));
+        s[j] += x * x;
     }
     memcpy((char *)stage + lo * width, (const char *)src + lo * width, (hi - lo) * width);
     return lanes_total(s);
