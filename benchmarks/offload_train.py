@@ -1,8 +1,9 @@
 """Training with and without the offload engine on CPU: tokens/s and peak memory of the same
 GPT trained plain (fp32 weights, torch's fused AdamW), with `optim.offload` (bf16 working
 weights, fp32 masters and moments stepped by HostAdamW), and with the delayed update as well
-(the host step overlaps the next forward and backward), with the memory planner's estimate
-beside each measurement; and ZeRO-2 offload over 2 data-parallel ranks (gloo, under torchrun,
+(the host step overlaps the next forward and backward) and with early bucket steps (no
+clipping: each bucket steps as its gradient completes), with the memory planner's estimate
+beside each measurement, and the step-time model's prediction beside each offload step; and ZeRO-2 offload over 2 data-parallel ranks (gloo, under torchrun,
 each rank with its own batch of the same size: the job's tokens/s, and each rank's memory
 against the planner's estimate for one rank of 2).
 
@@ -34,7 +35,8 @@ from pathlib import Path
 
 from benchmarks.harness import ROOT, provenance, run_isolated
 
-SIDES = ("plain", "offload", "offload+dpu", "zero2")
+SIDES = ("plain", "offload", "offload+early", "offload+dpu", "zero2")
+MODE = {"offload": "plain", "offload+early": "early", "offload+dpu": "delayed"}
 ZERO2_RANKS = 2  # zero2: offload with its state sharded over 2 data-parallel ranks (gloo)
 VOCAB, SEQ_LEN, MICRO_BATCH = 2048, 128, 4
 WARMUP = 3
@@ -65,7 +67,8 @@ def measure(side: str, layers: int, width: int, steps: int) -> dict:
     import torch.nn.functional as F
 
     from slipstream.models import GPT, GPTConfig
-    from slipstream.offload.estimate import Hardware, Workload, estimate
+    from slipstream.offload.estimate import Hardware, Workload, estimate, step_time
+    from slipstream.offload.host_adam import measure_host_bandwidth
     from slipstream.tools.memory import saved_activation_bytes
     from slipstream.train.optim import OptimConfig, build_optimizer
 
@@ -96,6 +99,7 @@ def measure(side: str, layers: int, width: int, steps: int) -> dict:
         lr=1e-3,
         offload=side != "plain",
         delayed_update=side == "offload+dpu",
+        grad_clip=0.0 if side == "offload+early" else 1.0,
         delayed_update_start=WARMUP - 1,
     )
     opt = build_optimizer(model, cfg, torch.device("cpu"), group, group)
@@ -106,16 +110,43 @@ def measure(side: str, layers: int, width: int, steps: int) -> dict:
     x = torch.randint(
         0, VOCAB, (MICRO_BATCH, SEQ_LEN + 1), generator=torch.Generator().manual_seed(rank)
     )
-    times = []
-    for step in range(steps):
-        t0 = time.perf_counter()
+    max_norm = float("inf") if side == "offload+early" else 1.0  # early steps: no clipping
+
+    def forward_backward() -> None:
         # As the trainer's loss does: the logits are not held through backward.
         F.cross_entropy(model(x[:, :-1]).float().flatten(0, 1), x[:, 1:].flatten()).backward()
-        opt.step(1.0)
+
+    times, host_s = [], []
+    for step in range(steps):
+        t0 = time.perf_counter()
+        opt.before_backward(True)
+        forward_backward()
+        opt.step(max_norm)
         opt.zero_grad(set_to_none=True)
         if step >= WARMUP:
             times.append(time.perf_counter() - t0)
+            host_s.append(opt.stats().get("offload/host_step_s", 0.0))
+        else:
+            opt.stats()
     done.set()
+    predicted = None
+    if side in MODE:
+        # The step-time model's inputs, measured apart from the steps: the device's forward and
+        # backward (the same bf16 model, no engine hooks: gradients stay in the model), and
+        # the host's bandwidth for the AdamW pattern (the probe). On a CPU the "link" is a
+        # memory copy, which moves each byte twice (read, then written).
+        opt.flush()
+        threads = opt.host.num_threads
+        opt.close()
+        compute = []
+        for _ in range(WARMUP + 2):
+            t0 = time.perf_counter()
+            forward_backward()
+            model.zero_grad(set_to_none=True)
+            compute.append(time.perf_counter() - t0)
+        compute_s = statistics.median(compute[WARMUP:])
+        host_bw = measure_host_bandwidth(threads)
+        predicted = (compute_s, host_bw)
     w = Workload(
         num_params=model.num_params(),
         num_layers=layers,
@@ -140,13 +171,26 @@ def measure(side: str, layers: int, width: int, steps: int) -> dict:
         bucket_bytes=largest,
         separate_device=False,
     )
-    est = estimate("offload" if zero2 else side, w, hw)
+    est = estimate("offload" if zero2 or side == "offload+early" else side, w, hw)
+    model_s = {}
+    if predicted is not None:
+        compute_s, host_bw = predicted
+        cpu = Hardware(device_bytes=1e12, host_bytes=1e12, device_flops=1e12,
+                       host_bytes_per_s=host_bw, link_bytes_per_s=host_bw / 2,
+                       separate_device=False)  # fmt: skip
+        t = step_time(w, cpu, MODE[side], compute_s=compute_s)
+        model_s = {"predicted_step_s": t.step_s, "predicted_host_s": t.host_s,
+                   "compute_s": compute_s, "link_s": t.link_s, "host_gb_per_s": host_bw / 1e9,
+                   "measured_host_s": statistics.median(host_s)}  # fmt: skip
     if zero2:
         dist.destroy_process_group()
     return {
         "rank": rank,
         "num_params": model.num_params(),
         "tokens_per_s": MICRO_BATCH * SEQ_LEN / statistics.median(times),
+        "step_s": statistics.median(times),
+        "step_times": times,
+        **model_s,
         "peak_mib": (peak[0] - base) / 2**20,
         "peak_live_mib": (peak_live[0] - live_base) / 2**20,
         "estimate_mib": (est.device_bytes + est.host_bytes) / 2**20,
@@ -222,6 +266,20 @@ def main() -> None:
             f"{rss:>9,.0f}{est / rss - 1:>+7.0%}  {each}"
         )
     print(f"zero2: {ZERO2_RANKS} ranks; tokens/s of the job, memory of one rank (the larger)")
+    print("\nthe step-time model (offload/estimate.py step_time) against the measured step, from")
+    print("the measured forward and backward, the host probe's bandwidth and the bytes moved:")
+    print(f"{'side':<14}{'measured s':>11}{'predicted s':>12}{'error':>7}"
+          f"{'host s':>8}{'predicted':>10}{'error':>7}{'compute s':>10}{'GB/s':>6}")  # fmt: skip
+    for side in MODE:
+        rs = runs[side]
+        got = statistics.median(x["step_s"] for x in rs)
+        want = statistics.median(x["predicted_step_s"] for x in rs)
+        host = statistics.median(x["measured_host_s"] for x in rs)
+        host_want = statistics.median(x["predicted_host_s"] for x in rs)
+        print(f"{side:<14}{got:>11.3f}{want:>12.3f}{want / got - 1:>+7.0%}{host:>8.3f}"
+              f"{host_want:>10.3f}{host_want / host - 1:>+7.0%}"
+              f"{statistics.median(x['compute_s'] for x in rs):>10.3f}"
+              f"{statistics.median(x['host_gb_per_s'] for x in rs):>6.1f}")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps({**provenance(("psutil",)), "runs": runs}, indent=2))
 

@@ -139,11 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--vocab", type=int, default=50_257)
     m.add_argument("--seq-len", type=int, default=2048)
     m.add_argument("--micro-batch", type=int, default=1)
+    m.add_argument("--accum", type=int, default=1, help="micro-batches per step")
     m.add_argument("--ranks", type=int, default=1, help="data-parallel ranks")
     m.add_argument("--fp32", action="store_true", help="fp32 activations (default bf16)")
     m.add_argument("--device-gib", type=float, default=80.0)
     m.add_argument("--host-gib", type=float, default=256.0)
     m.add_argument("--device-tflops", type=float, default=400.0, help="sustained, bf16")
+    m.add_argument("--link-gbps", type=float, default=25.0, help="host <-> device, GB/s")
+    m.add_argument(
+        "--host-gbps",
+        default="here",
+        help="the host's bandwidth for the AdamW pass, GB/s; 'here' measures this machine's",
+    )
     m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     m.add_argument(
         "--trace-device",

@@ -114,6 +114,8 @@ class OffloadOptimizer:
         self._spare: list[HostGrad | None] = [None] * len(self.buckets)  # the delayed update's
         self._last = True  # whether the backward under way is the step's last
         self.early = EarlySteps(self._step_bucket)
+        self._busy_seen, self._acc_read = 0.0, False  # the host's busy seconds at the last stats()
+        self._numel = sum(b.master.numel() for b in self.buckets)  # this rank's slices
         self.mover = GradMover(
             self.buckets, self.device, self.device_group, group, self.world,
             self.early.bucket_ready, grads=self.grads, last=lambda: self._last,
@@ -161,6 +163,19 @@ class OffloadOptimizer:
         """Host seconds spent moving gradients or waiting for them, inside other phases."""
         return [("grad_offload", lambda: self.mover.exposed_s)]
 
+    def stats(self) -> dict[str, float]:
+        """The host step's seconds since the last call (with the delayed update, the step
+        that finished in the background meanwhile), the bytes it moves per parameter, and
+        the bandwidth that makes (bytes per second over the slices it stepped)."""
+        busy, self._busy_seen = self.host.busy_s - self._busy_seen, self.host.busy_s
+        row = {
+            "offload/host_step_s": busy,
+            "offload/host_bytes_per_param": self.host_bytes_per_param,
+        }
+        if busy > 0:
+            row["offload/host_gb_per_s"] = self.host_bytes_per_param * self._numel / busy / 1e9
+        return row
+
     @property
     def loss_scale(self) -> float:
         return self.scaler.scale
@@ -179,17 +194,18 @@ class OffloadOptimizer:
 
     @property
     def host_bytes_per_param(self) -> float:
-        """Bytes the host step moves per parameter of this rank's slices, one micro-batch
-        per step: fused, the staged gradient (2 for a bf16 model, 4 for fp32) read, the
-        master and moments read and written (24), the bf16 copy written (2 for bf16 models);
-        two-pass, also the fp32 add (10 or 12) and the norm's pass (4)."""
+        """Bytes the host step moves per parameter of this rank's slices: fused, the staged
+        gradient (2 for a bf16 model, 4 for fp32) read, the master and moments read and
+        written (24), the bf16 copy written (2 for bf16 models), and the fp32 sum of earlier
+        micro-steps read (4) when the last step had one; two-pass, also the fp32 add (10 or
+        12) and the norm's pass (4)."""
         if not self.grads:
             return 0.0
         g = self.grads[0]
         stage = g.dtype.itemsize
         out = 2 if self.buckets[0].working is not None else 0
         if self.fused:
-            return stage + 24 + out
+            return stage + 24 + out + (4 if self._acc_read else 0)
         return (stage + 8) + 4 + (4 + 24 + out)
 
     def _step_bucket(self, k: int, lrs: list[float]) -> None:
@@ -252,6 +268,7 @@ class OffloadOptimizer:
             for k, g in enumerate(grads):
                 spare = self._spare[k] or g.like()
                 self.grads[k], self._spare[k] = spare, g
+        self._acc_read = any(g.acc_live for g in grads)  # the step reads an fp32 sum too
         parts = [g.finish() for g in grads]  # (what the step reads, sum of squares) per bucket
         sources = {b.master: src for b, (src, _) in zip(self.buckets, parts, strict=True)}
         sq = self._grad_sq_norm([s for _, s in parts])

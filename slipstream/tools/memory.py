@@ -12,7 +12,15 @@ from rich.console import Console
 from rich.table import Table
 from torch.overrides import TorchFunctionMode
 
-from slipstream.offload.estimate import GIB, Hardware, Workload, plan
+from slipstream.offload.estimate import (
+    GIB,
+    MODES,
+    Hardware,
+    Workload,
+    host_pass_bytes,
+    plan,
+    step_time,
+)
 
 
 def workload_from_args(args: argparse.Namespace) -> Workload:
@@ -30,7 +38,7 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
             f"memory: give a recipe, or --params, --layers and --hidden (missing: "
             f"{', '.join('--' + m for m in missing)})"
         )
-    for key in ("params", "layers", "hidden", "vocab", "seq_len", "micro_batch"):
+    for key in ("params", "layers", "hidden", "vocab", "seq_len", "micro_batch", "accum"):
         if getattr(args, key) <= 0:
             raise ValueError(f"--{key.replace('_', '-')}: {getattr(args, key)} must be > 0")
     return Workload(
@@ -42,6 +50,7 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
         micro_batch=args.micro_batch,
         world_size=args.ranks,
         act_bytes=4 if args.fp32 else 2,
+        accum_steps=args.accum,
     )
 
 
@@ -167,21 +176,31 @@ def workload_from_recipe(args: argparse.Namespace) -> Workload:
         act_bytes=4 if fp32 else 2,
         saved_bytes=saved,
         saved_bytes_ckpt=ckpt,
+        accum_steps=cfg.data.num_micro_batches,
     )
 
 
 def run_memory(args: argparse.Namespace, console: Console | None = None) -> None:
     console = console or Console()
-    for key in ("device_gib", "host_gib", "device_tflops"):
+    for key in ("device_gib", "host_gib", "device_tflops", "link_gbps"):
         if getattr(args, key) <= 0:
-            raise ValueError(f"--{key.replace('_', '-')}: must be > 0")
+            raise ValueError(f"--{key.replace('_', '-')}: {getattr(args, key)} must be > 0")
     if args.ranks < 1:
-        raise ValueError("--ranks: must be >= 1")
+        raise ValueError(f"--ranks: {args.ranks} must be >= 1")
     w = workload_from_args(args)
+    host_bw, where = host_bandwidth(args.host_gbps)
     hw = Hardware(
         device_bytes=args.device_gib * GIB,
         host_bytes=args.host_gib * GIB,
         device_flops=args.device_tflops * 1e12,
+        host_bytes_per_s=host_bw,
+        link_bytes_per_s=args.link_gbps * 1e9,
+    )
+    console.print(
+        f"assumed per rank: a device of {args.device_gib:g} GiB and {args.device_tflops:g} "
+        f"TFLOP/s, {args.host_gib:g} GiB of host memory, a {args.link_gbps:g} GB/s host "
+        f"link, a host pass at {host_bw / 1e9:.1f} GB/s ({where}); --device-gib, "
+        "--device-tflops, --host-gib, --link-gbps, --host-gbps to change"
     )
     rows, best = plan(w, hw)
     table = Table(
@@ -206,3 +225,26 @@ def run_memory(args: argparse.Namespace, console: Console | None = None) -> None
         )
     else:
         console.print(f"recommended: [bold]{best.strategy}[/bold]")
+    times = {mode: step_time(w, hw, mode) for mode in MODES}
+    t = times["plain"]
+    console.print(
+        f"offload step: compute {t.compute_s:.3f} s, host link {t.link_s:.3f} s, host step "
+        f"{t.host_s:.3f} s ({host_pass_bytes(w):.0f} bytes per parameter); overlapped as "
+        + ", ".join(f"{m} {x.step_s:.3f} s" for m, x in times.items())
+        + f" (early bucket steps need no clipping); the limit {t.limit_s:.3f} s ({t.bound})"
+    )
+
+
+def host_bandwidth(given: str) -> tuple[float, str]:
+    """--host-gbps: a number (GB/s), or "here": this machine's, by the AdamW-pattern probe."""
+    if given == "here":
+        from slipstream.offload.host_adam import measure_host_bandwidth
+
+        return measure_host_bandwidth(), "measured here"
+    try:
+        value = float(given)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"--host-gbps: {given!r}; give GB/s (> 0) or 'here' to measure")
+    return value * 1e9, "given"

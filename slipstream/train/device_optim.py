@@ -70,6 +70,9 @@ class DeviceAdamW:
     def meters(self) -> list:
         return [("comm", lambda: self._comm_s)]
 
+    def stats(self) -> dict[str, float]:
+        return {}
+
     def state_dict(self) -> dict:
         return self.adamw.state_dict()
 

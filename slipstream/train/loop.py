@@ -189,6 +189,7 @@ class Trainer:
         }
         for src, n in zip(self.cfg.data.sources, stats.replicas or [], strict=False):
             row[f"data/replicas/{src.name}"] = float(n)
+        row.update(self.optimizer.stats())
         return row
 
     def evaluate(self) -> dict[str, float]:

@@ -58,6 +58,11 @@ class StepOptimizer(Protocol):
         """The seconds it exposes inside other phases, for the step timer."""
         ...
 
+    def stats(self) -> dict[str, float]:
+        """Its own figures for the step just taken, for the step's metrics row (namespaced,
+        e.g. `offload/host_step_s`); empty when it has none."""
+        ...
+
     def state_parts(self) -> dict[str, dict]:
         """The state this rank writes, by part name (opaque to the checkpoint: a sharded
         optimizer names one part per rank, a replicated one writes on one rank only)."""

@@ -115,5 +115,13 @@ def print_summary(
         for p in (*PHASES, "other"):
             table.add_row(p, f"{shares.get(p, 0.0):.1%}")
         console.print(table)
+    host = [r for r in history[1:] if r.get("offload/host_gb_per_s")]  # after the first step
+    if host:
+        mid = sorted(host, key=lambda r: r["offload/host_step_s"])[len(host) // 2]
+        console.print(
+            f"offload host step: {mid['offload/host_step_s'] * 1e3:,.1f} ms per step, "
+            f"{mid['offload/host_bytes_per_param']:.0f} bytes per parameter, "
+            f"{mid['offload/host_gb_per_s']:.1f} GB/s (median step)"
+        )
     if diagnosis:
         console.print(f"[bold]{diagnosis.message}[/bold]. Lever: {diagnosis.lever}.")

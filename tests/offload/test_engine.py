@@ -234,8 +234,33 @@ def test_gradient_copies_are_their_own_phase_in_the_step_breakdown(tmp_path):
     rows = Trainer(off).fit()
     assert all(r["time/grad_offload_s"] > 0 for r in rows)
     assert all(r["time/grad_offload_s"] < r["time/step_s"] for r in rows)
+    # The host step's own figures ride in every row: bf16 (the default), two micro-batches per
+    # step in this recipe: the staged gradient (2), the fp32 sum of the first (4), master and
+    # moments (24), the bf16 copy (2).
+    assert all(r["offload/host_bytes_per_param"] == 32 for r in rows)
+    assert all(r["offload/host_step_s"] > 0 and r["offload/host_gb_per_s"] > 0 for r in rows)
     plain = RunConfig.load(recipe, [f"train.out_dir='{tmp_path / 'p'}'"])
-    assert all(r["time/grad_offload_s"] == 0 for r in Trainer(plain).fit())
+    plain_rows = Trainer(plain).fit()
+    assert all(r["time/grad_offload_s"] == 0 for r in plain_rows)
+    assert not any(k.startswith("offload/") for k in plain_rows[0])
+
+
+@pytest.mark.parametrize(("fused", "micro", "want"), [(True, 1, 28), (True, 2, 32),
+                                                      (False, 1, 44), (False, 2, 44)])  # fmt: skip
+def test_the_engine_reports_its_host_bytes_and_seconds(fused, micro, want):
+    """Bytes per parameter of the host step as counted in `host_bytes_per_param` (bf16:
+    fused 2 + 24 + 2, plus the fp32 sum read with accumulation; two-pass the add 10, the
+    norm 4 and the fp32 step 30), and the seconds HostAdamW spent since the last report."""
+    model = tiny().to(torch.bfloat16)
+    groups = [{"params": list(model.parameters()), "weight_decay": 0.1}]
+    opt = OffloadOptimizer(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+    assert opt.stats()["offload/host_step_s"] == 0  # nothing stepped yet
+    _train_early(model, opt, batches(2 * micro), micro=micro, early=True)
+    row = opt.stats()
+    assert row["offload/host_bytes_per_param"] == want
+    assert row["offload/host_step_s"] > 0 and row["offload/host_gb_per_s"] > 0
+    assert opt.stats()["offload/host_step_s"] == 0  # reported once
+    opt.close()
 
 
 def scaled_train(model, opt, data) -> list[float]:

@@ -23,16 +23,88 @@ def test_bytes_per_parameter_follow_the_table():
     assert plain == pytest.approx(12 * 7e9 + max(act, 4 * 7e9))
     off = estimate("offload", SEVEN_B, H100)
     assert off.device_bytes == pytest.approx(2 * 7e9 + H100.bucket_bytes + act)
-    assert off.host_bytes == pytest.approx(
-        20 * 7e9
-    )  # grads 4, masters 4, moments 8, bf16 2, staging 2
+    # masters 4, moments 8, bf16 weights 2, the staged bf16 gradient 2 (no fp32 gradient)
+    assert off.host_bytes == pytest.approx(16 * 7e9)
     dpu = estimate("offload+dpu", SEVEN_B, H100)
-    assert dpu.host_bytes == pytest.approx(24 * 7e9)  # a second gradient buffer
+    assert dpu.host_bytes == pytest.approx(18 * 7e9)  # a second staged gradient
+    accum = Workload(**{**_fields(SEVEN_B), "accum_steps": 4})
+    assert estimate("offload", accum, H100).host_bytes == pytest.approx(20 * 7e9)  # fp32 sum
+    assert estimate("offload+dpu", accum, H100).host_bytes == pytest.approx(26 * 7e9)
     four = estimate("offload", Workload(**{**_fields(SEVEN_B), "world_size": 4}), H100)
-    # ZeRO-2: every host buffer is the rank's slice; staging holds the reduced fp32 slice.
-    assert four.host_bytes == pytest.approx((18 / 4 + 4 / 4) * 7e9)
+    # ZeRO-2: every host buffer is the rank's slice; the stage holds the reduced fp32 slice.
+    assert four.host_bytes == pytest.approx(18 / 4 * 7e9)
     # The reduce-scatter and all-gather run in whole-bucket transients on the device.
     assert four.device_bytes == pytest.approx(2 * 7e9 + 2 * H100.bucket_bytes + act)
+
+
+@pytest.mark.parametrize("accum,delayed", [(1, False), (1, True), (3, False), (3, True)])
+def test_the_planner_counts_what_the_engine_allocates_on_the_host(accum, delayed):
+    """The host column against the engine's own buffers (all in the huge-page allocator,
+    which counts them): a bf16 model of large matrices (nothing below the allocator's
+    threshold), after steps that fill every buffer (the delayed update's second set too)."""
+    import gc
+
+    import torch
+
+    from slipstream.offload import hostmem
+    from slipstream.offload.engine import OffloadOptimizer
+    from slipstream.offload.estimate import offload_host_bytes
+
+    torch.manual_seed(0)
+    # Two buckets of 2**20 parameters: every buffer at least one huge page (bf16: 2 MiB).
+    model = torch.nn.Linear(1024, 2048, bias=False).to(torch.bfloat16)
+    gc.collect()  # an earlier test's engine frees its buffers when it is collected
+    before = hostmem.live_bytes()
+    groups = [{"params": list(model.parameters()), "weight_decay": 0.1}]
+    opt = OffloadOptimizer(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8,
+                           delayed_update=delayed, bucket_numel=2**20)  # fmt: skip
+    for _ in range(3):
+        for i in range(accum):
+            opt.before_backward(last=i == accum - 1)
+            model(torch.randn(4, 1024, dtype=torch.bfloat16)).float().square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    opt.flush()
+    n = sum(p.numel() for p in model.parameters())
+    w = Workload(num_params=n, num_layers=1, width=512, vocab_size=1, seq_len=1,
+                 micro_batch=1, accum_steps=accum)  # fmt: skip
+    assert hostmem.live_bytes() - before == offload_host_bytes(w, delayed) * n
+    opt.close()
+
+
+def test_step_time_overlaps_as_each_mode_can():
+    """Plain offload adds the host step and the weights' return to the step; early bucket
+    steps hide the host step under backward; the delayed update under the whole step; none
+    beats the physical limit (the largest resource), and on a CPU nothing overlaps."""
+    from slipstream.offload.estimate import host_pass_bytes, step_time
+
+    w = Workload(num_params=1.3e9, num_layers=24, width=2048, vocab_size=50_257,
+                 seq_len=2048, micro_batch=8)  # fmt: skip
+    hw = Hardware(device_bytes=140 * GIB, host_bytes=1e12, device_flops=400e12,
+                  host_bytes_per_s=50e9, link_bytes_per_s=25e9)  # fmt: skip
+    plain, early, delayed = (step_time(w, hw, m) for m in ("plain", "early", "delayed"))
+    compute = 6 * 1.3e9 * 16_384 / 400e12
+    host = 28 * 1.3e9 / 50e9  # 28 bytes per parameter, one micro-batch
+    back = 2 * 1.3e9 / 25e9  # the bf16 weights
+    assert host_pass_bytes(w) == 28
+    assert plain.compute_s == pytest.approx(compute) and plain.host_s == pytest.approx(host)
+    assert plain.step_s == pytest.approx(compute + host + back)  # the copies out beside backward
+    assert early.step_s == pytest.approx(compute / 3 + max(2 * compute / 3, host) + back)
+    assert delayed.step_s == pytest.approx(max(compute, host) + back)
+    assert plain.bound == "host" and plain.limit_s == pytest.approx(host)
+    assert plain.limit_s <= delayed.step_s <= early.step_s <= plain.step_s
+    cpu = Hardware(**{**{k: getattr(hw, k) for k in hw.__dataclass_fields__},
+                      "separate_device": False})  # fmt: skip
+    for mode in ("plain", "early", "delayed"):
+        assert step_time(w, cpu, mode, compute_s=2.0).step_s == pytest.approx(
+            2.0 + host + 4 * 1.3e9 / 25e9
+        )
+    accum = Workload(**{**_fields(w), "accum_steps": 4})
+    # Each of the 3 earlier micro-batches is added into the fp32 sum (2 + 8), the step reads it
+    assert host_pass_bytes(accum) == 28 + 3 * 10 + 4
+    assert step_time(accum, hw).compute_s == pytest.approx(4 * compute)
+    with pytest.raises(ValueError, match="mode"):
+        step_time(w, hw, "sideways")
 
 
 def test_checkpointing_keeps_less_and_runs_the_forward_twice():
@@ -58,9 +130,17 @@ def test_recommends_the_fastest_available_strategy_that_fits():
 
 
 def test_cli_prints_the_table_and_the_choice():
-    out = run_cli("memory", "--params", "7e9", "--layers", "32", "--hidden", "4096")
+    out = run_cli("memory", "--params", "7e9", "--layers", "32", "--hidden", "4096",
+                  "--host-gbps", "40")  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "offload" in out.stdout and "recommended: offload+dpu" in out.stdout
+    text = " ".join(out.stdout.split())  # rich wraps long lines
+    assert "80 GiB" in text and "256 GiB of host memory" in text and "40.0 GB/s (given)" in text
+    assert "(28 bytes per parameter)" in text and "the limit" in text
+    for flag, value in (("--host-gbps", "fast"), ("--host-gbps", "-1"), ("--accum", "0")):
+        bad = run_cli("memory", "--params", "7e9", "--layers", "32", "--hidden", "4096",
+                      flag, value)  # fmt: skip
+        assert bad.returncode == 2 and flag in bad.stderr, bad.stderr
     bad = run_cli("memory", "--params", "7e9")
     assert bad.returncode == 2 and "missing: --layers, --hidden" in bad.stderr
 
