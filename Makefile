@@ -12,7 +12,7 @@ TOKENIZER := $(DEMO_DIR)/tokenizer-2k.json
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,bench,hf,overlap,ray]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,bench,hf,overlap,ray,loggers]'
 	$(PY) -c "from slipstream.offload import adamw_kernel as kernel; print('host AdamW kernel:', kernel.build(verbose=True))"
 	$(PY) -c "from slipstream.data import plankernels; print('planner kernels:', plankernels.build(verbose=True))"
 	touch $(STAMP)

@@ -37,6 +37,21 @@ def _data_preview(args: argparse.Namespace) -> None:
     print_preview(spec, run_preview(spec, args.steps, args.ranks), args.ranks)
 
 
+TRAIN_DESCRIPTION = """Train a model on a recipe: a TOML file with sections [model], [data],
+[optim], [train] and [parallel]; a key left out takes its default. [data] holds the mixture,
+or names a spec file (spec = "data/demo.toml") whose keys it may override. The defaults that
+matter most (every key: docs/reference.md):
+
+  [model]    kind = "gpt", n_layer = 4, n_head = 4, d_model = 256, max_seq_len = 1024
+  [data]     tokenizer = "byte", seq_len = 512, micro_batch_size = 4, num_micro_batches = 1
+  [optim]    lr = 3e-4, warmup_steps = 10, weight_decay = 0.1, offload = false
+  [train]    steps = 100, out_dir = runs/<recipe name>, eval_every = 50,
+             checkpoint_every = 50, loggers = ["jsonl"]
+  [parallel] tp = 1 (data-parallel ranks: the processes torchrun starts / tp)
+
+A path in a file is relative to that file's folder; on the command line, to the working
+directory."""
+
 # Exit statuses of `slipstream train` (also in its --help).
 EXIT_FINISHED, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 3
 TRAIN_EPILOG = """exit status: 0 the run finished (or was already finished); 1 it failed (a rank
@@ -71,6 +86,39 @@ def _memory(args: argparse.Namespace) -> None:
     from slipstream.tools.memory import run_memory
 
     run_memory(args)
+
+
+def _init(args: argparse.Namespace) -> None:
+    from slipstream.tools.init import init_run
+
+    recipe = init_run(
+        args.name,
+        args.data,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        text_field=args.text_field,
+        force=args.force,
+    )
+    spec = recipe.with_name(f"{recipe.stem}.data.toml")
+    print(f"wrote {recipe} and {spec}; train with: slipstream train {recipe}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from slipstream.tools.export import export_run
+
+    out = export_run(
+        args.run_dir,
+        args.out_dir,
+        step=args.step,
+        dtype=args.dtype,
+        tokenizer=args.tokenizer,
+        overwrite=args.overwrite,
+    )
+    print(
+        f"wrote {out} (a Hugging Face model folder): load it with "
+        f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}), or train it further "
+        f'with model.kind = "hf", model.path = "{out}" and data.tokenizer = "model"'
+    )
 
 
 def _version() -> str:
@@ -112,10 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser(
         "train",
         help="train a model on a recipe (under torchrun for DDP)",
+        description=TRAIN_DESCRIPTION,
         epilog=TRAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    tr.add_argument("recipe")
+    tr.add_argument(
+        "recipe", help="a TOML recipe, e.g. recipes/demo.toml or one `slipstream init` wrote"
+    )
     tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     tr.add_argument(
         "--overwrite",
@@ -160,6 +211,47 @@ def build_parser() -> argparse.ArgumentParser:
         "counted exactly (one micro-batch must fit there)",
     )
     m.set_defaults(func=_memory)
+
+    i = sub.add_parser(
+        "init",
+        help="a recipe and mixture spec for your own files",
+        description="Write NAME.toml (a recipe) and NAME.data.toml (its mixture spec: one "
+        "source per --data, weighted by size), train a tokenizer on the data, and index and "
+        "count it, so that `slipstream train NAME.toml` starts at once.",
+    )
+    i.add_argument("name", help="the run's name: NAME.toml, NAME.data.toml, runs/NAME")
+    i.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a file, folder or glob of documents (.jsonl[.gz|.zst], .parquet, .txt, .md); "
+        "repeat for more sources",
+    )
+    i.add_argument(
+        "--tokenizer",
+        default="train",
+        help="train (a BPE on the data, default), byte, or a tokenizers JSON file",
+    )
+    i.add_argument("--vocab-size", type=int, default=8192, help="of the trained tokenizer")
+    i.add_argument("--text-field", default="text", help="the JSON field / parquet column")
+    i.add_argument("--force", action="store_true", help="replace files of that name")
+    i.set_defaults(func=_init)
+
+    e = sub.add_parser(
+        "export",
+        help="a run's checkpoint as a Hugging Face model folder (transformers loads it)",
+        description="Write RUN_DIR's newest intact checkpoint (or --step) to OUT_DIR as a "
+        "Hugging Face model folder: config.json, model.safetensors and the tokenizer. "
+        "Slipstream's GPT is written as LlamaForCausalLM.",
+    )
+    e.add_argument("run_dir", help="a run's folder (its train.out_dir)")
+    e.add_argument("out_dir", help="the model folder to write (new or empty)")
+    e.add_argument("--step", type=int, help="the checkpoint of this step (default: newest)")
+    e.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    e.add_argument("--tokenizer", help="the tokenizer file, if it moved since the run")
+    e.add_argument("--overwrite", action="store_true", help="replace an exported model there")
+    e.set_defaults(func=_export)
     return p
 
 

@@ -2,8 +2,14 @@
 `--set section.key=value` overrides. It owns no settings of its own, and nothing changes it
 once loaded: what a run resolves (vocabulary, tokenizer file, ranks) goes to resolved.json.
 
-A recipe's `[data]` table may name a mixture spec file (`spec = "data/demo.toml"`, relative to
-the recipe); its other keys override that file's (`seq_len = 256`, `backend.num_workers = 4`).
+A recipe's `[data]` table may name a mixture spec file (`spec = "data/demo.toml"`); its other
+keys override that file's (`seq_len = 256`, `backend.num_workers = 4`).
+
+One path rule: a path written in a file is relative to that file's folder (the recipe's
+`train.out_dir`, `model.path`, `data.spec` and `data.tokenizer`; the spec's `paths` and
+`tokenizer`), and a path given on the command line (`--set train.out_dir=...`) is relative to
+the working directory. Only the default `train.out_dir`, `runs/<recipe name>`, is relative to
+the working directory.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slipstream.configfile import apply_overrides, build_config, load_toml, merge
+from slipstream.configfile import apply_overrides, build_config, load_toml, merge, parse_value
 from slipstream.data.spec import MixtureSpec
 from slipstream.models.config import GPTConfig, ModelConfig, model_config_from_raw
 from slipstream.train.config import TrainConfig
@@ -21,6 +27,40 @@ from slipstream.train.distributed import ParallelConfig
 from slipstream.train.optim import OptimConfig
 
 SECTIONS = ("model", "data", "optim", "train", "parallel")
+PATH_KEYS = ("train.out_dir", "model.path", "data.spec", "data.tokenizer")
+"""The recipe's paths: each made absolute from the folder of the file that holds it, or from
+the working directory when given on the command line."""
+
+
+def absolute(value: Any, folder: Path) -> Any:
+    """`value` as an absolute path from `folder`; names that are not paths stay as they are."""
+    if not isinstance(value, str) or not value or value in ("byte", "model"):
+        return value
+    if value.startswith("pkg:"):
+        return value
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (folder / path).resolve())
+
+
+def _command_line_paths(overrides: list[str]) -> list[str]:
+    """`--set` values of path keys, made absolute from the working directory."""
+    out = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and key.strip() in PATH_KEYS:
+            item = f"{key}={json.dumps(absolute(parse_value(value), Path.cwd()))}"
+        out.append(item)
+    return out
+
+
+def _file_paths(raw: dict, recipe_dir: Path) -> dict:
+    """The recipe's own path keys, absolute from its folder (before any spec is merged)."""
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        table = raw.get(section)
+        if isinstance(table, dict) and name in table:
+            raw[section] = {**table, name: absolute(table[name], recipe_dir)}
+    return raw
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -42,15 +82,16 @@ class RunConfig:
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] = ()) -> RunConfig:
         path = Path(path)
+        recipe_dir = path.parent.resolve()
+        overrides = _command_line_paths(list(overrides))
         # The mixture spec file is merged in first, so overrides reach its keys too
         # (`--set data.sources.0.weight=0.5`).
         first = [o for o in overrides if o.startswith("data.spec=")]
-        raw = apply_overrides(load_toml(path), first)
-        recipe_dir = path.parent.resolve()
+        raw = apply_overrides(_file_paths(load_toml(path), recipe_dir), first)
         data = dict(raw.get("data", {}))
         base_dir = recipe_dir
         if "spec" in data:
-            spec_path = recipe_dir / data.pop("spec")
+            spec_path = Path(data.pop("spec"))
             data = merge(load_toml(spec_path), data)
             base_dir = spec_path.parent.resolve()
         raw["data"] = data

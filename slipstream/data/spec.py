@@ -67,7 +67,9 @@ class SourceSpec:
     name: str
     """Unique name; checkpoints key per-source cursors by it."""
     paths: list[str]
-    """Files or glob patterns; relative paths are relative to the spec file."""
+    """Files, folders or glob patterns; relative paths are relative to the spec file. A
+    folder stands for the files of the format in it and below it (jsonl: .jsonl, .jsonl.gz,
+    .jsonl.zst, .ndjson; text: .txt, .md, .rst, .text, .txt.gz, .txt.zst; parquet: .parquet)."""
     format: str = "jsonl"
     """`text` (a document per file, or split on `separator`), `jsonl` or `parquet`."""
     text_field: str = "text"
@@ -80,6 +82,9 @@ class SourceSpec:
     """Weight as a function of the step, for curricula."""
     on_error: str = "skip"
     """A corrupt jsonl line or parquet file: `skip` (and count) or `raise`."""
+    max_bad_fraction: float = 0.05
+    """With `skip`: the largest share of the source's records that may be corrupt; past it
+    the run stops and names the first one (a wrong text_field or format looks like this)."""
     transform: str | None = None
     """Per-document preprocessing run inside the loaders before tokenizing: `module:function`
     taking and returning a str (cleanup, normalization, filters that rewrite text)."""
@@ -96,6 +101,8 @@ class SourceSpec:
             )
         if self.on_error not in ON_ERROR:
             raise ValueError(f"{where}.on_error: use 'skip' or 'raise', not {self.on_error!r}")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ValueError(f"{where}.max_bad_fraction: {self.max_bad_fraction} is not in [0, 1]")
         if (self.weight is None) == (self.schedule is None):
             raise ValueError(f"{where}: give exactly one of `weight` or `schedule`")
         if self.weight is not None and self.weight < 0:
@@ -220,8 +227,10 @@ class MixtureSpec:
     num_micro_batches: int = 1
     """Micro-batches per step per rank (gradient accumulation)."""
     seed: int = 0
+    """Seeds the data order (the documents each step draws, the holdout split)."""
     tokenizer: str = "byte"
-    """`byte`, or the path of a Hugging Face `tokenizers` JSON file."""
+    """`byte`, or the path of a Hugging Face `tokenizers` JSON file (`model` in a recipe: a
+    Hugging Face model's own tokenizer)."""
     mix_by: str = "documents"
     """What the weights apportion: `documents` (a weight of 0.4 = 40% of documents) or
     `tokens` (40% of tokens, whatever the sources' document lengths)."""

@@ -15,21 +15,29 @@ class GPTConfig:
     """Slipstream's GPT (`models/gpt.py`)."""
 
     kind: str = "gpt"
+    """`gpt` (this model) or `hf` (a Hugging Face model)."""
     vocab_size: int = 0
     """0 = the data plane tokenizer's vocabulary size (resolved at build, saved in
     resolved.json)."""
     n_layer: int = 4
+    """Transformer blocks."""
     n_head: int = 4
+    """Attention heads; d_model / n_head is the head size (even, for RoPE)."""
     d_model: int = 256
+    """Width of the residual stream."""
     mlp: str = "swiglu"
     """`swiglu` or `gelu`."""
     mlp_ratio: float = 4.0
     """Hidden width / d_model for GELU; SwiGLU uses 2/3 of it (same parameter count)."""
     rope_theta: float = 10_000.0
+    """RoPE's base: the wavelengths of the rotary position embedding."""
     max_seq_len: int = 1024
     """Longest row the model takes; must be >= the data plane's seq_len."""
     tie_embeddings: bool = True
+    """The output layer shares the token embedding's weights."""
     init_std: float = 0.02
+    """Standard deviation of the normal initialization (residual projections: scaled down
+    by sqrt(2 * n_layer))."""
     dropout: float = 0.0
     """Dropout on attention and MLP outputs during training (0 = off)."""
     activation_checkpointing: bool = False
@@ -63,6 +71,7 @@ class HFConfig:
     """A Hugging Face causal LM (`models/hf.py`)."""
 
     kind: str = "hf"
+    """`hf`."""
     path: str = ""
     """A local model folder (relative to the recipe), or `pkg:NAME` for an installed package
     that ships one."""

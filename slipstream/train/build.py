@@ -66,7 +66,9 @@ def build(cfg: RunConfig, d: Dist, out_dir: Path) -> Built:
         tokenizer = str(path.resolve())
         vocab = build_tokenizer(tokenizer).vocab_size
     else:
-        tokenizer = spec.tokenizer
+        tokenizer = spec.tokenizer  # as an absolute path (resolved.json, `slipstream export`)
+        if tokenizer != "byte":
+            tokenizer = str((Path(spec.base_dir) / Path(tokenizer).expanduser()).resolve())
         vocab = build_tokenizer(tokenizer, spec.base_dir).vocab_size
         if isinstance(model_cfg, GPTConfig) and model_cfg.vocab_size == 0:
             model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab)

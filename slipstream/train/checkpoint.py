@@ -32,7 +32,8 @@ def _suffix(d: Dist) -> str:
     return f".tp{d.tp_rank}" if d.tp_size > 1 else ""
 
 
-RUN_FILES = ("config.json", "resolved.json", "metrics.jsonl", "summary.json", "checkpoints")
+RUN_FILES = ("config.json", "resolved.json", "metrics.jsonl", "summary.json", "checkpoints",
+             "tensorboard", "wandb")  # fmt: skip
 """What a run writes into its folder (and all that --overwrite removes)."""
 
 
@@ -42,6 +43,16 @@ def claim_run_dir(run_dir: Path, resume: bool, overwrite: bool, d: Dist) -> None
     nothing else). Every rank checks; rank 0 removes."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"train.out_dir: {run_dir} is a file; name a folder for the run")
+    try:  # a folder that cannot be written is one line now, not a traceback at the first save
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(
+            f"train.out_dir: {run_dir} cannot be written ({e.strerror or e}); name a folder "
+            "you can write (--set train.out_dir=...)"
+        ) from None
     held = [n for n in RUN_FILES if (run_dir / n).exists()]
     if resume or not held:
         return

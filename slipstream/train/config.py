@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+LOGGERS = ("jsonl", "tensorboard", "wandb")
+
 
 @dataclass(kw_only=True, slots=True, frozen=True)
 class TrainConfig:
@@ -35,13 +37,27 @@ class TrainConfig:
     checkpoint_every: int = 50
     """Checkpoint every N steps (0 = only at the end)."""
     keep_checkpoints: int = 2
+    """The newest checkpoints kept (older ones are removed as new ones are written)."""
     sample_prompts: list[str] = field(default_factory=lambda: ["def "])
     """Prompts sampled from at the end of the run, one sample each."""
     sample_tokens: int = 120
     """Tokens generated per prompt at the end (0 = no sample)."""
     progress: bool = True
+    """A live bar on a terminal (lines every log_every steps elsewhere); false: lines only."""
+    loggers: list[str] = field(default_factory=lambda: ["jsonl"])
+    """Where the step metrics go: `jsonl` (metrics.jsonl in out_dir: always written, the run's
+    own record), `tensorboard` (event files in out_dir/tensorboard) and `wandb` (Weights &
+    Biases, in out_dir/wandb; offline unless you are logged in or WANDB_MODE says)."""
+    wandb_project: str = "slipstream"
+    """The Weights & Biases project a `wandb` logger's run goes to."""
 
     def __post_init__(self) -> None:
+        unknown = [n for n in self.loggers if n not in LOGGERS]
+        if unknown:
+            raise ValueError(
+                f"train.loggers: {', '.join(map(repr, unknown))} unknown; use any of "
+                f"{', '.join(LOGGERS)}"
+            )
         if self.steps <= 0:
             raise ValueError(f"train.steps: {self.steps} must be > 0")
         if not 0 <= self.stop_at_step <= self.steps:

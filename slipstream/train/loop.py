@@ -29,6 +29,7 @@ from slipstream.train import checkpoint as ckpt
 from slipstream.train.build import autocast_dtype, build, sample, write_run_files
 from slipstream.train.distributed import Dist, all_reduce_sum, init_distributed, is_peer_failure
 from slipstream.train.evaluate import evaluate
+from slipstream.train.loggers import Loggers
 from slipstream.train.loss import num_targets, token_losses
 from slipstream.train.optim import lr_factor
 from slipstream.train.parallel import parallelize
@@ -74,12 +75,17 @@ class Trainer:
         self.autocast = autocast_dtype(cfg.train.precision, self.d.device)
         if resume:
             self._resume()
+        self.skipped = {  # corrupt records left out per source (on_error = "skip")
+            src.name: int(n)
+            for src, n in zip(cfg.data.sources, self.loader.backend.num_bad, strict=True)
+        }
         if self.d.is_main:
             say_resolved(self.console, cfg, self.loader.backend.num_bad)
             resolved = self.built.resolved(
                 self.d, self.loader.planner.attention_cost, self.loader.machine_group
             )
             resolved["num_params"] = self.num_params
+            resolved["data_skipped"] = self.skipped
             if self.d.tp_size > 1:
                 resolved["num_params_per_tp_rank"] = self.model.num_params()
             write_run_files(self.out, cfg, resolved)
@@ -236,7 +242,7 @@ class Trainer:
                 )
             self.loader.close()
             return history
-        metrics = open(self.out / "metrics.jsonl", "a") if d.is_main else None  # noqa: SIM115
+        metrics = self._loggers() if d.is_main else None
         flops = self.flops_per_token
         progress = Progress(
             self.console,
@@ -267,6 +273,18 @@ class Trainer:
             self.console.print(f"stopped at step {self.step}; continue with --resume")
         return history
 
+    def _loggers(self) -> Loggers:
+        t = self.cfg.train
+        say = lambda line: self.console.print(line, markup=False, soft_wrap=True)  # noqa: E731
+        return Loggers(
+            t.loggers,
+            self.out,
+            start=self.step,
+            config=self.cfg.to_dict(),
+            project=t.wandb_project,
+            say=say,
+        )
+
     def _run_steps(self, timer: StepTimer, history: list, metrics, progress, t0: float) -> None:
         cfg = self.cfg.train
         while self.step < (cfg.stop_at_step or cfg.steps) and not self.stop:
@@ -282,10 +300,11 @@ class Trainer:
                 row.update(self.evaluate())
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save()
+            if not history:  # the run's first record says what its data left out
+                row.update({f"data/skipped/{k}": float(n) for k, n in self.skipped.items()})
             history.append(row)
             if metrics:
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
+                metrics.log(row)
             progress.update(row)
         if not cfg.checkpoint_every or self.step % cfg.checkpoint_every:
             self.save()
@@ -306,6 +325,7 @@ class Trainer:
         per_rank = self.model.num_params() if self.d.tp_size > 1 else None
         print_summary(self.console, history, shares, diagnosis, samples, self.num_params, per_rank)
         summary = run_summary(history, self.step, self.num_params, per_rank, self.out)
+        summary["data_skipped"] = self.skipped
         if diagnosis:
             summary.update(diagnosis=diagnosis.message, lever=diagnosis.lever, shares=shares)
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

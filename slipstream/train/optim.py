@@ -80,16 +80,20 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     """The cosine ends at lr * min_lr_ratio."""
     warmup_steps: int = 10
+    """Steps of linear warm-up from 0 to lr; then a cosine to lr * min_lr_ratio at train.steps."""
     weight_decay: float = 0.1
     """Applied to matrices (weights of dim >= 2); norms and biases are not decayed."""
     beta1: float = 0.9
+    """AdamW's decay of the gradient's running mean."""
     beta2: float = 0.95
+    """AdamW's decay of the squared gradient's running mean."""
     eps: float = 1e-8
+    """Added to the root of the second moment (AdamW's denominator)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
     offload: bool = False
     """Keep fp32 master weights, Adam moments and the step on the host (the memory engine);
-    gradients move to the host during backward. One process for now."""
+    gradients move to the host during backward. Works with data and tensor parallelism."""
     offload_dtype: str = "bf16"
     """With offload: the dtype of the model's own (working) weights, `bf16`, `fp16` (with
     dynamic loss scaling) or `fp32`."""

@@ -38,12 +38,12 @@ class Progress:
         self.live = enabled and cfg.progress and console.is_terminal
         peak = peak_flops() if flops_per_token else None
         self.mfu_scale = flops_per_token / (peak * world_size) if peak else 0.0
-        self.bar = RichProgress(
+        self.bar = RichProgress(  # one line of at most 80 columns, evaluations on their own
             TextColumn("step"),
             MofNCompleteColumn(),
-            BarColumn(),
+            BarColumn(bar_width=10),
             TextColumn("{task.fields[info]}"),
-            TimeRemainingColumn(),
+            TimeRemainingColumn(compact=True),
             console=console,
             disable=not self.live,
         )
@@ -61,18 +61,34 @@ class Progress:
         if not self.enabled:
             return
         wait = row["time/data_wait_s"] / max(row["time/step_s"], 1e-12)
-        info = f"loss {row['loss']:.4f}  {row['tokens_per_s']:,.0f} tok/s  data wait {wait:.0%}"
+        info = f"loss {row['loss']:.4f} {_short(row['tokens_per_s'])} tok/s wait {wait:.0%}"
         if self.mfu_scale:
-            info += f"  MFU {row['tokens_per_s'] * self.mfu_scale:.1%}"
-        replicas = [int(v) for k, v in row.items() if k.startswith("data/replicas/")]
-        if replicas:  # the Ray backend's loader actors per source
-            info += f"  loaders {'/'.join(map(str, replicas))}"
-        if row.get("eval_loss") is not None:
-            info += f"  eval {row['eval_loss']:.4f} ({row['eval_bpb']:.3f} bits/byte)"
+            info += f" MFU {row['tokens_per_s'] * self.mfu_scale:.0%}"
         self.bar.update(self.task, completed=row["step"], info=info)
+        replicas = [int(v) for k, v in row.items() if k.startswith("data/replicas/")]
+        if replicas:  # the Ray backend's loader actors per source (lines only: 80 columns)
+            info += f" loaders {'/'.join(map(str, replicas))}"
+        evaluated = row.get("eval_loss") is not None
+        if evaluated:
+            line = f"eval loss {row['eval_loss']:.4f} ({row['eval_bpb']:.3f} bits/byte)"
         every = self.cfg.log_every
-        if not self.live and every and (row["step"] % every == 0 or row["step"] == self.cfg.steps):
-            self.console.print(f"step {row['step']}/{self.cfg.steps}  {info}", highlight=False)
+        due = every and (row["step"] % every == 0 or row["step"] == self.cfg.steps)
+        if not self.live and (due or evaluated):
+            tail = f"  {line}" if evaluated else ""
+            self.console.print(
+                f"step {row['step']}/{self.cfg.steps}  {info}{tail}", highlight=False
+            )
+        elif self.live and evaluated:  # above the bar, which stays one line
+            self.console.print(f"step {row['step']}: {line}", highlight=False)
+
+
+def _short(x: float) -> str:
+    """123456 -> 123k, 1234567 -> 1.23M: the bar's numbers in a few columns."""
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if x >= div:
+            v = x / div
+            return f"{v:.3g}{unit}" if v < 100 else f"{v:.0f}{unit}"
+    return f"{x:.0f}"
 
 
 def print_summary(

@@ -9,7 +9,7 @@ import signal
 import pytest
 
 from slipstream.data import MixtureLoader, MixtureSpec, build_source_loaders
-from tests.conftest import corpus_spec, write_source
+from tests.conftest import CACHE, corpus_spec, write_source
 from tests.data.contract import assert_same_batches, run_steps
 
 
@@ -77,7 +77,7 @@ def corrupt_jsonl(tmp_path):
 
 
 def test_corrupt_jsonl_lines_are_skipped_and_counted(tmp_path):
-    raw = spec_with(tmp_path, paths=[corrupt_jsonl(tmp_path)])
+    raw = spec_with(tmp_path, paths=[corrupt_jsonl(tmp_path)], max_bad_fraction=0.5)
     loader = build_source_loaders(MixtureSpec.from_dict(raw, str(tmp_path)))[0]
     assert loader.num_docs == 2 and loader.num_bad == 2
     assert loader.read_texts([0, 1]) == ["good one", "good two"]
@@ -94,6 +94,7 @@ def test_corrupt_parquet_file_is_skipped_or_fatal(tmp_path, on_error):
     glob = write_source(tmp_path, "pq", "parquet", [f"doc {i}" for i in range(10)])
     (tmp_path / "pq" / "part-9.parquet").write_bytes(b"PAR1 this is not parquet")
     raw = spec_with(tmp_path, format="parquet", paths=[glob], on_error=on_error)
+    raw["sources"][0]["max_bad_fraction"] = 0.5  # 1 bad file beside 10 good rows
     spec = MixtureSpec.from_dict(raw, str(tmp_path))
     if on_error == "raise":
         with pytest.raises(ValueError, match=r"part-9\.parquet: corrupt parquet file"):
@@ -107,7 +108,7 @@ def test_index_cache_is_rebuilt_when_the_shard_changes(tmp_path):
     glob = write_source(tmp_path, "c", "jsonl", [f"doc {i}" for i in range(6)], shards=1)
     spec = MixtureSpec.from_dict(spec_with(tmp_path, paths=[glob]), str(tmp_path))
     assert build_source_loaders(spec)[0].num_docs == 6
-    assert (tmp_path / "c" / ".part-0.jsonl.slipidx.npz").is_file()
+    assert len(list((CACHE / "index").glob("*-part-0.jsonl.slipidx.npz"))) >= 1
     with open(tmp_path / "c" / "part-0.jsonl", "a") as f:
         f.write(json.dumps({"text": "one more"}) + "\n")
     assert build_source_loaders(spec)[0].num_docs == 7

@@ -14,7 +14,7 @@ from slipstream.data import MixtureLoader, MixtureSpec, Planner
 from slipstream.data.backends.base import TokenSpan, TokenSpans
 from slipstream.data.packing import unpack_keys
 from slipstream.data.sources.loader import build_source_loaders
-from tests.conftest import corpus_spec
+from tests.conftest import CACHE, corpus_spec
 
 RANKS = 4
 
@@ -89,8 +89,9 @@ def test_stream_is_the_same_whatever_the_ranks_load(tmp_path):
 def test_token_counts_are_cached_and_follow_the_shard(tmp_path):
     spec = _spec(tmp_path)
     first = [ldr.lengths() for ldr in build_source_loaders(spec)]
-    caches = sorted(p.name for p in tmp_path.rglob("*.sliplen.*.npz"))
-    assert caches, "the token counts were not cached beside the shards"
+    caches = sorted(p.name for p in (CACHE / "index").glob("*.sliplen.*.npz"))
+    assert caches, "the token counts were not cached"
+    assert not list(tmp_path.rglob("*.sliplen.*")), "a cache was written beside the data"
     loaders = build_source_loaders(spec)
     for ldr, lens in zip(loaders, first, strict=True):
         assert np.array_equal(ldr.lengths(), lens)

@@ -57,6 +57,14 @@ def test_an_out_dir_that_is_a_file_is_one_line(tmp_path):
     assert out.stderr.strip().count("\n") == 0 and "is a file" in out.stderr
 
 
+def test_an_out_dir_that_cannot_be_written_is_one_line(tmp_path):
+    # /proc takes no new folders, even from root (who ignores a folder's permission bits)
+    recipe = write_recipe(tmp_path)
+    out = slipstream("train", str(recipe), "--set", "train.out_dir='/proc/slipstream-run'")
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "cannot be written" in out.stderr
+
+
 def test_the_exit_status_tells_stopped_finished_and_already_finished_apart(tmp_path):
     recipe = write_recipe(tmp_path)
     stopped = slipstream("train", str(recipe), "--set", "train.stop_at_step=2")
@@ -111,7 +119,7 @@ def test_resume_with_every_checkpoint_damaged_is_one_line(tmp_path):
 
 def test_train_says_what_it_skipped_and_a_peak_it_never_reaches(tmp_path):
     recipe = write_recipe(tmp_path)
-    shard = sorted(p for p in tmp_path.rglob("*.jsonl") if "run" not in p.parts)[0]
+    shard = sorted((tmp_path / "short").glob("*.jsonl"))[0]  # 2 bad of 152: under 5%
     shard.write_text(shard.read_text() + "{not json\n" + json.dumps({"text": 7}) + "\n")
     out = slipstream(
         "train", str(recipe), "--set", "train.steps=2", "--set", "optim.warmup_steps=10"
@@ -120,6 +128,14 @@ def test_train_says_what_it_skipped_and_a_peak_it_never_reaches(tmp_path):
     said = " ".join(out.stdout.split())
     assert "2 corrupt record(s) skipped (on_error = 'skip')" in said, said[:600]
     assert "optim.warmup_steps 10 > train.steps 2: the learning rate never reaches" in said
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    resolved = json.loads((run / "resolved.json").read_text())
+    assert (
+        summary["data_skipped"] == resolved["data_skipped"] == {"short": 2, "medium": 0, "long": 0}
+    )
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["data/skipped/short"] == 2
 
 
 def test_the_end_of_a_run_says_what_it_came_to(tmp_path):

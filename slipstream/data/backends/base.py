@@ -14,6 +14,9 @@ tokenized once per machine where the backend can (local: `shares_docs`)."""
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import time
 from typing import Protocol
 
 import numpy as np
@@ -145,3 +148,29 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@contextlib.contextmanager
+def shard_bar(total: int, what: str = "counting tokens per shard (cached after the first time)"):
+    """A progress bar on a terminal's stderr for work over `total` shards, shown only when it
+    lasts (over a second; a cached count never shows it); yields `advance()`."""
+    if not sys.stderr.isatty() or total < 2:
+        yield lambda: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    columns = (TextColumn(what), BarColumn(), MofNCompleteColumn())
+    bar = Progress(*columns, console=Console(stderr=True), transient=True)
+    task, start, shown = bar.add_task(what, total=total), time.monotonic(), [False]
+
+    def advance() -> None:
+        bar.advance(task)
+        if not shown[0] and time.monotonic() - start > 1.0:
+            shown[0] = True
+            bar.start()
+
+    try:
+        yield advance
+    finally:
+        bar.stop()

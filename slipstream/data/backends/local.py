@@ -14,14 +14,20 @@ import math
 import multiprocessing as mp
 import threading
 import time
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import (
+    Executor,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    as_completed,
+)
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
 
 from slipstream.data.backends import lean_spawn
-from slipstream.data.backends.base import TokenSpan
+from slipstream.data.backends.base import TokenSpan, shard_bar
 from slipstream.data.sources.loader import SourceLoader, build_source_loaders
 from slipstream.data.sources.shared import SharedDocs, source_key
 from slipstream.data.sources.tokenizers import one_thread_tokenizer
@@ -203,6 +209,10 @@ class LocalBackend:
             [self._run(s, shard, _lengths_task)[1] for shard in range(n)]
             for s, n in enumerate(self._num_shards)
         ]
+        with shard_bar(sum(self._num_shards)) as advance:
+            for done in as_completed([t for shards in tasks for t in shards]):
+                done.result()
+                advance()
         return [np.concatenate([t.result() for t in shards]) for shards in tasks]
 
     def _run(self, source: int, ids, fn, extra=()) -> tuple[Executor, Future]:

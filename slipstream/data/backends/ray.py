@@ -28,7 +28,7 @@ import numpy as np
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-from slipstream.data.backends.base import TokenSpan
+from slipstream.data.backends.base import TokenSpan, shard_bar
 from slipstream.data.sources.tokenizers import build_tokenizer
 from slipstream.data.spec import MixtureSpec
 from slipstream.topology import Topology
@@ -310,10 +310,15 @@ class RayBackend:
                 return
 
     def lengths(self) -> list[np.ndarray]:
-        return [
-            np.concatenate([self._ask(s, "shard_lengths", i) for i in range(n)])
-            for s, n in enumerate(self._num_shards)
-        ]
+        out = []
+        with shard_bar(sum(self._num_shards)) as advance:
+            for s, n in enumerate(self._num_shards):
+                parts = []
+                for i in range(n):
+                    parts.append(self._ask(s, "shard_lengths", i))
+                    advance()
+                out.append(np.concatenate(parts))
+        return out
 
     def _ask(self, source: int, method: str, *args):
         """One call to one of the source's serving actors, failing over like loads do."""

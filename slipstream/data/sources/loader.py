@@ -32,17 +32,27 @@ class SourceLoader:
             separator=source.separator,
             on_error=source.on_error,
         )
-        paths = list_shards(source.paths, resolve, f"sources.{source.name}")
+        where = f"sources.{source.name}"
+        paths = list_shards(source.paths, resolve, where, self._format.suffixes)
         self.shards: list[ShardIndex] = [load_index(self._format, p) for p in paths]
         counts = np.array([len(s) for s in self.shards], dtype=np.int64)
         self.shard_starts = np.concatenate([[0], np.cumsum(counts)])
         self.num_docs = int(self.shard_starts[-1])
         self.num_bad = sum(s.num_bad for s in self.shards)
+        first = next((s.first_bad for s in self.shards if s.first_bad), "")
         if self.num_docs == 0:
             raise ValueError(
-                f"sources.{source.name}: no documents in {len(paths)} file(s)"
-                f" ({self.num_bad} corrupt record(s) skipped); check the paths and "
-                f"text_field = {source.text_field!r}, or remove the source"
+                f"{where}: no documents in {len(paths)} file(s)"
+                f" ({self.num_bad} corrupt record(s) skipped{'; the first: ' if first else ''}"
+                f"{first}); check the paths and text_field = {source.text_field!r}, or remove "
+                "the source"
+            )
+        bad = self.num_bad / (self.num_bad + self.num_docs)
+        if bad > source.max_bad_fraction:
+            raise ValueError(
+                f"{where}: {self.num_bad:,} of {self.num_bad + self.num_docs:,} records are "
+                f"corrupt ({bad:.1%} > max_bad_fraction {source.max_bad_fraction:g}); the "
+                f"first: {first}. Fix the data, or raise {where}.max_bad_fraction"
             )
 
     def read_texts(self, ids: np.ndarray | list[int]) -> list[str]:

@@ -14,6 +14,8 @@ class ParquetFormat:
     """Rows of a parquet file; the document is column `text_field`. A file that cannot be read
     is skipped (counted as one bad record) or raises; null or empty values are left out."""
 
+    suffixes = (".parquet",)
+
     def __init__(self, text_field: str, on_error: str = "skip", cache_groups: int = 4) -> None:
         self.text_field = text_field
         self.on_error = on_error
@@ -25,13 +27,16 @@ class ParquetFormat:
         return f"parquet:{self.text_field}:{self.on_error}"
 
     def build_index(self, path: str) -> ShardIndex:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         groups, rows = [], []
         try:
             pf = pq.ParquetFile(path)
             names = pf.schema_arrow.names
-            for g in range(pf.num_row_groups if self.text_field in names else 0):
+            kind = pf.schema_arrow.field(self.text_field).type if self.text_field in names else None
+            text = kind is not None and (pa.types.is_string(kind) or pa.types.is_large_string(kind))
+            for g in range(pf.num_row_groups if text else 0):
                 table = pf.read_row_group(g, columns=[self.text_field], use_threads=False)
                 col = table.column(0).to_pylist()
                 keep = [r for r, v in enumerate(col) if isinstance(v, str) and v]
@@ -42,10 +47,16 @@ class ParquetFormat:
                 raise ValueError(
                     f"{path}: corrupt parquet file ({e}); replace it, or set on_error = 'skip'"
                 ) from None
-            return ShardIndex(path, np.zeros(0, np.int64), np.zeros(0, np.int64), 1)
-        if self.text_field not in names:
+            empty = np.zeros(0, np.int64)
+            return ShardIndex(path, empty, empty, 1, f"{path}: corrupt parquet file ({e})")
+        if kind is None:
             raise ValueError(
                 f"{path}: no column {self.text_field!r} (columns: {names}); set text_field"
+            )
+        if not text:
+            raise ValueError(
+                f"{path}: column {self.text_field!r} holds {kind}, not text; set text_field "
+                f"to a string column (columns: {names})"
             )
         return ShardIndex(path, np.array(groups, np.int64), np.array(rows, np.int64), 0)
 

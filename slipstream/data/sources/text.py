@@ -6,11 +6,13 @@ from pathlib import Path
 
 import numpy as np
 
-from slipstream.data.sources.base import ByteRangeFormat, ShardIndex
+from slipstream.data.sources.base import ByteRangeFormat, ShardIndex, readable_path
 
 
 class TextFormat(ByteRangeFormat):
     """A document per file, or documents split on a separator string."""
+
+    suffixes = (".txt", ".md", ".rst", ".text", ".txt.gz", ".txt.zst")
 
     def __init__(self, separator: str | None, on_error: str = "skip") -> None:
         super().__init__(on_error)
@@ -20,7 +22,7 @@ class TextFormat(ByteRangeFormat):
         return f"text:{self.separator!r}"
 
     def build_index(self, path: str) -> ShardIndex:
-        data = Path(path).read_bytes()
+        data = Path(readable_path(path)).read_bytes()
         if b"\x00" in data[:8192]:  # text has no NUL bytes; binary formats are full of them
             raise ValueError(
                 f"{path}: a binary file, not text (a NUL byte in its first 8 KiB); leave it out "
