@@ -134,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slipstream", description=__doc__)
     p.add_argument("--version", action="version", version=f"slipstream {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_data, _add_train, _add_memory, _add_init, _add_export):
+        add(sub)
+    return p
+
+
+def _add_data(sub) -> None:
     data = sub.add_parser("data", help="the data plane").add_subparsers(dest="verb", required=True)
 
     d = data.add_parser("prepare-demo", help="gather the demo corpus and write its mixture spec")
@@ -157,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     v.set_defaults(func=_data_preview)
 
+
+def _add_train(sub) -> None:
     tr = sub.add_parser(
         "train",
         help="train a model on a recipe (under torchrun for DDP)",
@@ -182,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.set_defaults(func=_train)
 
+
+def _add_memory(sub) -> None:
     m = sub.add_parser("memory", help="device and host memory per strategy; what fits")
     m.add_argument("recipe", nargs="?", help="a recipe (GPT); or give --params etc.")
     m.add_argument("--params", type=float, help="parameters, e.g. 7e9")
@@ -212,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.set_defaults(func=_memory)
 
+
+def _add_init(sub) -> None:
     i = sub.add_parser(
         "init",
         help="a recipe and mixture spec for your own files",
@@ -238,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--force", action="store_true", help="replace files of that name")
     i.set_defaults(func=_init)
 
+
+def _add_export(sub) -> None:
     e = sub.add_parser(
         "export",
         help="a run's checkpoint as a Hugging Face model folder (transformers loads it)",
@@ -252,7 +266,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tokenizer", help="the tokenizer file, if it moved since the run")
     e.add_argument("--overwrite", action="store_true", help="replace an exported model there")
     e.set_defaults(func=_export)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
