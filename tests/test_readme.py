@@ -38,3 +38,17 @@ def test_every_link_leads_to_a_file(doc):
         if not ((doc.parent / link).exists() or (ROOT / link).exists() or (base / link).exists()):
             broken.append(link)
     assert not broken, f"{doc.relative_to(ROOT)}: links to nothing: {broken}"
+
+
+def test_a_clone_holds_no_links_and_no_data():
+    """A symbolic link in the repository (`data -> /somewhere`) breaks `make demo` on every
+    other machine; the corpus and runs are made, never committed."""
+    import subprocess
+
+    files = subprocess.run(
+        ["git", "ls-files", "-s"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    links = [line.split("\t")[1] for line in files if line.startswith("120000")]
+    assert links == []
+    top = {line.split("\t")[1].split("/")[0] for line in files}
+    assert not top & {"data", "runs", ".venv"}
