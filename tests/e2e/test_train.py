@@ -4,6 +4,7 @@ one process with the same global batch."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -150,6 +151,14 @@ def test_two_ranks_under_torchrun_match_one_process(tmp_path, reference_losses):
 def test_every_recipe_parses(recipe):
     cfg = RunConfig.load(recipe)
     assert cfg.train.steps > 0 and cfg.data.sources
+    # Its tokenizer file is where the Makefile writes it (data/demo/tokenizer-*.json), by the
+    # path rule (relative to the file that names it): a recipe that points elsewhere passes
+    # every other test and fails `make demo` on a fresh clone.
+    if cfg.data.tokenizer not in ("byte", "model"):
+        made = re.findall(r"\$\(DEMO_DIR\)/(tokenizer[-\w]*\.json)", (ROOT / "Makefile").read_text())
+        assert Path(cfg.data.resolve(cfg.data.tokenizer)).resolve() in {
+            (ROOT / "data" / "demo" / name).resolve() for name in made
+        }
 
 
 @pytest.mark.parametrize(
