@@ -121,6 +121,20 @@ def _export(args: argparse.Namespace) -> None:
     )
 
 
+def _doctor(args: argparse.Namespace) -> None:
+    from slipstream.tools.doctor import run_compare, run_doctor
+
+    if args.target[0] == "compare":
+        if len(args.target) != 3:
+            raise ValueError("doctor compare: give two run folders (RUN_A RUN_B)")
+        run_compare(args.target[1], args.target[2], args.device_gib)
+        return
+    if len(args.target) != 1:
+        raise ValueError(f"doctor: one recipe or run folder, not {len(args.target)}")
+    args.target = args.target[0]
+    run_doctor(args)
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -134,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slipstream", description=__doc__)
     p.add_argument("--version", action="version", version=f"slipstream {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_add_data, _add_train, _add_memory, _add_init, _add_export):
+    for add in (_add_data, _add_train, _add_memory, _add_init, _add_export, _add_doctor):
         add(sub)
     return p
 
@@ -266,6 +280,27 @@ def _add_export(sub) -> None:
     e.add_argument("--tokenizer", help="the tokenizer file, if it moved since the run")
     e.add_argument("--overwrite", action="store_true", help="replace an exported model there")
     e.set_defaults(func=_export)
+
+
+def _add_doctor(sub) -> None:
+    d = sub.add_parser(
+        "doctor",
+        help="name a run's bottleneck, the lever to pull and what it should gain",
+        description="With a recipe: a short profiled run, then the diagnosis. With a run "
+        "folder: the diagnosis of what that run recorded. `doctor compare RUN_A RUN_B`: what "
+        "changed, phase by phase. Writes doctor.json and doctor.html into the run folder.",
+    )
+    d.add_argument("target", nargs="+", help="RECIPE, RUN_DIR, or compare RUN_A RUN_B")
+    d.add_argument("--steps", type=int, default=30, help="profiled steps (default 30)")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key for the profiled run")  # fmt: skip
+    d.add_argument("--nproc", type=int, default=1, help="ranks (torchrun) of the profiled run")
+    d.add_argument("--verify", action="store_true",
+                   help="apply the top lever in a second run: predicted against measured")  # fmt: skip
+    d.add_argument("--device-gib", type=float, default=None,
+                   help="device memory to plan against (default: the device's own)")  # fmt: skip
+    d.add_argument("--out", help="the profiled run's folder (default runs/doctor/<recipe>)")
+    d.set_defaults(func=_doctor)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -112,6 +112,18 @@ class RunConfig:
             recipe_dir=str(recipe_dir),
         )
 
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
+        """A run's config.json back (`to_dict`'s output: its paths are resolved already)."""
+        return cls(
+            model=model_config_from_raw(raw["model"], "model"),
+            data=MixtureSpec.from_dict(raw["data"]),  # its base_dir is in it
+            optim=build_config(OptimConfig, raw["optim"], "optim"),
+            train=build_config(TrainConfig, raw["train"], "train"),
+            parallel=build_config(ParallelConfig, raw.get("parallel", {}), "parallel"),
+            recipe_dir=raw.get("recipe_dir", "."),
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model.to_dict(),

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -35,6 +35,7 @@ class StepTimer:
             if phase not in PHASES:
                 raise ValueError(f"meter: phase {phase!r} is not one of {PHASES}")
         self.sync = device.type == "cuda"
+        self.annotate = False  # phases as torch.profiler ranges (on while a trace records)
         self.warmup_steps = warmup_steps
         self.current: dict[str, float] = defaultdict(float)
         self.totals: dict[str, float] = defaultdict(float)
@@ -54,8 +55,10 @@ class StepTimer:
     def phase(self, name: str):
         t0 = self._now()
         before = [read() for _, read in self.meters]
+        ranged = torch.profiler.record_function(name) if self.annotate else nullcontext()
         try:
-            yield
+            with ranged:  # a range in the trace, while one is being recorded
+                yield
         finally:
             self.current[name] += self._now() - t0
             for (dst, read), was in zip(self.meters, before, strict=True):

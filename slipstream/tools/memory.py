@@ -136,15 +136,21 @@ def trace_device(name: str) -> torch.device:
 
 def workload_from_recipe(args: argparse.Namespace) -> Workload:
     """Counts a GPT recipe's parameters without allocating them (on the meta device)."""
+    from slipstream.config import RunConfig
+
+    cfg = RunConfig.load(args.recipe, args.set)
+    return workload_from_config(cfg, args.ranks, getattr(args, "trace_device", "meta"))
+
+
+def workload_from_config(cfg, ranks: int, trace: str = "meta") -> Workload:
+    """`workload_from_recipe` for a loaded config (a run's own, for the doctor)."""
     import dataclasses
 
     import torch
 
-    from slipstream.config import RunConfig
     from slipstream.data import build_tokenizer
     from slipstream.models import GPT, GPTConfig
 
-    cfg = RunConfig.load(args.recipe, args.set)
     if not isinstance(cfg.model, GPTConfig):
         raise ValueError(
             "memory: a recipe with model.kind = 'hf'; give --params, --layers, --hidden"
@@ -158,7 +164,7 @@ def workload_from_recipe(args: argparse.Namespace) -> Workload:
     fp32 = cfg.train.precision == "fp32"  # auto = bf16 on a GPU
     seq, mb = cfg.data.seq_len, cfg.data.micro_batch_size
     dtype = torch.float32 if fp32 else torch.bfloat16
-    device = trace_device(getattr(args, "trace_device", "meta"))
+    device = trace_device(trace)
     saved, ckpt = (
         saved_activation_bytes(
             dataclasses.replace(m, activation_checkpointing=ckpt), mb, seq, dtype, device
@@ -172,7 +178,7 @@ def workload_from_recipe(args: argparse.Namespace) -> Workload:
         vocab_size=m.vocab_size,
         seq_len=cfg.data.seq_len,
         micro_batch=cfg.data.micro_batch_size,
-        world_size=args.ranks,
+        world_size=ranks,
         act_bytes=4 if fp32 else 2,
         saved_bytes=saved,
         saved_bytes_ckpt=ckpt,

@@ -50,6 +50,11 @@ class TrainConfig:
     Biases, in out_dir/wandb; offline unless you are logged in or WANDB_MODE says)."""
     wandb_project: str = "slipstream"
     """The Weights & Biases project a `wandb` logger's run goes to."""
+    trace_steps: int = 0
+    """Steps recorded by torch.profiler after the first two, into
+    out_dir/profile/trace-rank-R.json (Chrome trace format: open it in Perfetto), with the
+    step's phases as ranges; 0 = none. `slipstream doctor` asks for 3. (Every run records
+    its phases per step and rank in out_dir/profile/rank-R.json, at a few floats a step.)"""
 
     def __post_init__(self) -> None:
         unknown = [n for n in self.loggers if n not in LOGGERS]
@@ -66,7 +71,14 @@ class TrainConfig:
             raise ValueError(f"train.precision: {self.precision!r}; use auto, fp32 or bf16")
         if self.keep_checkpoints < 1:
             raise ValueError("train.keep_checkpoints: keep at least 1")
-        for key in ("eval_every", "eval_steps", "log_every", "checkpoint_every", "num_threads"):
+        for key in (
+            "eval_every",
+            "eval_steps",
+            "log_every",
+            "checkpoint_every",
+            "num_threads",
+            "trace_steps",
+        ):
             if getattr(self, key) < 0:
                 raise ValueError(f"train.{key}: must be >= 0")
 

@@ -34,6 +34,7 @@ from slipstream.train.loss import num_targets, token_losses
 from slipstream.train.optim import lr_factor
 from slipstream.train.parallel import parallelize
 from slipstream.train.progress import Progress, print_summary
+from slipstream.train.recording import Recorder
 from slipstream.train.report import lost_message, run_summary, say_resolved
 from slipstream.train.stop import StopSignals
 
@@ -70,6 +71,8 @@ class Trainer:
         self._eval: tuple[MixtureLoader, dict] | None = None  # built at the first evaluation
         self.tokenizer = self.loader.tokenizer
         self.step = 0
+        self.batch = None  # the step's data, while it trains
+        self.recorder: Recorder | None = None  # what the doctor reads, from fit() on
         self.stop = False  # all ranks agreed to stop (a signal on any): checkpoint, then end
         self.signals = StopSignals(self._say_stopping)
         self.autocast = autocast_dtype(cfg.train.precision, self.d.device)
@@ -149,7 +152,7 @@ class Trainer:
     # -- one step ---------------------------------------------------------------------------
     def train_step(self, timer: StepTimer) -> dict[str, float]:
         with timer.phase("data_wait"):
-            batch = next(self.loader)
+            batch = self.batch = next(self.loader)
         with timer.phase("h2d"):
             mbs = [
                 {k: v.to(self.d.device, non_blocking=True) for k, v in mb.items()}
@@ -212,6 +215,8 @@ class Trainer:
 
     # -- the run ----------------------------------------------------------------------------
     def save(self) -> None:
+        if self.recorder is not None:
+            self.recorder.write()
         self.optimizer.flush()  # the weights saved are those the optimizer state continues
         ckpt.save_checkpoint(
             self.out,
@@ -243,6 +248,15 @@ class Trainer:
             self.loader.close()
             return history
         metrics = self._loggers() if d.is_main else None
+        model = {
+            "num_params": self.num_params,
+            "flops_per_token": self.flops_per_token,
+            "attention_cost": self.attention_cost,
+            "dtype": "bf16" if self.autocast == torch.bfloat16 else "fp32",
+        }
+        self.recorder = Recorder(
+            self.out, d, self.loader.backend, cfg.trace_steps, self.step, model
+        )
         flops = self.flops_per_token
         progress = Progress(
             self.console,
@@ -264,6 +278,7 @@ class Trainer:
         finally:
             if metrics:
                 metrics.close()
+            self.recorder.close()
             self.loader.close()
             if self._eval is not None:
                 self._eval[0].close()
@@ -288,9 +303,11 @@ class Trainer:
     def _run_steps(self, timer: StepTimer, history: list, metrics, progress, t0: float) -> None:
         cfg = self.cfg.train
         while self.step < (cfg.stop_at_step or cfg.steps) and not self.stop:
+            self.recorder.before_step(self.step, timer)
             timer.start_step()
             row = self.train_step(timer)
             phases = timer.end_step()
+            self.recorder.after_step(self.step, phases, self.batch, row)
             self.step += 1
             row = {"step": self.step, **row}
             row.update({f"time/{k}_s": v for k, v in phases.items()})

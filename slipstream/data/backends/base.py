@@ -107,6 +107,11 @@ class Backend(Protocol):
 
     num_loaded: list[int]
     """Documents submitted for loading per source (what this client asked tokenized)."""
+    busy_s: list[float]
+    """Seconds loaders worked on this client's loads, per source (wall clock of the worker;
+    ray: the CPU seconds of the job's actors, every client's loads together)."""
+    cpu_s: list[float]
+    """CPU seconds of the same work: well under busy_s, the loads wait on I/O or a sleep."""
 
     sends_spans: bool
     """Tokens cross a process boundary per request: ask for the runs a rank's rows hold."""

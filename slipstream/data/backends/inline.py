@@ -3,6 +3,7 @@ benefit; the simplest backend, for tests, tools and debugging (`backend.kind = "
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -34,10 +35,16 @@ class InlineBackend:
         self.num_bad = [ldr.num_bad for ldr in self.loaders]
         self.tokenizer = self.loaders[0].tokenizer
         self.num_loaded = [0] * len(self.loaders)  # documents tokenized per source
+        self.busy_s = [0.0] * len(self.loaders)
+        self.cpu_s = [0.0] * len(self.loaders)
 
     def submit(self, source: int, ids: list[int]) -> Loaded:
         self.num_loaded[source] += len(ids)
-        return Loaded(self.loaders[source].get_many(ids))
+        t0, c0 = time.perf_counter(), time.thread_time()
+        out = Loaded(self.loaders[source].get_many(ids))
+        self.busy_s[source] += time.perf_counter() - t0
+        self.cpu_s[source] += time.thread_time() - c0
+        return out
 
     def submit_spans(self, source, ids, spans, shared=frozenset()) -> Loaded:
         """The documents, loaded now; with `spans`, each one's tokens [lo, hi) only."""

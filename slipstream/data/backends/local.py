@@ -48,23 +48,31 @@ def _loaders(spec_dict: dict, tokenizer: str) -> list[SourceLoader]:
     return cache[key]
 
 
-def _load_task(spec_dict: dict, tokenizer: str, source: int, ids: list[int]) -> list[np.ndarray]:
-    return _loaders(spec_dict, tokenizer)[source].get_many(ids)
+Timed = tuple[list[np.ndarray], float, float]
+"""A task's documents, and its worker's wall and CPU seconds on them (`Backend.busy_s`)."""
+
+
+def _load_task(spec_dict: dict, tokenizer: str, source: int, ids: list[int]) -> Timed:
+    t0, c0 = time.perf_counter(), time.thread_time()
+    out = _loaders(spec_dict, tokenizer)[source].get_many(ids)
+    return out, time.perf_counter() - t0, time.thread_time() - c0
 
 
 def _shared_task(
     spec_dict: dict, tokenizer: str, source: int, ids: list[int], key: str, root: str
-) -> list[np.ndarray]:
+) -> Timed:
     """Documents other ranks need too: tokenized once per machine (sources/shared.py)."""
+    t0, c0 = time.perf_counter(), time.thread_time()
     stores = getattr(_local, "shared", None)
     if stores is None:
         stores = _local.shared = {}
     if root not in stores:
         stores[root] = SharedDocs(Path(root))
     loader, shared = _loaders(spec_dict, tokenizer)[source], stores[root]
-    return shared.get_many(
+    out = shared.get_many(
         [f"{key}-{d}" for d in ids], lambda idx: loader.get_many([ids[i] for i in idx])
     )
+    return out, time.perf_counter() - t0, time.thread_time() - c0
 
 
 def _lengths_task(spec_dict: dict, tokenizer: str, source: int, shard: int) -> np.ndarray:
@@ -77,11 +85,17 @@ class _Task:
     def __init__(self, backend: LocalBackend, source: int, ids: list[int], fn, extra=()) -> None:
         self.backend, self.source, self.ids, self.fn, self.extra = backend, source, ids, fn, extra
         self.pool, self.future = backend._run(source, ids, fn, extra)
+        self.counted = False
 
     def result(self) -> list[np.ndarray]:
         for attempt in range(MAX_RETRIES + 1):
             try:
-                return self.future.result()
+                out, wall, cpu = self.future.result()
+                if not self.counted:  # each task's work once, however often it is asked
+                    self.counted = True
+                    self.backend.busy_s[self.source] += wall
+                    self.backend.cpu_s[self.source] += cpu
+                return out
             except BrokenProcessPool:
                 if attempt == MAX_RETRIES:
                     raise
@@ -127,6 +141,8 @@ class LocalBackend:
         self.num_bad = [ldr.num_bad for ldr in loaders]
         self._num_shards = [len(ldr.shards) for ldr in loaders]
         self.num_loaded = [0] * len(loaders)
+        self.busy_s = [0.0] * len(loaders)
+        self.cpu_s = [0.0] * len(loaders)
         self.names = [s.name for s in spec.sources]
         self.tokenizer = loaders[0].tokenizer
         self._source_keys = [source_key(ldr) for ldr in loaders]

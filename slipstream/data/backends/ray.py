@@ -330,6 +330,18 @@ class RayBackend:
                 self._report_dead(name)
         raise RuntimeError(f"source {self.names[source]!r}: loader actors keep failing")
 
+    @property
+    def busy_s(self) -> list[float]:
+        """The job's loader actors' CPU seconds per source, every rank's loads together (a
+        call to each actor: read it now and then, not per step)."""
+        out = [0.0] * len(self.names)
+        for stats in self.actor_stats().values():
+            for s, seconds in stats["busy_by_source"].items():
+                out[int(s)] += seconds
+        return out
+
+    cpu_s = busy_s  # the actors count CPU seconds only
+
     def actor_stats(self) -> dict[str, dict]:
         """Every serving and standby actor's counters (documents tokenized, cache hits, busy
         seconds, process id), by name."""
