@@ -13,12 +13,15 @@ writes a small corpus and a recipe into a folder and returns how to run it.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-SLEEP_S = 0.01  # per document of the slow source
+SLEEP_S = 0.02  # per document of the slow source
 
 
 def sleepy(text: str) -> str:
@@ -28,7 +31,28 @@ def sleepy(text: str) -> str:
     return text
 
 
-WORDS = ["the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "with", "was", "on", "be", "by", "this", "are", "from", "at", "or"]
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "that",
+    "for",
+    "it",
+    "as",
+    "with",
+    "was",
+    "on",
+    "be",
+    "by",
+    "this",
+    "are",
+    "from",
+    "at",
+    "or",
+]
 
 
 def _docs(rng: np.random.Generator, n: int, mean_words: float, sigma: float) -> list[str]:
@@ -65,21 +89,23 @@ def write(root: Path, name: str) -> tuple[Path, dict]:
     if name == "data":
         backend["num_workers"] = 1
         sources[1] = ("slow", sources[1][1], 0.5, "benchmarks.doctor_scenarios:sleepy")
-        data["micro_batch_size"] = 8
+        data["micro_batch_size"] = 16
     elif name in ("compute", "memory"):
         model.update(n_layer=4, n_head=4, d_model=256)
         data.update(seq_len=128, micro_batch_size=4)
         if name == "memory":
-            run["device_gib"] = 0.035  # plain needs ~48 MiB here; offload ~35 MiB
+            run["device_gib"] = 0.045  # plain needs ~68 MiB here, offload + checkpointing ~42
     elif name == "offload":
         model.update(n_layer=4, n_head=4, d_model=256)
         data.update(seq_len=64, micro_batch_size=1)
         optim.update(offload=True, offload_dtype="fp32")
-    elif name == "imbalance":
-        model.update(d_model=64, max_seq_len=512)
-        data.update(seq_len=512, micro_batch_size=2, num_micro_batches=2, packing=False)
-        balance = {"method": "none", "attention_cost": 0.05}
-        sources = [("skewed", _docs(rng, 400, 60, 1.6), 1.0, None)]
+    elif name == "imbalance":  # rows of 2,048: attention runs per document (sum of len^2)
+        model.update(d_model=64, max_seq_len=2048)
+        data.update(seq_len=2048, micro_batch_size=2, num_micro_batches=1)
+        balance = {"method": "none"}
+        # Rows of one long document (attention ~ 2,048^2) beside rows of many short ones.
+        sources = [("long", _docs(rng, 200, 700, 0.2), 0.1, None),
+                   ("short", _docs(rng, 3000, 20, 0.5), 0.9, None)]  # fmt: skip
         run["nproc"] = 2
     elif name == "communication":
         model.update(n_layer=4, n_head=4, d_model=384)
@@ -109,3 +135,48 @@ def write(root: Path, name: str) -> tuple[Path, dict]:
 
 
 SCENARIOS = ("data", "compute", "memory", "offload", "imbalance", "communication", "straggler")
+
+
+def pinned_cpus() -> list[int]:
+    return sorted(os.sched_getaffinity(0))
+
+
+def run_straggler(recipe: Path, out: Path, steps: int, env: dict | None = None) -> None:
+    """Two ranks under torchrun, each pinned to a core of its own, and other work (two busy
+    loops) on rank 1's core: rank 1 gets about a third of it. Needs two cores."""
+    cpus = pinned_cpus()
+    if len(cpus) < 2:
+        raise RuntimeError("the straggler scenario needs two cores")
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        for b in busy:
+            os.sched_setaffinity(b.pid, {cpus[1]})
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", "-m", "benchmarks.doctor_scenarios", "train", str(recipe),
+               "--set", f"train.steps={steps}", "--set", f"train.out_dir={out}",
+               "--set", "train.checkpoint_every=0", "--set", "train.eval_every=0",
+               "--set", "train.sample_tokens=0", "--set", "train.progress=false",
+               "--overwrite"]  # fmt: skip
+        done = subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True,
+                              text=True, timeout=600)  # fmt: skip
+        if done.returncode:
+            raise RuntimeError(f"straggler run failed: {done.stderr[-2000:]}")
+    finally:
+        for b in busy:
+            b.kill()
+            b.wait()
+
+
+def _pinned_train(argv: list[str]) -> int:
+    """`slipstream train` on the core of this rank's number (torchrun's LOCAL_RANK)."""
+    from slipstream.cli import main
+
+    cpus = pinned_cpus()
+    os.sched_setaffinity(0, {cpus[int(os.environ.get("LOCAL_RANK", "0")) % len(cpus)]})
+    return main(["train", *argv])
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["train"]:
+        raise SystemExit("usage: python -m benchmarks.doctor_scenarios train RECIPE [ARGS]")
+    raise SystemExit(_pinned_train(sys.argv[2:]))

@@ -1,6 +1,17 @@
-"""Diagnosis: time each phase of a step, name the bottleneck and the lever to pull."""
+"""Diagnosis: time each phase of a step, record it per rank, name the bottleneck, the lever
+to pull and what pulling it should gain."""
 
-from slipstream.profile.diagnose import Diagnosis, diagnose
+from slipstream.profile.doctor import Finding, Models, examine, load_records, measure, run_finding
 from slipstream.profile.timeline import PHASES, Meter, StepTimer
 
-__all__ = ["PHASES", "Diagnosis", "Meter", "StepTimer", "diagnose"]
+__all__ = [
+    "PHASES",
+    "Finding",
+    "Meter",
+    "Models",
+    "StepTimer",
+    "examine",
+    "load_records",
+    "measure",
+    "run_finding",
+]

@@ -400,3 +400,10 @@ def _compute(m: dict, models: Models) -> Finding:
 
 
 RULES = (_data, _memory, _offload, _communication, _imbalance, _straggler)
+
+
+def run_finding(record: dict, config: dict) -> tuple[Finding, dict]:
+    """The end of a run's line: the top finding from rank 0's own record (the others' are on
+    their machines; `slipstream doctor RUN_DIR` reads every rank's), and its phase shares."""
+    m = measure([record], config)
+    return examine(m)[0], m["shares"]

@@ -53,19 +53,24 @@ class RankRecord:
         self.steps_seen += 1
         self.overhead_s += time.perf_counter() - t0
 
-    def write(self, extra: dict) -> None:
-        t0 = time.perf_counter()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def body(self, extra: dict) -> dict:
+        """The record as written: `extra` (what the trainer adds) and the steps as columns."""
         keys = list(self.rows[0]) if self.rows else []
-        body = {
+        return {
             "version": VERSION,
             "rank": self.rank,
             **extra,
             "columns": keys,  # the steps as columns: a short file however many steps
             "steps": {k: [r[k] for r in self.rows] for k in keys},
             "steps_seen": self.steps_seen,
+            "overhead_s": self.overhead_s,
         }
-        body["overhead_s"] = self.overhead_s + time.perf_counter() - t0
+
+    def write(self, extra: dict) -> None:
+        t0 = time.perf_counter()
+        body = self.body(extra)
+        body["overhead_s"] += time.perf_counter() - t0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(body) + "\n")
         os.replace(tmp, self.path)

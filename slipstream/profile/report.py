@@ -87,7 +87,8 @@ def print_report(console: Console, report: dict) -> None:
 # -- HTML -----------------------------------------------------------------------------------
 def _svg(fig) -> str:
     buf = io.StringIO()
-    fig.savefig(buf, format="svg", bbox_inches="tight")
+    fig.savefig(buf, format="svg", bbox_inches="tight",
+                metadata={"Creator": None, "Date": None, "Format": None, "Type": None})  # fmt: skip
     import matplotlib.pyplot as plt
 
     plt.close(fig)

@@ -24,7 +24,7 @@ from rich.console import Console
 
 from slipstream.data.loader import MixtureLoader
 from slipstream.errors import PeerLost
-from slipstream.profile import StepTimer, diagnose
+from slipstream.profile import StepTimer, run_finding
 from slipstream.train import checkpoint as ckpt
 from slipstream.train.build import autocast_dtype, build, sample, write_run_files
 from slipstream.train.distributed import Dist, all_reduce_sum, init_distributed, is_peer_failure
@@ -337,17 +337,17 @@ class Trainer:
         )
         if not self.d.is_main:
             return
-        shares = timer.shares()
-        diagnosis = diagnose(shares) if shares else None
+        finding, shares = run_finding(self.recorder.body(), self.cfg.to_dict())
         per_rank = self.model.num_params() if self.d.tp_size > 1 else None
-        print_summary(self.console, history, shares, diagnosis, samples, self.num_params, per_rank)
+        print_summary(self.console, history, shares, finding, samples, self.num_params, per_rank)
         summary = run_summary(history, self.step, self.num_params, per_rank, self.out)
         summary["data_skipped"] = self.skipped
-        if diagnosis:
-            summary.update(diagnosis=diagnosis.message, lever=diagnosis.lever, shares=shares)
+        summary.update(diagnosis=finding.verdict, lever=finding.lever, shares=shares,
+                       gain=finding.gain.fraction if finding.gain else None)  # fmt: skip
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self.console.print(
-            f"metrics: {self.out / 'metrics.jsonl'}; checkpoint: {summary['checkpoint']}",
+            f"metrics: {self.out / 'metrics.jsonl'}; checkpoint: {summary['checkpoint']}; "
+            f"every rank's phases, findings and gains: slipstream doctor {self.out}",
             markup=False,
             soft_wrap=True,
         )

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemaini
 from rich.progress import Progress as RichProgress
 from rich.table import Table
 
-from slipstream.profile import PHASES, Diagnosis
+from slipstream.profile import PHASES, Finding
 
 # Dense bf16 peak FLOP/s by device name, for MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
@@ -95,7 +95,7 @@ def print_summary(
     console: Console,
     history: list[dict],
     shares: dict[str, float],
-    diagnosis: Diagnosis | None,
+    finding: Finding | None,
     samples: list[str],
     num_params: int,
     num_params_per_rank: int | None = None,
@@ -125,7 +125,7 @@ def print_summary(
     if samples:
         console.rule()
     if shares:
-        table = Table(title="step breakdown", caption="after the first step")
+        table = Table(title="step breakdown", caption="median step, after start-up")
         table.add_column("phase")
         table.add_column("share", justify="right")
         for p in (*PHASES, "other"):
@@ -139,5 +139,8 @@ def print_summary(
             f"{mid['offload/host_bytes_per_param']:.0f} bytes per parameter, "
             f"{mid['offload/host_gb_per_s']:.1f} GB/s (median step)"
         )
-    if diagnosis:
-        console.print(f"[bold]{diagnosis.message}[/bold]. Lever: {diagnosis.lever}.")
+    if finding:
+        gain = f" (expected gain {finding.gain.fraction:.0%} of the step)" if finding.gain else ""
+        console.print(finding.verdict, style="bold", markup=False, soft_wrap=True)
+        if finding.lever:
+            console.print(f"lever: {' '.join(finding.lever)}{gain}", markup=False, soft_wrap=True)

@@ -43,8 +43,15 @@ class Recorder:
         self.optimizer_stats = {k: v for k, v in row.items() if k.startswith("offload/")}
 
     def write(self) -> None:
+        self.record.write(self.extra())
+
+    def body(self) -> dict:
+        """This rank's record as the doctor reads it, without writing it."""
+        return self.record.body(self.extra())
+
+    def extra(self) -> dict:
         b, t = self.backend, self.d.topology
-        self.record.write({
+        return {
             "topology": {"rank": t.rank, "world_size": t.world_size, "dp_rank": t.dp_rank,
                          "dp_size": t.dp_size, "tp_rank": t.tp_rank, "tp_size": t.tp_size},
             "device": {"type": self.d.device.type, "name": device_name(self.d.device),
@@ -56,7 +63,7 @@ class Recorder:
                      "docs": [int(x) for x in b.num_loaded],
                      "tokens": self.tokens_by_source},
             "optimizer": self.optimizer_stats,
-        })  # fmt: skip
+        }  # fmt: skip
 
     def close(self) -> None:
         self.tracer.close()

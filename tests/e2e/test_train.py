@@ -155,7 +155,9 @@ def test_every_recipe_parses(recipe):
     # path rule (relative to the file that names it): a recipe that points elsewhere passes
     # every other test and fails `make demo` on a fresh clone.
     if cfg.data.tokenizer not in ("byte", "model"):
-        made = re.findall(r"\$\(DEMO_DIR\)/(tokenizer[-\w]*\.json)", (ROOT / "Makefile").read_text())
+        made = re.findall(
+            r"\$\(DEMO_DIR\)/(tokenizer[-\w]*\.json)", (ROOT / "Makefile").read_text()
+        )
         assert Path(cfg.data.resolve(cfg.data.tokenizer)).resolve() in {
             (ROOT / "data" / "demo" / name).resolve() for name in made
         }
