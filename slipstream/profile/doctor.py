@@ -81,6 +81,16 @@ def measure(records: list[dict], config: dict, skip: int | None = None,
     for r in ranks:  # nvidia-resiliency-ext's two scores, 1 = as fast as it gets
         r["relative_score"] = best / r["own_s"] if r["own_s"] else 1.0
         r["individual_score"] = r["best_own_s"] / r["own_s"] if r["own_s"] else 1.0
+    # Forward + backward against the rows' cost, over every rank and step: what a unit of
+    # the balance cost model costs in seconds here (the imbalance what-if's scale).
+    cost = np.concatenate([c["rank_cost"] for c in cols])
+    work = np.concatenate([c["forward_s"] + c["backward_s"] for c in cols])
+    fit = None
+    if len(cost) >= 4 and np.ptp(cost) > 0:
+        slope, icept = np.polyfit(cost, work, 1)
+        resid = work - (slope * cost + icept)
+        r2 = 1 - float(resid.var()) / float(work.var()) if work.var() > 0 else 0.0
+        fit = {"s_per_cost": float(slope), "fixed_s": float(icept), "r2": r2}
     main, c0 = records[0], cols[0]
     step_s = ranks[0]["step_s"]
     tokens_per_s = float(np.median(c0["tokens"])) / step_s if step_s else 0.0
@@ -119,6 +129,7 @@ def measure(records: list[dict], config: dict, skip: int | None = None,
         "data_busy_s_per_step": float(busy.sum() / seen),
         "imbalance": float(np.median(c0["imbalance"])),
         "max_rank_cost": float(np.median(c0["max_rank_cost"])),
+        "compute_fit": fit,
         "overhead": float(
             np.mean([r["overhead_s"] / max(r["steps_seen"], 1) for r in ranks]) / step_s
         )
@@ -157,7 +168,7 @@ class Models:
     """{"capacity_bytes", "source", "rows": [{strategy, device_bytes, host_bytes, step_s,
     fits}], "current", "best"}: the memory planner for this run's model and capacity."""
     offload_plain_s: float | None = None
-    """The optimizer step without offload, modelled (torch's AdamW on the device)."""
+    """The optimizer step without offload: torch's AdamW on the device, measured."""
     free_cores: int | None = None
     """Cores a CPU-bound loader may add (beside training's threads)."""
 
@@ -272,7 +283,8 @@ def _imbalance(m: dict, models: Models) -> Finding | None:
     why = {"imbalance": m["imbalance"], "balance": m["settings"]["balance"],
            "forward_backward_s": compute}  # fmt: skip
     b = models.balanced
-    gain = whatif.balance(m["step_s"], compute, b["cost_ratio"]) if b else None
+    gain = whatif.balance(m["step_s"], compute, b["cost_ratio"], m["max_rank_cost"],
+                          m["compute_fit"]) if b else None  # fmt: skip
     if b:
         why["balanced"] = b
     share = gain.fraction if gain else (1 - 1 / m["imbalance"]) * compute / m["step_s"]
@@ -364,8 +376,8 @@ def _offload(m: dict, models: Models) -> Finding | None:
     if plain_fits and models.offload_plain_s is not None:
         gain = whatif.replace_phase(
             m["step_s"], host, models.offload_plain_s,
-            f"the planner says the model fits without offload: the device's AdamW "
-            f"({models.offload_plain_s * 1e3:.1f} ms, modelled) instead of "
+            f"the planner says the model fits without offload: torch's AdamW on the device "
+            f"({models.offload_plain_s * 1e3:.1f} ms, measured for this size) instead of "
             f"{host * 1e3:.1f} ms on the host")  # fmt: skip
         return Finding("offload", level, verdict, why, ["--set optim.offload=false"], gain,
                        "offload buys memory; this model does not need it here")  # fmt: skip

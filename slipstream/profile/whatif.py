@@ -62,14 +62,24 @@ def data_workers(step_s: float, wait_s: float, busy_s: float, workers: int,
     return want, gain
 
 
-def balance(step_s: float, compute_s: float, cost_ratio: float) -> Gain:
+def balance(step_s: float, compute_s: float, cost_ratio: float, max_cost: float,
+            fit: dict | None) -> Gain:  # fmt: skip
     """Balancing gives the costliest rank `cost_ratio` of its cost today (the data plane's
-    re-plan of the same steps): its forward and backward (`compute_s`) shrink by as much, and
-    every rank waits on it."""
-    saved = compute_s * (1.0 - cost_ratio)
-    return Gain(step_s, step_s - saved, "high" if compute_s > 0.5 * step_s else "medium",
+    re-plan of the same steps), and every rank waits on the costliest. What a unit of cost
+    takes in seconds comes from the run itself (`fit`: forward + backward against the rows'
+    cost over every rank and step, so fixed costs that do not scale are left out); without a
+    usable fit, all of the costliest rank's `compute_s` scales."""
+    if fit and fit["s_per_cost"] > 0:
+        saved = fit["s_per_cost"] * max_cost * (1.0 - cost_ratio)
+        sure = "high" if fit["r2"] >= 0.8 else "medium" if fit["r2"] >= 0.5 else "low"
+        how = (f"{fit['s_per_cost'] * 1e6:.2f} us per unit of cost (fitted over the run, "
+               f"r2 {fit['r2']:.2f})")  # fmt: skip
+    else:
+        saved, sure = compute_s * (1.0 - cost_ratio), "low"
+        how = f"all of its {compute_s * 1e3:.1f} ms of forward and backward scaling"
+    return Gain(step_s, step_s - saved, sure,
                 f"the costliest rank's attention + linear cost x{cost_ratio:.3f} "
-                f"(re-planned), scaling its {compute_s * 1e3:.1f} ms of forward and backward")  # fmt: skip
+                f"(re-planned), at {how}")  # fmt: skip
 
 
 def more_tokens_per_reduce(step_s: float, comm_s: float, factor: int) -> Gain:

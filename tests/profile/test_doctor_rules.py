@@ -14,14 +14,15 @@ STEPS = 12
 
 def record(rank: int, phases_ms: dict[str, float], *, dp: int = 1, rank_cost: float = 100.0,
            imbalance: float = 1.0, busy_ms=(1.0, 1.0), cpu_frac: float = 0.0,
-           optimizer: dict | None = None) -> dict:  # fmt: skip
+           optimizer: dict | None = None, max_cost: float | None = None) -> dict:  # fmt: skip
     """One rank's record: every step the same phases (ms), `busy_ms` of loader work per step
     per source."""
     ph = {p: phases_ms.get(p, 0.0) / 1e3 for p in (*PHASES, "other")}
     step = sum(ph.values())
     cols = {f"{p}_s": [v] * STEPS for p, v in ph.items()}
     cols.update(step_s=[step] * STEPS, step=list(range(1, STEPS + 1)), tokens=[1000.0] * STEPS,
-                imbalance=[imbalance] * STEPS, max_rank_cost=[rank_cost * imbalance] * STEPS,
+                imbalance=[imbalance] * STEPS,
+                max_rank_cost=[max_cost or rank_cost * imbalance] * STEPS,
                 rank_cost=[rank_cost] * STEPS)  # fmt: skip
     busy = [b / 1e3 * STEPS for b in busy_ms]
     return {
@@ -113,16 +114,29 @@ def test_a_straggler_is_named_with_its_phase_and_what_it_costs():
 def test_a_slow_rank_whose_rows_cost_more_is_imbalance_not_a_straggler():
     fast = {"forward": 10, "backward": 20, "comm": 30}
     slow = {"forward": 20, "backward": 40, "comm": 0}
-    recs = [record(0, fast, dp=2, rank_cost=50, imbalance=1.33),
-            record(1, slow, dp=2, rank_cost=100, imbalance=1.33)]  # fmt: skip
+    recs = [record(0, fast, dp=2, rank_cost=50, imbalance=1.33, max_cost=100),
+            record(1, slow, dp=2, rank_cost=100, imbalance=1.33, max_cost=100)]  # fmt: skip
     found = examine(measure(recs, config(balance="none"), skip=2),
                     Models(balanced={"method": "kk", "cost_ratio": 0.8}))  # fmt: skip
     kinds = [f.kind for f in found]
     assert "straggler" not in kinds and "imbalance" in kinds
     f = found[kinds.index("imbalance")]
     assert f.lever == ["--set data.balance.method=kk"]
-    # The costliest rank's 60 ms of forward and backward at 0.8 of its cost: 12 ms saved.
+    # Forward + backward fitted against cost: 30 ms at 50, 60 ms at 100, so 0.6 ms per unit;
+    # the costliest rank (100) at 0.8 of its cost saves 12 ms.
     assert f.gain.step_s - f.gain.predicted_step_s == pytest.approx(0.012)
+
+
+def test_the_balance_gain_leaves_out_what_does_not_scale_with_cost():
+    # 20 ms of forward and backward that no row's cost explains (fixed), 0.2 ms per unit.
+    fast = {"forward": 10, "backward": 20, "comm": 10}
+    slow = {"forward": 10, "backward": 30, "comm": 0}
+    recs = [record(0, fast, dp=2, rank_cost=50, imbalance=1.33, max_cost=100),
+            record(1, slow, dp=2, rank_cost=100, imbalance=1.33, max_cost=100)]  # fmt: skip
+    found = examine(measure(recs, config(balance="none"), skip=2),
+                    Models(balanced={"method": "kk", "cost_ratio": 0.5}))  # fmt: skip
+    f = next(f for f in found if f.kind == "imbalance")
+    assert f.gain.step_s - f.gain.predicted_step_s == pytest.approx(0.0002 * 100 * 0.5)
 
 
 def test_exposed_communication_counts_the_rank_that_waits_least():
