@@ -4,7 +4,7 @@ writes a small corpus and a recipe into a folder and returns how to run it.
 - data: one source's transform sleeps per document (I/O-like cost), with one loader worker;
 - compute: a balanced fast setup (nothing else to blame);
 - memory: the compute recipe planned against a device smaller than plain training needs;
-- offload: the memory engine on a CPU, where the model fits without it;
+- offload: the memory engine on a CPU, its host step on one of the cores;
 - imbalance: two data-parallel ranks, balancing off, documents of very different lengths;
 - communication: two ranks, a wide model and few tokens (the gradients' all-reduce is the step);
 - straggler: two ranks, one of them sharing its core with other work (see `straggler_env`).
@@ -98,7 +98,7 @@ def write(root: Path, name: str) -> tuple[Path, dict]:
     elif name == "offload":
         model.update(n_layer=4, n_head=4, d_model=256)
         data.update(seq_len=64, micro_batch_size=1)
-        optim.update(offload=True, offload_dtype="fp32")
+        optim.update(offload=True, offload_dtype="fp32", offload_threads=1)
     elif name == "imbalance":  # rows of 2,048: attention runs per document (sum of len^2)
         model.update(d_model=64, max_seq_len=2048)
         data.update(seq_len=2048, micro_batch_size=2, num_micro_batches=1)

@@ -169,6 +169,9 @@ class Models:
     fits}], "current", "best"}: the memory planner for this run's model and capacity."""
     offload_plain_s: float | None = None
     """The optimizer step without offload: torch's AdamW on the device, measured."""
+    host_scaling: float | None = None
+    """The host's AdamW-pattern bandwidth on every core over that on the run's offload
+    threads (the host AdamW probe, measured here)."""
     free_cores: int | None = None
     """Cores a CPU-bound loader may add (beside training's threads)."""
 
@@ -373,24 +376,36 @@ def _offload(m: dict, models: Models) -> Finding | None:
     mem = models.memory
     plain_fits = mem is not None and any(
         row["strategy"] == "plain" and row["fits"] for row in mem["rows"])  # fmt: skip
+    rejected = []
     if plain_fits and models.offload_plain_s is not None:
         gain = whatif.replace_phase(
             m["step_s"], host, models.offload_plain_s,
             f"the planner says the model fits without offload: torch's AdamW on the device "
             f"({models.offload_plain_s * 1e3:.1f} ms, measured for this size) instead of "
             f"{host * 1e3:.1f} ms on the host")  # fmt: skip
-        return Finding("offload", level, verdict, why, ["--set optim.offload=false"], gain,
-                       "offload buys memory; this model does not need it here")  # fmt: skip
+        if gain.fraction > 0:
+            return Finding("offload", level, verdict, why, ["--set optim.offload=false"], gain,
+                           "offload buys memory; this model does not need it here")  # fmt: skip
+        rejected.append(f"optim.offload=false gains nothing ({gain.model})")
     if m["device"]["type"] == "cuda" and not s["delayed_update"]:
         gain = whatif.replace_phase(m["step_s"], r0["phases_s"]["optimizer"], 0.0,
                                     "the host step behind the next step's compute", "low")  # fmt: skip
         return Finding("offload", level, verdict, why, ["--set optim.delayed_update=true"], gain)
     cpus = m["device"].get("cpus", 1)
-    if s["offload_threads"] and s["offload_threads"] < cpus:
-        return Finding("offload", level, verdict, why,
-                       [f"--set optim.offload_threads={cpus}"])  # fmt: skip
+    threads = s["offload_threads"] or cpus
+    scaling = models.host_scaling
+    host_step = m["optimizer"].get("offload/host_step_s")
+    if threads < cpus and scaling and host_step:
+        gain = whatif.replace_phase(
+            m["step_s"], host_step, host_step / scaling,
+            f"the host step ({host_step * 1e3:.1f} ms) at the probe's bandwidth on {cpus} "
+            f"threads, {scaling:.2f}x its bandwidth on {threads}")  # fmt: skip
+        if gain.fraction > 0:
+            return Finding("offload", level, verdict, why,
+                           [f"--set optim.offload_threads={cpus}"], gain)  # fmt: skip
+        rejected.append(f"more host threads gain nothing ({gain.model})")
     return Finding("offload", level, verdict, why, ["slipstream memory RECIPE"],
-                   note="the host step already uses every core")  # fmt: skip
+                   note="; ".join(rejected) or "the host step already uses every core")  # fmt: skip
 
 
 def _compute(m: dict, models: Models) -> Finding:

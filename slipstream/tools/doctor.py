@@ -184,15 +184,22 @@ def compute_models(cfg, records: list[dict], m: dict, device_gib: float | None) 
     if m["settings"]["balance"] in ("none", "random") or m["imbalance"] >= 1.10:
         models.balanced = balanced_costs(cfg, records)
     models.memory = memory_model(cfg, m, device_gib)
-    if models.memory and m["settings"]["offload"]:
+    s = m["settings"]
+    if models.memory and s["offload"]:
         models.offload_plain_s = adamw_seconds(models.memory["num_params"], m["device"])
+    cpus = m["device"].get("cpus", 1)
+    if s["offload"] and 0 < s["offload_threads"] < cpus:
+        from slipstream.offload.host_adam import measure_host_bandwidth
+
+        now, every = (measure_host_bandwidth(n, numel=2**23) for n in (s["offload_threads"], cpus))
+        models.host_scaling = every / now
     return models
 
 
 def adamw_seconds(num_params: float, device: dict, repeats: int = 5) -> float:
-    """torch's AdamW step for `num_params` fp32 parameters on the run's kind of device and
-    threads, measured here (on at most 2**24 of them, scaled: the step is bandwidth-bound,
-    linear in the count)."""
+    """torch's fused AdamW step (the trainer's without offload) for `num_params` fp32
+    parameters on the run's kind of device and threads, measured here (on at most 2**24 of
+    them, scaled: the step is bandwidth-bound, linear in the count)."""
     import torch
 
     dev = torch.device("cuda" if device["type"] == "cuda" else "cpu")
@@ -202,7 +209,7 @@ def adamw_seconds(num_params: float, device: dict, repeats: int = 5) -> float:
     try:
         p = torch.zeros(n, device=dev, requires_grad=True)
         p.grad = torch.randn(n, device=dev)
-        opt = torch.optim.AdamW([p], lr=1e-4)
+        opt = torch.optim.AdamW([p], lr=1e-4, fused=True)  # as the trainer builds it
         times = []
         for _ in range(repeats + 1):
             if dev.type == "cuda":

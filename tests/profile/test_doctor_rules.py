@@ -183,3 +183,14 @@ def test_a_run_without_records_is_one_line(tmp_path):
     (tmp_path / "profile" / "rank-000.json").write_text("{trunc")
     with pytest.raises(ValueError, match="unreadable"):
         load_records(tmp_path)
+
+
+def test_a_lever_that_would_not_gain_is_not_proposed():
+    # The device's AdamW (80 ms) slower than the whole host side (70 ms): offload stays.
+    rec = record(0, {"forward": 10, "backward": 20, "grad_offload": 30, "optimizer": 40})
+    memory = {"capacity_bytes": 8e9, "source": "host", "best": None,
+              "current": {"strategy": "offload", "device_bytes": 1e8, "step_s": 0.1},
+              "rows": [{"strategy": "plain", "fits": True, "device_bytes": 2e8}]}  # fmt: skip
+    f = top([rec], config(offload=True), Models(memory=memory, offload_plain_s=0.080))
+    assert f.kind == "offload" and f.gain is None
+    assert "--set optim.offload=false" not in f.lever and "gains nothing" in f.note
