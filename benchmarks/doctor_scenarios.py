@@ -176,7 +176,16 @@ def _pinned_train(argv: list[str]) -> int:
     return main(["train", *argv])
 
 
+USAGE = """usage: python -m benchmarks.doctor_scenarios write NAME DIR   (a scenario's recipe)
+       python -m benchmarks.doctor_scenarios train RECIPE [ARGS]  (one rank, pinned)"""
+
 if __name__ == "__main__":
-    if sys.argv[1:2] != ["train"]:
-        raise SystemExit("usage: python -m benchmarks.doctor_scenarios train RECIPE [ARGS]")
-    raise SystemExit(_pinned_train(sys.argv[2:]))
+    if sys.argv[1:2] == ["train"]:
+        raise SystemExit(_pinned_train(sys.argv[2:]))
+    if sys.argv[1:2] == ["write"] and len(sys.argv) == 4:
+        recipe, how = write(Path(sys.argv[3]), sys.argv[2])
+        extra = (f" --nproc {how['nproc']}" if how["nproc"] > 1 else "") + (
+            f" --device-gib {how['device_gib']}" if how["device_gib"] else "")  # fmt: skip
+        print(f"wrote {recipe}; diagnose it with: slipstream doctor {recipe}{extra}")
+        raise SystemExit(0)
+    raise SystemExit(USAGE)
