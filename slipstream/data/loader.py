@@ -48,6 +48,7 @@ class StepStats:
     imbalance: float  # max/mean rank cost as assigned (`unbalanced_imbalance`: without balancing)
     max_rank_cost: float  # the costliest rank's cost as assigned: predicts the step's time
     wait_s: float = 0.0  # how long the consumer waited for this step
+    queue_depth: int = 0  # steps ready ahead of the consumer when it asked for this one
     replicas: list[int] | None = None  # ray: loader actors serving each source
 
 
@@ -184,6 +185,7 @@ class MixtureLoader:
             self.planner.load_state_dict(self._state)
             raise
         item.stats.wait_s = wait_s
+        item.stats.queue_depth = self._prefetch.depth
         self._state = item.state_after
         return item
 

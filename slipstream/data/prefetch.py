@@ -17,6 +17,7 @@ class Prefetcher:
     def __init__(self, produce: Callable[[], Iterator], depth: int, name: str) -> None:
         self._stop = threading.Event()
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.depth = 0
         self._thread = threading.Thread(target=self._run, args=(produce,), name=name, daemon=True)
         self._thread.start()
 
@@ -24,6 +25,7 @@ class Prefetcher:
         """(the next item, seconds waited for it). StopIteration at the end; the producer's
         exception if it failed (the prefetcher is then finished)."""
         t0 = time.perf_counter()
+        self.depth = self._queue.qsize()  # steps ready when asked (0: the consumer waits)
         item = self._queue.get()
         wait_s = time.perf_counter() - t0
         if item is _END:

@@ -1,5 +1,4 @@
-"""The doctor's reading of a run: what each rank recorded (record.py) turned into the numbers
-behind a diagnosis (`measure`), and the rules that name the bottlenecks (`examine`).
+"""The doctor's rules: from the numbers of a run (measure.py), the findings (`examine`).
 
 A finding has a verdict, the numbers behind it, a lever written as a line to paste (a
 `--set key=value` for `slipstream train`, or a command), and the gain a what-if model
@@ -12,14 +11,12 @@ What needs another pillar's model comes in as numbers (`Models`), computed by th
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from slipstream.profile import whatif
-from slipstream.profile.record import FOLDER
+from slipstream.profile.measure import measure
 from slipstream.profile.timeline import PHASES
 
 WARN, CRITICAL = 0.10, 0.20  # of the step
@@ -27,135 +24,6 @@ BLAME = 0.80  # a cause must explain this much of a wait to be named
 STRAGGLER = 0.80  # relative score (best rank's own time / this rank's) below this
 IMBALANCE = 1.10  # max / mean rank cost above this
 MEMORY = 0.90  # of capacity
-
-
-def load_records(run_dir: Path) -> list[dict]:
-    """Every rank's record of the run, by rank."""
-    files = sorted((Path(run_dir) / FOLDER).glob("rank-*.json"))
-    if not files:
-        raise ValueError(
-            f"{run_dir}: no {FOLDER}/rank-*.json; it is not a run folder, or its run stopped "
-            "before its first checkpoint (train a few steps into it first)"
-        )
-    out = []
-    for f in files:
-        try:
-            out.append(json.loads(f.read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{f}: unreadable ({e}); train the run again") from None
-    return sorted(out, key=lambda r: r["rank"])
-
-
-def _steps(rec: dict, skip: int) -> dict[str, np.ndarray]:
-    cols = {k: np.asarray(v, dtype=float) for k, v in rec["steps"].items()}
-    n = len(cols.get("step_s", []))
-    skip = min(skip, max(n - 1, 0))
-    return {k: v[skip:] for k, v in cols.items()}
-
-
-def measure(records: list[dict], config: dict, skip: int | None = None,
-            peak_flops: float | None = None) -> dict:  # fmt: skip
-    """The run's numbers: per rank and phase, memory, data cost per source, balance, MFU,
-    straggler scores. `skip`: steps left out at the start (default: 2, or 10% of a long
-    run): the first steps carry start-up costs."""
-    n = len(records[0]["steps"].get("step_s", []))
-    skip = skip if skip is not None else max(2, n // 10)
-    cols = [_steps(r, skip) for r in records]
-    if not len(cols[0].get("step_s", [])):
-        raise ValueError("the run recorded no steps; train a few steps first")
-    phases = [*PHASES, "other"]
-    ranks = []
-    for rec, c in zip(records, cols, strict=True):
-        med = {p: float(np.median(c[f"{p}_s"])) for p in phases}
-        step = float(np.median(c["step_s"]))
-        own = c["step_s"] - c["comm_s"]  # its own work: all but waiting for the others
-        ranks.append({
-            "rank": rec["rank"], "step_s": step, "phases_s": med,
-            "shares": {p: med[p] / step if step else 0.0 for p in phases},
-            "own_s": float(np.median(own)), "best_own_s": float(own.min()),
-            "rank_cost": float(np.median(c["rank_cost"])),
-            "memory": rec["memory"], "overhead_s": rec.get("overhead_s", 0.0),
-            "steps_seen": rec.get("steps_seen", 0),
-        })  # fmt: skip
-    best = min(r["own_s"] for r in ranks)
-    for r in ranks:  # nvidia-resiliency-ext's two scores, 1 = as fast as it gets
-        r["relative_score"] = best / r["own_s"] if r["own_s"] else 1.0
-        r["individual_score"] = r["best_own_s"] / r["own_s"] if r["own_s"] else 1.0
-    # Forward + backward against the rows' cost, over every rank and step: what a unit of
-    # the balance cost model costs in seconds here (the imbalance what-if's scale).
-    cost = np.concatenate([c["rank_cost"] for c in cols])
-    work = np.concatenate([c["forward_s"] + c["backward_s"] for c in cols])
-    fit = None
-    if len(cost) >= 4 and np.ptp(cost) > 0:
-        slope, icept = np.polyfit(cost, work, 1)
-        resid = work - (slope * cost + icept)
-        r2 = 1 - float(resid.var()) / float(work.var()) if work.var() > 0 else 0.0
-        fit = {"s_per_cost": float(slope), "fixed_s": float(icept), "r2": r2}
-    main, c0 = records[0], cols[0]
-    step_s = ranks[0]["step_s"]
-    tokens_per_s = float(np.median(c0["tokens"])) / step_s if step_s else 0.0
-    model = main.get("model", {})
-    mfu = None
-    if peak_flops and model.get("flops_per_token"):
-        world = main["topology"]["world_size"]
-        mfu = model["flops_per_token"] * tokens_per_s / (peak_flops * world)
-    d = main["data"]
-    busy = np.asarray(d["busy_s"], float)
-    seen = max(main.get("steps_seen", 1), 1)
-    sources = []
-    for i, name in enumerate(d["sources"]):
-        docs, toks = d["docs"][i], d["tokens"][i]
-        sources.append({
-            "name": name, "busy_s_per_step": busy[i] / seen,
-            "ms_per_doc": 1e3 * busy[i] / docs if docs else None,
-            "ms_per_1k_tokens": 1e6 * busy[i] / toks if toks else None,
-            "share": float(busy[i] / busy.sum()) if busy.sum() > 0 else 0.0,
-            "cpu_fraction": float(d["cpu_s"][i] / busy[i]) if busy[i] > 0 else None,
-        })  # fmt: skip
-    return {
-        "steps_measured": len(c0["step_s"]),
-        "steps_skipped": skip,
-        "step_s": step_s,
-        "tokens_per_s": tokens_per_s,
-        "mfu": mfu,
-        "peak_flops": peak_flops,
-        "shares": ranks[0]["shares"],
-        "ranks": ranks,
-        "device": main["device"],
-        "topology": main["topology"],
-        "model": model,
-        "optimizer": main.get("optimizer", {}),
-        "sources": sources,
-        "data_busy_s_per_step": float(busy.sum() / seen),
-        "imbalance": float(np.median(c0["imbalance"])),
-        "max_rank_cost": float(np.median(c0["max_rank_cost"])),
-        "compute_fit": fit,
-        "overhead": float(
-            np.mean([r["overhead_s"] / max(r["steps_seen"], 1) for r in ranks]) / step_s
-        )
-        if step_s
-        else 0.0,  # fmt: skip
-        "settings": _settings(config),
-    }
-
-
-def _settings(config: dict) -> dict:
-    """The levers as the run had them."""
-    d, o, p, t = config["data"], config["optim"], config["parallel"], config["train"]
-    b = d.get("backend", {})
-    return {
-        "backend": b.get("kind", "local"), "pool": b.get("pool", "thread"),
-        "num_workers": b.get("num_workers", 2), "prefetch_steps": b.get("prefetch_steps", 4),
-        "balance": d.get("balance", {}).get("method", "greedy"),
-        "micro_batch_size": d["micro_batch_size"], "num_micro_batches": d["num_micro_batches"],
-        "seq_len": d["seq_len"], "offload": o.get("offload", False),
-        "delayed_update": o.get("delayed_update", False),
-        "offload_threads": o.get("offload_threads", 0), "zero_stage": o.get("zero_stage", 0),
-        "grad_clip": o.get("grad_clip", 1.0), "tp": p.get("tp", 1),
-        "overlap": p.get("overlap", "auto"), "precision": t.get("precision", "auto"),
-        "activation_checkpointing": config["model"].get("activation_checkpointing", False),
-        "transforms": [s.get("transform") for s in d["sources"]],
-    }  # fmt: skip
 
 
 @dataclass

@@ -44,11 +44,11 @@ class RankRecord:
         self.steps_seen = 0
 
     def add(self, step: int, phases: dict[str, float], tokens: float, imbalance: float,
-            max_rank_cost: float, rank_cost: float) -> None:  # fmt: skip
+            max_rank_cost: float, rank_cost: float, queue_depth: int = 0) -> None:  # fmt: skip
         t0 = time.perf_counter()
         row = {f"{k}_s": v for k, v in phases.items()}  # `step` (its seconds) too: step_s
         row.update(step=step, tokens=tokens, imbalance=imbalance, max_rank_cost=max_rank_cost,
-                   rank_cost=rank_cost)  # fmt: skip
+                   rank_cost=rank_cost, queue_depth=queue_depth)  # fmt: skip
         self.rows.append(row)
         self.steps_seen += 1
         self.overhead_s += time.perf_counter() - t0

@@ -13,6 +13,7 @@ from rich.table import Table
 from slipstream.profile.timeline import PHASES
 
 PHASE_COLUMNS = (*PHASES, "other")
+GIB = 2**30
 COLORS = {
     "data_wait": "#d62728", "h2d": "#ff7f0e", "forward": "#1f77b4", "backward": "#17becf",
     "grad_offload": "#9467bd", "comm": "#e377c2", "optimizer": "#2ca02c", "other": "#7f7f7f",
@@ -37,7 +38,8 @@ def _ms(x: float) -> str:
 def gain_line(g: dict | None) -> str:
     if not g:
         return "gain: not predicted"
-    return (f"expected gain: {g['fraction']:.0%} of the step ({_ms(g['step_s'])} -> "
+    what = "expected gain" if g["fraction"] >= 0 else "expected cost (what fitting takes)"
+    return (f"{what}: {abs(g['fraction']):.0%} of the step ({_ms(g['step_s'])} -> "
             f"{_ms(g['predicted_step_s'])} ms, {g['speedup']:.2f}x; {g['confidence']} "
             f"confidence): {g['model']}")  # fmt: skip
 
@@ -62,6 +64,7 @@ def print_report(console: Console, report: dict) -> None:
         table.add_row(str(r["rank"]), *[_ms(r["phases_s"][p]) for p in PHASE_COLUMNS],
                       _ms(r["step_s"]), f"{r['relative_score']:.2f}")  # fmt: skip
     console.print(table)
+    console.print(memory_line(m) + data_line(m), markup=False, soft_wrap=True)
     for i, f in enumerate(report["findings"], 1):
         console.print(f"{i}. {MARK[f['severity']]} {html.escape(f['verdict'], quote=False)}",
                       soft_wrap=True)  # fmt: skip
@@ -84,6 +87,30 @@ def print_report(console: Console, report: dict) -> None:
     console.print(f"recording cost {m['overhead']:.3%} of the step", markup=False)
 
 
+def memory_line(m: dict) -> str:
+    gib, mem = GIB, m["memory"]
+    parts = []
+    if mem.get("device_capacity_bytes"):
+        parts.append(f"device peak {mem['device_peak_bytes'] / gib:.2f} of "
+                     f"{mem['device_capacity_bytes'] / gib:.1f} GiB")  # fmt: skip
+    parts.append(f"host peak {mem['host_peak_bytes'] / gib:.2f} of "
+                 f"{mem['host_capacity_bytes'] / gib:.1f} GiB (resident, the largest rank)")  # fmt: skip
+    return "memory: " + "; ".join(parts)
+
+
+def data_line(m: dict) -> str:
+    src = "; ".join(f"{x['name']} {x['ms_per_doc']:.2f} ms/doc" for x in m["sources"]
+                    if x["ms_per_doc"] is not None)  # fmt: skip
+    queue = (
+        f", {m['queue_depth']:.0f} step(s) ready when asked"
+        if m.get("queue_depth") is not None
+        else ""
+    )
+    comm = (f"; gradient all-reduce ~{m['grad_allreduce_bytes'] / 2**20:,.1f} MiB per rank per step"
+            if m.get("grad_allreduce_bytes") else "")  # fmt: skip
+    return f"\ndata: {src}{queue}{comm}"
+
+
 # -- HTML -----------------------------------------------------------------------------------
 def _svg(fig) -> str:
     buf = io.StringIO()
@@ -98,32 +125,46 @@ def _svg(fig) -> str:
 
 def charts(report: dict, steps: dict[int, dict[str, list[float]]]) -> dict[str, str]:
     """SVG charts: each rank's step timeline (stacked phases per step), the phase breakdown
-    per rank, the data cost per source, memory against capacity."""
+    per rank, the data cost per source, memory per rank and, with a memory finding, per
+    strategy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     m = report["profile"]
-    out = {}
+    out = {
+        "timeline": _timeline(plt, m, steps),
+        "phases": _phases(plt, m),
+        "sources": _source_costs(plt, m),
+        "memory_peaks": _memory_peaks(plt, m),
+    }
+    mem = next((f["why"] for f in report["findings"] if f["kind"] == "memory"), None)
+    if mem and mem.get("planner"):
+        out["memory"] = _strategies(plt, mem)
+    return out
+
+
+def _timeline(plt, m: dict, steps: dict) -> str:
     ranks = sorted(steps)
     fig, axes = plt.subplots(len(ranks), 1, figsize=(9, 1.8 * len(ranks) + 0.6), squeeze=False,
                              sharex=True)  # fmt: skip
     skip = m["steps_skipped"]
     for ax, r in zip(axes[:, 0], ranks, strict=True):
         cols = {k: v[skip:] for k, v in steps[r].items()}  # the measured steps
-        x = cols["step"]
-        bottom = [0.0] * len(x)
+        bottom = [0.0] * len(cols["step"])
         for p in PHASE_COLUMNS:
             ys = [v * 1e3 for v in cols[f"{p}_s"]]
-            ax.bar(x, ys, bottom=bottom, color=COLORS[p], label=p, width=0.9)
+            ax.bar(cols["step"], ys, bottom=bottom, color=COLORS[p], label=p, width=0.9)
             bottom = [a + b for a, b in zip(bottom, ys, strict=True)]
         ax.set_ylabel(f"rank {r}\nms")
     axes[0, 0].legend(ncol=4, fontsize=7, loc="upper right")
     axes[-1, 0].set_xlabel("step")
     fig.suptitle(f"step timeline per rank (the first {skip} steps left out: start-up)")
-    out["timeline"] = _svg(fig)
+    return _svg(fig)
 
+
+def _phases(plt, m: dict) -> str:
     fig, ax = plt.subplots(figsize=(9, 0.5 * len(m["ranks"]) + 1.2))
     for i, r in enumerate(m["ranks"]):
         left = 0.0
@@ -135,28 +176,41 @@ def charts(report: dict, steps: dict[int, dict[str, list[float]]]) -> dict[str, 
     ax.set_xlabel("ms per step (median)")
     ax.legend(ncol=8, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35))
     ax.set_title("phases per rank")
-    out["phases"] = _svg(fig)
+    return _svg(fig)
 
+
+def _source_costs(plt, m: dict) -> str:
     src = m["sources"]
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(src) + 1.2))
     ax.barh([s["name"] for s in src], [s["busy_s_per_step"] * 1e3 for s in src], color="#d62728")
     ax.set_xlabel("loader ms per step")
     ax.set_title("data cost per source")
-    out["sources"] = _svg(fig)
+    return _svg(fig)
 
-    mem = next((f["why"] for f in report["findings"] if f["kind"] == "memory"), None)
-    rows = mem["planner"] if mem else None
-    if rows:
-        fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.2))
-        gib = 2**30
-        ax.barh([r["strategy"] for r in rows], [r["device_bytes"] / gib for r in rows],
-                color=["#2ca02c" if r["fits"] else "#d62728" for r in rows])  # fmt: skip
-        ax.axvline(mem["capacity_bytes"] / gib, color="black", ls="--", label="capacity")
-        ax.set_xlabel("device GiB per rank (the memory planner)")
-        ax.legend()
-        ax.set_title("memory per strategy")
-        out["memory"] = _svg(fig)
-    return out
+
+def _memory_peaks(plt, m: dict) -> str:
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(m["ranks"]) + 1.4))
+    key = "device" if m["ranks"][0]["memory"].get("device_capacity_bytes") else "host"
+    peaks = [r["memory"][f"{key}_peak_bytes"] / GIB for r in m["ranks"]]
+    ax.barh([f"rank {r['rank']}" for r in m["ranks"]], peaks, color="#1f77b4")
+    ax.axvline(m["ranks"][0]["memory"][f"{key}_capacity_bytes"] / GIB, color="black", ls="--",
+               label="capacity")  # fmt: skip
+    ax.set_xlabel(f"{key} memory peak, GiB" + (" (resident set)" if key == "host" else ""))
+    ax.legend()
+    ax.set_title("memory per rank")
+    return _svg(fig)
+
+
+def _strategies(plt, mem: dict) -> str:
+    rows = mem["planner"]
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.2))
+    ax.barh([r["strategy"] for r in rows], [r["device_bytes"] / GIB for r in rows],
+            color=["#2ca02c" if r["fits"] else "#d62728" for r in rows])  # fmt: skip
+    ax.axvline(mem["capacity_bytes"] / GIB, color="black", ls="--", label="capacity")
+    ax.set_xlabel("device GiB per rank (the memory planner)")
+    ax.legend()
+    ax.set_title("memory per strategy")
+    return _svg(fig)
 
 
 PAGE = """<!doctype html>
@@ -220,7 +274,8 @@ def write_html(report: dict, path: Path, steps: dict | None = None) -> Path:
     svgs = "".join(f"<figure>{svg}</figure>" for svg in charts(report, steps).values())
     mfu = f", MFU {m['mfu']:.1%}" if m.get("mfu") else ""
     summary = (f"{m['steps_measured']} steps measured on {m['topology']['world_size']} rank(s); "
-               f"{_ms(m['step_s'])} ms a step, {m['tokens_per_s']:,.0f} tokens/s{mfu}.")  # fmt: skip
+               f"{_ms(m['step_s'])} ms a step, {m['tokens_per_s']:,.0f} tokens/s{mfu}. "
+               f"{memory_line(m)}. {data_line(m).strip()}.")  # fmt: skip
     path.write_text(PAGE.format(title=esc(report["run"]), summary=esc(summary),
                                 findings="".join(findings), verify=verify, table=table,
                                 charts=svgs))  # fmt: skip

@@ -68,10 +68,11 @@ def balance(step_s: float, compute_s: float, cost_ratio: float, max_cost: float,
     re-plan of the same steps), and every rank waits on the costliest. What a unit of cost
     takes in seconds comes from the run itself (`fit`: forward + backward against the rows'
     cost over every rank and step, so fixed costs that do not scale are left out); without a
-    usable fit, all of the costliest rank's `compute_s` scales."""
-    if fit and fit["s_per_cost"] > 0:
+    fit that explains half the variance (r2 >= 0.5: a noisy machine), all of the costliest
+    rank's `compute_s` scales, with low confidence."""
+    if fit and fit["s_per_cost"] > 0 and fit["r2"] >= 0.5:
         saved = fit["s_per_cost"] * max_cost * (1.0 - cost_ratio)
-        sure = "high" if fit["r2"] >= 0.8 else "medium" if fit["r2"] >= 0.5 else "low"
+        sure = "high" if fit["r2"] >= 0.8 else "medium"
         how = (f"{fit['s_per_cost'] * 1e6:.2f} us per unit of cost (fitted over the run, "
                f"r2 {fit['r2']:.2f})")  # fmt: skip
     else:

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from slipstream.profile.doctor import Models, examine, load_records, measure
+from slipstream.profile.doctor import Models, examine
+from slipstream.profile.measure import load_records, measure
 from slipstream.profile.report import print_compare, print_report, write_html
 
 GIB = 2**30

@@ -37,7 +37,7 @@ class Recorder:
         plan, stats = batch.plan, batch.stats
         rank_cost = float(plan.row_costs[plan.assignment[self.d.dp_rank]].sum())
         self.record.add(step + 1, phases, float(stats.num_tokens), stats.imbalance,
-                        stats.max_rank_cost, rank_cost)  # fmt: skip
+                        stats.max_rank_cost, rank_cost, stats.queue_depth)  # fmt: skip
         for s, n in enumerate(stats.tokens_by_source):
             self.tokens_by_source[s] += float(n)
         self.optimizer_stats = {k: v for k, v in row.items() if k.startswith("offload/")}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from slipstream.profile.doctor import Models, examine, measure
+from slipstream.profile import Models, examine, measure
 from slipstream.profile.timeline import PHASES
 
 STEPS = 12
@@ -175,7 +175,7 @@ def test_a_model_that_does_not_fit_gets_the_planners_strategy():
 
 
 def test_a_run_without_records_is_one_line(tmp_path):
-    from slipstream.profile.doctor import load_records
+    from slipstream.profile.measure import load_records
 
     with pytest.raises(ValueError, match="no profile/rank"):
         load_records(tmp_path)
@@ -194,3 +194,15 @@ def test_a_lever_that_would_not_gain_is_not_proposed():
     f = top([rec], config(offload=True), Models(memory=memory, offload_plain_s=0.080))
     assert f.kind == "offload" and f.gain is None
     assert "--set optim.offload=false" not in f.lever and "gains nothing" in f.note
+
+
+def test_blocking_tensor_parallel_communication_gets_the_overlap():
+    a = {"forward": 10, "backward": 20, "comm": 40}
+    recs = [record(r, a, dp=2) for r in range(2)]
+    for rec in recs:
+        rec["topology"].update(tp_size=2, dp_size=1)
+    cfg = config()
+    cfg["parallel"] = {"tp": 2, "overlap": "reference"}
+    f = next(f for f in examine(measure(recs, cfg, skip=2)) if f.kind == "communication")
+    assert f.lever == ["--set parallel.overlap=shm"]  # a CPU: the shared-memory heap
+    assert f.gain.confidence == "low"  # no model of this link's overlap yet: said so
