@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -48,34 +49,47 @@ def export_run(
     state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
     tok_ref = tokenizer or resolved["data"]["tokenizer"]
     tok = build_tokenizer(tok_ref, Path.cwd())
-    out.mkdir(parents=True, exist_ok=True)
-    if model.get("kind", "gpt") == "gpt":
-        config, tensors = _llama(model, state, tok.eos_id, dtype)
-    else:
-        config, tensors = _hf(model, state, run, dtype)
-    config.save_pretrained(out)
-    from safetensors.torch import save_file
+    # Written into a folder beside `out` and moved in once whole: a failure on the way leaves
+    # `out` as it was (an earlier export in it included).
+    part = out.parent / f".{out.name}.partial"
+    shutil.rmtree(part, ignore_errors=True)
+    part.mkdir(parents=True)
+    try:
+        if model.get("kind", "gpt") == "gpt":
+            config, tensors = _llama(model, state, tok.eos_id, dtype)
+        else:
+            config, tensors = _hf(model, state, run, dtype)
+        config.save_pretrained(part)
+        from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in tensors.items()}, out / "model.safetensors",
-              metadata={"format": "pt"})  # fmt: skip
-    _save_tokenizer(tok_ref, out)
-    (out / "slipstream.json").write_text(
-        json.dumps({"run": str(run.resolve()), "checkpoint": str(folder), "step": meta["step"]})
-        + "\n"
-    )
+        save_file({k: v.contiguous() for k, v in tensors.items()}, part / "model.safetensors",
+                  metadata={"format": "pt"})  # fmt: skip
+        _save_tokenizer(tok_ref, part)
+        (part / "slipstream.json").write_text(
+            json.dumps({"run": str(run.resolve()), "checkpoint": str(folder), "step": meta["step"]})
+            + "\n"
+        )
+    except BaseException:
+        shutil.rmtree(part, ignore_errors=True)
+        raise
+    out.mkdir(parents=True, exist_ok=True)
+    for name in EXPORTED:  # an earlier export's files that this one does not write go too
+        (out / name).unlink(missing_ok=True)
+    for f in part.iterdir():
+        os.replace(f, out / f.name)
+    part.rmdir()
     return out
+
+
+EXPORTED = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+            "tokenizer_config.json", "special_tokens_map.json", "slipstream.json")  # fmt: skip
 
 
 def _claim(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: is a file; name a folder for the exported model")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise ValueError(f"{out}: not empty; name a new folder, or pass --overwrite")
-        for name in ("config.json", "model.safetensors", "generation_config.json",
-                     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                     "slipstream.json"):  # fmt: skip
-            (out / name).unlink(missing_ok=True)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"{out}: not empty; name a new folder, or pass --overwrite")
 
 
 def _newest_intact(run: Path, step: int | None, say) -> tuple[Path, dict, dict]:

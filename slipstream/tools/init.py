@@ -62,7 +62,8 @@ def init_run(
             raise ValueError(f"--tokenizer: {tokenizer} is not a file; give a tokenizers JSON file")
         tokenizer = os.path.relpath(tok_file, folder)
     folder.mkdir(parents=True, exist_ok=True)
-    try:  # nothing half-made stays behind: a mistake found on the way removes what was written
+    kept = {p: p.read_bytes() for p in written if p.is_file()}  # what --force replaces
+    try:  # nothing half-made stays behind: a mistake on the way puts back what was there
         spec_text = _spec_text(sources, "byte" if tokenizer == "train" else tokenizer)
         spec_path.write_text(spec_text)
         if tokenizer == "train":
@@ -73,7 +74,10 @@ def init_run(
         _count_tokens(recipe, console)
     except BaseException:
         for p in written:
-            p.unlink(missing_ok=True)
+            if p in kept:
+                p.write_bytes(kept[p])
+            else:
+                p.unlink(missing_ok=True)
         raise
     return recipe
 

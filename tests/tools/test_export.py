@@ -144,3 +144,5 @@ def test_export_mistakes_are_one_line(tmp_path, run12, capsys):
         (folder / "model.pt").write_bytes(b"")  # every checkpoint damaged
     assert main(["export", str(run), str(tmp_path / "hf")]) == 2
     assert "every checkpoint is damaged" in capsys.readouterr().err
+    # Nothing is made by an export that fails: no folder, no half-written files beside it.
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf*"))

@@ -52,6 +52,12 @@ def test_init_writes_a_recipe_that_trains_on_your_files(tmp_path):
     assert 'paths = ["corpus"]' in spec and 'tokenizer = "my-run.tokenizer.json"' in spec
     again = cli(tmp_path, "init", "my-run", "--data", "corpus")
     assert again.returncode == 2 and "exist; choose another name, or pass --force" in again.stderr
+    # --force that fails on the way puts back the files it was replacing, byte for byte.
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("my-run*")}
+    failed = cli(tmp_path, "init", "my-run", "--force", "--data", "corpus", "--data",
+                 "papers/*.parquet", "--vocab-size", "400")  # fmt: skip
+    assert failed.returncode == 2 and "no column 'text'" in failed.stderr, failed.stderr
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("my-run*")} == before
     run = cli(tmp_path, "train", "my-run.toml", "--set", "train.steps=3", "--set",
               "train.eval_every=0", "--set", "train.sample_tokens=0", "--set", "model.n_layer=1")  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
