@@ -16,18 +16,22 @@ from pathlib import Path
 import pytest
 
 from benchmarks import doctor_scenarios as scenarios
-from tests.conftest import run_cli
 
 STEPS = "12"
 
 
-def doctor(*args: str) -> dict:
-    done = run_cli("doctor", *args, timeout_s=600)
-    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-2000:]
+def doctor(capsys, *args: str) -> dict:
+    """`slipstream doctor ARGS` in this process (its profiled runs are processes of their
+    own): the report it wrote, and what it printed."""
+    from slipstream.cli import main
+
+    status = main(["doctor", *args])
+    out = capsys.readouterr()
+    assert status == 0, out.err[-3000:] + out.out[-2000:]
     target = Path(args[0])
     run = target if target.is_dir() else Path(args[args.index("--out") + 1])
     report = json.loads((run / "doctor.json").read_text())
-    report["stdout"] = done.stdout
+    report["stdout"] = out.out
     return report
 
 
@@ -44,9 +48,9 @@ def root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("doctor")
 
 
-def test_a_slow_source_is_data_bound_and_more_workers_make_the_step_faster(root):
+def test_a_slow_source_is_data_bound_and_more_workers_make_the_step_faster(root, capsys):
     recipe, _ = scenarios.write(root, "data")
-    report = doctor(str(recipe), "--steps", STEPS, "--out", str(root / "data"), "--verify")
+    report = doctor(capsys, str(recipe), "--steps", STEPS, "--out", str(root / "data"), "--verify")
     f = report["findings"][0]
     assert f["kind"] == "data" and "'slow'" in f["verdict"]
     assert f["lever"][0].startswith("--set data.backend.num_workers=")
@@ -60,13 +64,13 @@ def test_a_slow_source_is_data_bound_and_more_workers_make_the_step_faster(root)
     assert "predicted" in report["stdout"] and "measured" in report["stdout"]
 
 
-def test_a_balanced_fast_setup_is_compute_bound_and_a_small_device_is_memory(root):
+def test_a_balanced_fast_setup_is_compute_bound_and_a_small_device_is_memory(root, capsys):
     recipe, run = scenarios.write(root, "memory")
-    report = doctor(str(recipe), "--steps", "6", "--out", str(root / "compute"))
+    report = doctor(capsys, str(recipe), "--steps", "4", "--out", str(root / "compute"))
     assert kinds(report) == ["compute"]
     assert "nothing to gain" in report["findings"][0]["note"]
     # The same run read back from its folder, planned against a device too small for it.
-    report = doctor(str(root / "compute"), "--device-gib", str(run["device_gib"]))
+    report = doctor(capsys, str(root / "compute"), "--device-gib", str(run["device_gib"]))
     f = report["findings"][0]
     assert f["kind"] == "memory" and f["severity"] == "critical" and "does not fit" in f["verdict"]
     planner = {r["strategy"]: r for r in f["why"]["planner"]}
@@ -75,34 +79,36 @@ def test_a_balanced_fast_setup_is_compute_bound_and_a_small_device_is_memory(roo
     assert f["why"]["after_bytes"] <= f["why"]["capacity_bytes"] < f["why"]["device_bytes"]
 
 
-def test_offload_on_a_cpu_where_the_model_fits_is_named_with_its_cost(root):
+def test_offload_on_a_cpu_where_the_model_fits_is_named_with_its_cost(root, capsys):
     recipe, _ = scenarios.write(root, "offload")
-    report = doctor(str(recipe), "--steps", "6", "--out", str(root / "offload"))
+    report = doctor(capsys, str(recipe), "--steps", "6", "--out", str(root / "offload"))
     f = finding(report, "offload")
     assert f["lever"] == ["--set optim.offload=false"] and f["gain"]["fraction"] > 0
 
 
-def test_skewed_documents_without_balancing_are_imbalance_with_the_replanned_gain(root):
+def test_skewed_documents_without_balancing_are_imbalance_with_the_replanned_gain(root, capsys):
     recipe, run = scenarios.write(root, "imbalance")
-    report = doctor(str(recipe), "--steps", "6", "--nproc", "2", "--out", str(root / "imb"))
+    report = doctor(capsys, str(recipe), "--steps", "6", "--nproc", "2", "--out", str(root / "imb"))
     f = finding(report, "imbalance")
     assert f["lever"][0] in ("--set data.balance.method=kk", "--set data.balance.method=greedy")
     assert f["why"]["imbalance"] > 1.1 and 0 < f["why"]["balanced"]["cost_ratio"] < 1
     assert "straggler" not in kinds(report)
 
 
-def test_a_wide_model_on_few_tokens_is_communication_bound(root):
+def test_a_wide_model_on_few_tokens_is_communication_bound(root, capsys):
     recipe, _ = scenarios.write(root, "communication")
-    report = doctor(str(recipe), "--steps", "6", "--nproc", "2", "--out", str(root / "comm"))
+    report = doctor(
+        capsys, str(recipe), "--steps", "6", "--nproc", "2", "--out", str(root / "comm")
+    )
     f = finding(report, "communication")
     assert f["lever"] == ["--set data.num_micro_batches=2"] and f["gain"]["fraction"] > 0
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
-def test_a_rank_sharing_its_core_is_the_straggler(root):
+def test_a_rank_sharing_its_core_is_the_straggler(root, capsys):
     recipe, _ = scenarios.write(root, "straggler")
     scenarios.run_straggler(recipe, root / "straggler", 12)
-    report = doctor(str(root / "straggler"))
+    report = doctor(capsys, str(root / "straggler"))
     f = finding(report, "straggler")
     assert f["why"]["rank"] == 1 and f["why"]["relative_score"] < scenarios_threshold()
     assert f["gain"]["step_s"] > f["gain"]["predicted_step_s"]
@@ -114,7 +120,7 @@ def scenarios_threshold() -> float:
     return STRAGGLER
 
 
-def test_the_trace_holds_the_phases_as_ranges(root):
+def test_the_trace_holds_the_phases_as_ranges(root, capsys):
     traces = sorted((root / "data" / "profile").glob("trace-rank-*.json"))
     assert traces
     events = json.loads(traces[0].read_text())["traceEvents"]
@@ -124,12 +130,14 @@ def test_the_trace_holds_the_phases_as_ranges(root):
     assert sum(e["name"] == "forward" and e.get("ph") == "X" for e in events) == 3
 
 
-def test_compare_reads_two_runs_phase_by_phase(root):
-    done = run_cli("doctor", "compare", str(root / "data"), str(root / "data-verify"))
-    assert done.returncode == 0, done.stderr
-    assert "data_wait" in done.stdout and "tokens/s" in done.stdout
-    bad = run_cli("doctor", "compare", str(root / "data"))
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+def test_compare_reads_two_runs_phase_by_phase(root, capsys):
+    from slipstream.cli import main
+
+    assert main(["doctor", "compare", str(root / "data"), str(root / "data-verify")]) == 0
+    out = capsys.readouterr().out
+    assert "data_wait" in out and "tokens/s" in out
+    assert main(["doctor", "compare", str(root / "data")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
 
 
 def _chromium() -> str | None:
