@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-SLEEP_S = 0.02  # per document of the slow source
+SLEEP_S = 0.02  # per document of the slow source ($DOCTOR_SCENARIO_SLEEP_S overrides it)
 
 
 def sleepy(text: str) -> str:
     """A transform whose cost is waiting (a remote read, a slow disk): more workers fix it
     on any number of cores."""
-    time.sleep(SLEEP_S)
+    time.sleep(float(os.environ.get("DOCTOR_SCENARIO_SLEEP_S", SLEEP_S)))
     return text
 
 
@@ -88,7 +88,8 @@ def write(root: Path, name: str) -> tuple[Path, dict]:
     ]
     if name == "data":
         backend["num_workers"] = 1
-        sources[1] = ("slow", sources[1][1], 0.5, "benchmarks.doctor_scenarios:sleepy")
+        # Few documents: counting their tokens the first time runs the transform on each.
+        sources[1] = ("slow", sources[1][1][:80], 0.5, "benchmarks.doctor_scenarios:sleepy")
         data["micro_batch_size"] = 16
     elif name in ("compute", "memory"):
         model.update(n_layer=4, n_head=4, d_model=256)
@@ -142,12 +143,13 @@ def pinned_cpus() -> list[int]:
 
 
 def run_straggler(recipe: Path, out: Path, steps: int, env: dict | None = None) -> None:
-    """Two ranks under torchrun, each pinned to a core of its own, and other work (two busy
-    loops) on rank 1's core: rank 1 gets about a third of it. Needs two cores."""
+    """Two ranks under torchrun, each pinned to a core of its own, and other work (four busy
+    loops) on rank 1's core: rank 1 gets about a fifth of it, and stays the slow one whatever
+    else runs on the machine. Needs two cores."""
     cpus = pinned_cpus()
     if len(cpus) < 2:
         raise RuntimeError("the straggler scenario needs two cores")
-    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(4)]
     try:
         for b in busy:
             os.sched_setaffinity(b.pid, {cpus[1]})
