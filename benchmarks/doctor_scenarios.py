@@ -13,6 +13,7 @@ writes a small corpus and a recipe into a folder and returns how to run it.
 from __future__ import annotations
 
 import json
+import keyword
 import os
 import subprocess
 import sys
@@ -31,28 +32,7 @@ def sleepy(text: str) -> str:
     return text
 
 
-WORDS = [
-    "the",
-    "of",
-    "and",
-    "to",
-    "in",
-    "is",
-    "that",
-    "for",
-    "it",
-    "as",
-    "with",
-    "was",
-    "on",
-    "be",
-    "by",
-    "this",
-    "are",
-    "from",
-    "at",
-    "or",
-]
+WORDS = keyword.kwlist  # the documents' words: Python's keywords
 
 
 def _docs(rng: np.random.Generator, n: int, mean_words: float, sigma: float) -> list[str]:
