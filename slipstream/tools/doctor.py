@@ -260,6 +260,7 @@ def verify(report: dict, recipe: Path, sets: list[str], steps: int, nproc: int, 
     after_dir = out.with_name(out.name + "-verify")
     short_run(recipe, [*sets, *extra], steps, nproc, after_dir, console)
     after = diagnose_run(after_dir, device_gib)
+    (after_dir / "doctor.json").write_text(json.dumps(after, indent=2, default=float) + "\n")
     before_s, after_s = report["profile"]["step_s"], after["profile"]["step_s"]
     predicted = top["gain"]["fraction"]
     # Per token: a lever may change the tokens a step holds (more micro-batches).
@@ -285,6 +286,10 @@ def run_doctor(args: argparse.Namespace, console: Console | None = None) -> dict
         run_dir = target
     elif target.is_file():
         run_dir = Path(args.out) if args.out else Path("runs") / "doctor" / target.stem
+        for folder in (run_dir, run_dir.with_name(run_dir.name + "-verify")):
+            if (folder / "config.json").is_file() and not (folder / "doctor.json").is_file():
+                raise ValueError(f"--out: {folder} holds a run the doctor did not make (it "
+                                 "replaces its profiled runs); give another --out")  # fmt: skip
         short_run(target, args.set, args.steps, args.nproc, run_dir, console)
     else:
         raise ValueError(f"{target}: no such recipe or run folder")

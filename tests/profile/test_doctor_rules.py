@@ -206,3 +206,16 @@ def test_blocking_tensor_parallel_communication_gets_the_overlap():
     f = next(f for f in examine(measure(recs, cfg, skip=2)) if f.kind == "communication")
     assert f.lever == ["--set parallel.overlap=shm"]  # a CPU: the shared-memory heap
     assert f.gain.confidence == "low"  # no model of this link's overlap yet: said so
+
+
+def test_the_doctor_never_replaces_a_run_it_did_not_make(tmp_path, capsys):
+    from slipstream.cli import main
+
+    recipe, run = tmp_path / "r.toml", tmp_path / "mine"
+    recipe.write_text("[train]\nsteps = 5\n")
+    run.mkdir()
+    (run / "config.json").write_text("{}")  # someone's run
+    assert main(["doctor", str(recipe), "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run the doctor did not make" in err and err.count("\n") == 1
+    assert (run / "config.json").read_text() == "{}"
