@@ -174,6 +174,9 @@ class BackendSpec:
     ray_address: str = ""
     """ray: the cluster to join (`auto`, `ray://host:10001`, ...); empty = the one this process
     is already connected to, else $RAY_ADDRESS, else a local Ray started for the job."""
+    connect_timeout_s: float = 10.0
+    """ray: how long the cluster at `ray_address` has to answer before the run stops, naming
+    the address (Ray itself would retry for over a minute)."""
     job: str = ""
     """ray: the name under which the job's loader actors are found by every rank; empty =
     derived from torchrun's run id (or this process) and the spec. local: names the job's
@@ -209,6 +212,10 @@ class BackendSpec:
             raise ValueError(f"backend.prefetch_steps: {self.prefetch_steps} must be >= 1")
         if self.replicas < 1 or self.shadow < 0 or self.cpu_budget < 0:
             raise ValueError("backend: replicas must be >= 1, shadow and cpu_budget >= 0")
+        if not self.connect_timeout_s > 0:
+            raise ValueError(
+                f"backend.connect_timeout_s: {self.connect_timeout_s} must be > 0 (seconds)"
+            )
         if self.autoscale_every < 0 or self.lookahead_steps < 0 or self.machine_ranks < 0:
             raise ValueError(
                 "backend: autoscale_every, lookahead_steps and machine_ranks must be >= 0"

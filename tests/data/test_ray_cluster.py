@@ -88,8 +88,10 @@ def test_an_address_nobody_answers_fails_in_one_line_naming_it(tmp_path):
     recipe = write_recipe(tmp_path)
     out = run_cli(
         "train", str(recipe), "--set", "data.backend.kind='ray'",
-        "--set", f"data.backend.ray_address='{address}'", timeout_s=120,
+        "--set", f"data.backend.ray_address='{address}'",
+        "--set", "data.backend.connect_timeout_s=1", timeout_s=120,
     )  # fmt: skip
     assert out.returncode == 2, out.stderr[-2000:]
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and address in lines[0] and "nothing answers" in lines[0], lines
+    assert "after 1 s" in lines[0]  # the recipe's bound, not the default

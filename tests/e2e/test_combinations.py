@@ -22,10 +22,11 @@ OPTIMIZERS = {
     "offload": ("optim.offload=true", "optim.offload_dtype='fp32'"),
     "zero2": ("optim.offload=true", "optim.offload_dtype='fp32'", "optim.zero_stage=2"),
 }
+# local dp 2 x tp 2 with ZeRO-2 runs in the resume test below (its first 3 steps, then on
+# another data-parallel size) and with the Ray backend here.
 FAST = {
     ("local", 1, 2, "offload"),
     ("local", 2, 1, "zero2"),
-    ("local", 2, 2, "zero2"),
     ("ray", 2, 2, "zero2"),
 }
 
@@ -70,13 +71,14 @@ def test_levers_combined_give_the_one_process_losses(
     assert got == pytest.approx(reference_losses, rel=1e-5)
 
 
-def test_a_sharded_tensor_parallel_run_resumes_on_another_data_parallel_size(tmp_path):
+def test_a_sharded_tensor_parallel_run_resumes_on_another_data_parallel_size(
+    tmp_path, reference_losses
+):
     """dp 2 x tp 2 with ZeRO-2 offload, stopped at step 3 (its host state in one file per
     rank and slice), resumed on dp 1 x tp 2 (offload, the whole state on each slice's rank):
-    the losses of an uninterrupted run."""
-    ref = train(tmp_path / "ref", "local", 2, 2, "zero2")
+    the losses of one process, uninterrupted."""
     first = train(tmp_path, "local", 2, 2, "zero2", "train.stop_at_step=3")
-    assert len(first) == 3
+    assert first == pytest.approx(reference_losses[:3], rel=1e-5)  # tolerance: the matrix's
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("*/optimizer*"))
     assert names == [f"optimizer.shard{r}.tp{t}.pt" for r in (0, 1) for t in (0, 1)]
     recipe = write_recipe(tmp_path, "one.toml", num_micro_batches=2)
@@ -84,7 +86,7 @@ def test_a_sharded_tensor_parallel_run_resumes_on_another_data_parallel_size(tmp
     out = torchrun(recipe, "--resume", *[a for s in args for a in ("--set", s)], nproc=2)
     assert out.returncode == 0, out.stderr[-3000:]
     # The same tolerance as above: the rest runs with other reduction orders.
-    assert losses(tmp_path / "run") == pytest.approx(ref, rel=1e-5)
+    assert losses(tmp_path / "run") == pytest.approx(reference_losses, rel=1e-5)
 
 
 def test_the_delayed_update_on_a_sharded_tensor_parallel_mesh(tmp_path):

@@ -211,22 +211,29 @@ def test_overrides_reach_the_mixture_spec_file():
     assert cfg.data.backend.num_workers == 3 and cfg.data.seq_len == 128
 
 
+LONG_RUN = ["--set", "train.steps=120", "--set", "train.checkpoint_every=0",
+            "--set", "train.eval_every=0"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def long_run_losses(tmp_path_factory) -> list[float]:
+    """The default recipe's losses over 120 steps, uninterrupted."""
+    ref = tmp_path_factory.mktemp("long") / "ref"
+    out = slipstream("train", str(write_recipe(ref.parent)), *LONG_RUN,
+                     "--set", f"train.out_dir='{ref}'")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return losses(ref)
+
+
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
-def test_a_stop_signal_checkpoints_a_whole_step_and_resume_continues_exactly(tmp_path, signame):
+def test_a_stop_signal_checkpoints_a_whole_step_and_resume_continues_exactly(
+    tmp_path, long_run_losses, signame
+):
     import signal
     import time
 
     recipe = write_recipe(tmp_path)
-    steps = [
-        "--set",
-        "train.steps=120",
-        "--set",
-        "train.checkpoint_every=0",
-        "--set",
-        "train.eval_every=0",
-    ]
-    ref = slipstream("train", str(recipe), *steps, "--set", f"train.out_dir='{tmp_path / 'ref'}'")
-    assert ref.returncode == 0, ref.stderr
+    steps = LONG_RUN
     run = tmp_path / "run"
     proc = subprocess.Popen(
         [sys.executable, "-m", "slipstream", "train", str(recipe), *steps],
@@ -250,7 +257,7 @@ def test_a_stop_signal_checkpoints_a_whole_step_and_resume_continues_exactly(tmp
     assert 3 <= stopped < 120
     resumed = slipstream("train", str(recipe), *steps, "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert losses(run) == pytest.approx(losses(tmp_path / "ref"), rel=1e-6, abs=1e-6)
+    assert losses(run) == pytest.approx(long_run_losses, rel=1e-6, abs=1e-6)
 
 
 def test_resume_under_torchrun_with_another_world_size_continues_the_run(
@@ -364,8 +371,8 @@ def test_tensor_parallel_run_matches_one_process_and_resumes(tmp_path, reference
     # Measured: equal to 1 fp32 ulp (4e-8) over 6 steps; the split matmuls add the same
     # products in another order. A wrong split or a missed gradient sum moves step 2 by >1e-3.
     assert losses(run) == pytest.approx(reference_losses, rel=1e-5)
-    other = torchrun(recipe, "--set", f"train.out_dir='{run}'", "--resume")
-    assert other.returncode != 0 and "saved with parallel.tp = 2" in other.stderr
+    other = slipstream("train", str(recipe), "--set", f"train.out_dir='{run}'", "--resume")
+    assert other.returncode == 2 and "saved with parallel.tp = 2" in other.stderr
 
 
 def test_two_by_two_mesh_matches_one_process(tmp_path, reference_losses):

@@ -38,7 +38,9 @@ JOIN_TIMEOUT_S = 120.0
 CONNECT_TIMEOUT_S = 10.0  # a cluster that is starting has this long to answer
 
 
-def connect(address: str = "", topology: Topology | None = None) -> None:
+def connect(
+    address: str = "", topology: Topology | None = None, timeout_s: float = CONNECT_TIMEOUT_S
+) -> None:
     """Join (or start) Ray for this process. In a launched job without an address, its rank 0
     starts a local Ray and leaves its address in a file named by the job's run id, where the
     other ranks read it (so they cannot join some other Ray running on the machine)."""
@@ -47,7 +49,7 @@ def connect(address: str = "", topology: Topology | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS", "")
     if address:
-        check_reachable(address)
+        check_reachable(address, timeout_s)
         ray.init(address=address, log_to_driver=False)
         return
     run = topology.run_id
@@ -173,7 +175,7 @@ class RayBackend:
         from slipstream.data.backends.ray_actors import NAMESPACE, JobDirectory
 
         topology = topology or Topology()
-        connect(spec.backend.ray_address, topology)
+        connect(spec.backend.ray_address, topology, spec.backend.connect_timeout_s)
         self.spec = spec
         tok = tokenizer or spec.tokenizer
         self.tokenizer = build_tokenizer(tok, spec.base_dir)
