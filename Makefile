@@ -50,7 +50,8 @@ gpt125m: $(STAMP) $(DEMO_DIR)/tokenizer-50k.json
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Everything `test` runs, and the whole lever matrix (tests/e2e/test_combinations.py).
+# Everything `test` runs, the whole lever matrix (tests/e2e/test_combinations.py) and the
+# loader contract with process pools for every format (tests/data/test_loader_contract.py).
 test-all: $(STAMP)
 	$(PY) -m pytest -q --all
 

@@ -157,7 +157,7 @@ def pytest_addoption(parser) -> None:
 def pytest_collection_modifyitems(config, items) -> None:
     if config.getoption("--all"):
         return
-    skip = pytest.mark.skip(reason="part of the whole lever matrix: make test-all")
+    skip = pytest.mark.skip(reason="part of the whole matrix: make test-all")
     for item in items:
         if "combinations" in item.keywords:
             item.add_marker(skip)

@@ -13,6 +13,7 @@ flattened [B * T] batch (padding is a segment of its own), as the data plane bui
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -20,10 +21,16 @@ import torch.nn.functional as F
 
 from slipstream.models.masks import document_mask
 
-try:  # variable-length flash attention (CUDA only)
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:  # pragma: no cover - older torch
-    varlen_attn = None
+
+@functools.cache
+def _varlen_attn():
+    """torch's variable-length flash attention (CUDA only), or None. Imported on first use on
+    a CUDA device: importing it loads torch._dynamo, 1.3 s of every process's start."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # pragma: no cover - older torch
+        return None
+    return varlen_attn
 
 
 # Per-document calls win when sum(len^2) + CALL_COST * calls < DENSE_COST * rows * T^2.
@@ -53,7 +60,7 @@ def plan_layout(
     max_seqlen: int | None,
 ) -> Layout:
     if cu_seqlens is not None:
-        if varlen_attn is not None and x.is_cuda and _half_autocast():
+        if x.is_cuda and _half_autocast() and _varlen_attn() is not None:
             return Layout("varlen", cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         bounds = cu_seqlens.tolist()  # a device sync on CUDA; free on CPU
         segments = list(zip(bounds[:-1], bounds[1:], strict=True))
@@ -78,7 +85,7 @@ def attend(q_BTHK: torch.Tensor, k_BTHK: torch.Tensor, v_BTHK: torch.Tensor, lay
     B, T, H, K = q_BTHK.shape
     if lay.kind == "varlen":
         flat = [t.reshape(B * T, H, K) for t in (q_BTHK, k_BTHK, v_BTHK)]
-        y = varlen_attn(
+        y = _varlen_attn()(
             *flat,
             lay.cu_seqlens,
             lay.cu_seqlens,

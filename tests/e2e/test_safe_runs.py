@@ -5,6 +5,7 @@ stopped one and a mistake apart."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -16,10 +17,22 @@ def _steps(run) -> list[int]:
     return [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_second_run_into_a_used_folder_is_refused_and_changes_nothing(tmp_path):
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A run of 8 steps stopped at step 6, with its checkpoints at steps 3 and 6 (both kept),
+    for each test to copy: the recipe and its corpus are written the same in any folder."""
+    base = tmp_path_factory.mktemp("stopped")
+    first = slipstream(
+        "train", str(write_recipe(base)), "--set", "train.steps=8", "--set", "train.stop_at_step=6"
+    )
+    assert first.returncode == 3, first.stderr
+    return base / "run"
+
+
+def test_a_second_run_into_a_used_folder_is_refused_and_changes_nothing(tmp_path, stopped_run):
     recipe = write_recipe(tmp_path)
-    assert slipstream("train", str(recipe)).returncode == 0
     run = tmp_path / "run"
+    shutil.copytree(stopped_run, run)
     before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
     again = slipstream("train", str(recipe), "--set", "train.steps=3")
     assert again.returncode == 2, again.stderr
@@ -30,10 +43,10 @@ def test_a_second_run_into_a_used_folder_is_refused_and_changes_nothing(tmp_path
     assert after == before  # config.json, metrics, checkpoints: untouched
 
 
-def test_overwrite_replaces_the_run(tmp_path):
+def test_overwrite_replaces_the_run(tmp_path, stopped_run):
     recipe = write_recipe(tmp_path)
-    assert slipstream("train", str(recipe)).returncode == 0
     run = tmp_path / "run"
+    shutil.copytree(stopped_run, run)
     out = slipstream("train", str(recipe), "--overwrite", "--set", "train.steps=3")
     assert out.returncode == 0, out.stderr
     assert _steps(run) == [1, 2, 3]  # the old run's rows are gone, not appended to
@@ -89,13 +102,12 @@ def test_the_exit_status_tells_stopped_finished_and_already_finished_apart(tmp_p
     ],
     ids=["truncated-model", "empty-optimizer", "corrupt-meta"],
 )
-def test_resume_names_a_damaged_checkpoint_and_falls_back_to_an_intact_one(tmp_path, name, damage):
-    recipe = write_recipe(tmp_path)  # checkpoints at steps 3 and 6, both kept
-    first = slipstream(
-        "train", str(recipe), "--set", "train.steps=8", "--set", "train.stop_at_step=6"
-    )
-    assert first.returncode == 3, first.stderr
+def test_resume_names_a_damaged_checkpoint_and_falls_back_to_an_intact_one(
+    tmp_path, stopped_run, name, damage
+):
+    recipe = write_recipe(tmp_path)
     run = tmp_path / "run"
+    shutil.copytree(stopped_run, run)
     damage(run / "checkpoints" / "step_00000006" / name)
     out = slipstream("train", str(recipe), "--set", "train.steps=8", "--resume")
     assert out.returncode == 0, out.stderr[-2000:]
@@ -106,9 +118,9 @@ def test_resume_names_a_damaged_checkpoint_and_falls_back_to_an_intact_one(tmp_p
     assert _steps(run)[-5:] == [4, 5, 6, 7, 8]  # continued from step 3
 
 
-def test_resume_with_every_checkpoint_damaged_is_one_line(tmp_path):
+def test_resume_with_every_checkpoint_damaged_is_one_line(tmp_path, stopped_run):
     recipe = write_recipe(tmp_path)
-    assert slipstream("train", str(recipe)).returncode == 0
+    shutil.copytree(stopped_run, tmp_path / "run")
     for folder in (tmp_path / "run" / "checkpoints").iterdir():
         (folder / "model.pt").write_bytes(b"")
     out = slipstream("train", str(recipe), "--resume", "--set", "train.steps=8")
