@@ -42,7 +42,9 @@ def machine() -> dict:
     Intel Xeon, both with AVX-512, differed in 2 of the 6 runs by 2e-8 of the loss), so runs
     are bit-equal only on the same processor model with the same core count."""
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    isa = "avx512" if " avx512f" in info else "avx2" if " avx2" in info else "other"
+    # The kernels torch dispatches to, not what the processor could run: ATEN_CPU_CAPABILITY
+    # =avx2 on an AVX-512 machine runs an AVX2 machine's kernels (and its sums).
+    isa = torch.backends.cpu.get_cpu_capability().lower()
     model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines()
                   if ln.startswith("model name")), platform.processor())  # fmt: skip
     return {
