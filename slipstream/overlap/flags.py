@@ -134,6 +134,8 @@ class FlagTable:
             for r, pid in enumerate(self.peer_pids)
             if r != self.rank and not process_alive(pid)
         ]
+        if dead and self.local[flag].sum() >= value:
+            return  # the peer signalled, then exited (its write came before its exit)
         aborted = [r for r in range(self.world_size) if self.local[ABORT][r]]
         roots = [(r, pid) for r, pid in dead if r not in aborted]
         if roots:
