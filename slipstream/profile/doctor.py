@@ -151,17 +151,16 @@ def _imbalance(m: dict, models: Models) -> Finding | None:
         return None
     slowest = max(m["ranks"], key=lambda r: r["own_s"])
     compute = slowest["phases_s"]["forward"] + slowest["phases_s"]["backward"]
+    # The share of the step the other ranks wait for the costliest (by the cost model): what
+    # the finding's severity rests on; the gain is what balancing gets back of it.
+    share = (1 - 1 / m["imbalance"]) * compute / m["step_s"]
     why = {"imbalance": m["imbalance"], "balance": m["settings"]["balance"],
-           "forward_backward_s": compute,
-           "waiting_share": (1 - 1 / m["imbalance"]) * compute / m["step_s"]}  # fmt: skip
+           "forward_backward_s": compute, "waiting_share": share}  # fmt: skip
     b = models.balanced
     gain = whatif.balance(m["step_s"], compute, b["cost_ratio"], m["max_rank_cost"],
                           m["compute_fit"]) if b else None  # fmt: skip
     if b:
         why["balanced"] = b
-    # The share of the step the other ranks wait for the costliest (by the cost model): what
-    # the finding's severity rests on; the gain is what balancing gets back of it.
-    share = (1 - 1 / m["imbalance"]) * compute / m["step_s"]
     level = severity(share)
     if level is None:
         return None
