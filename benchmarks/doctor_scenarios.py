@@ -7,7 +7,9 @@ writes a small corpus and a recipe into a folder and returns how to run it.
 - offload: the memory engine on a CPU, its host step on one of the cores;
 - imbalance: two data-parallel ranks, balancing off, documents of very different lengths;
 - communication: two ranks, a wide model and few tokens (the gradients' all-reduce is the step);
-- straggler: two ranks, one of them sharing its core with other work (see `straggler_env`).
+- straggler: two ranks on the same rows' cost, one of them doing its forward's matrix products
+  SLOW_FACTOR times (`run_straggler`): slower than its rows say, as a throttled device or a
+  host with other work is.
 """
 
 from __future__ import annotations
@@ -118,52 +120,58 @@ def write(root: Path, name: str) -> tuple[Path, dict]:
 SCENARIOS = ("data", "compute", "memory", "offload", "imbalance", "communication", "straggler")
 
 
-def pinned_cpus() -> list[int]:
-    return sorted(os.sched_getaffinity(0))
+SLOW_FACTOR = 16  # the straggler's forward does each matrix product this many times
+SLOW_RANK = "DOCTOR_SCENARIO_SLOW_RANK"  # "RANK:FACTOR", read by `train` below
 
 
-def run_straggler(recipe: Path, out: Path, steps: int, env: dict | None = None) -> None:
-    """Two ranks under torchrun, each pinned to a core of its own, and other work (four busy
-    loops) on rank 1's core: rank 1 gets about a fifth of it, and stays the slow one whatever
-    else runs on the machine. Needs two cores."""
-    cpus = pinned_cpus()
-    if len(cpus) < 2:
-        raise RuntimeError("the straggler scenario needs two cores")
-    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(4)]
-    try:
-        for b in busy:
-            os.sched_setaffinity(b.pid, {cpus[1]})
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=2", "-m", "benchmarks.doctor_scenarios", "train", str(recipe),
-               "--set", f"train.steps={steps}", "--set", f"train.out_dir={out}",
-               "--set", "train.checkpoint_every=0", "--set", "train.eval_every=0",
-               "--set", "train.sample_tokens=0", "--set", "train.progress=false",
-               "--overwrite"]  # fmt: skip
-        done = subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True,
-                              text=True, timeout=600)  # fmt: skip
-        if done.returncode:
-            raise RuntimeError(f"straggler run failed: {done.stderr[-2000:]}")
-    finally:
-        for b in busy:
-            b.kill()
-            b.wait()
+def run_straggler(recipe: Path, out: Path, steps: int, factor: int = SLOW_FACTOR) -> None:
+    """Two ranks under torchrun, rank 1 doing each forward matrix product `factor` times:
+    about (factor + 2) / 3 times rank 0's own time for the same rows, however the machine's
+    other work spreads over its cores (a slowdown by work, not by the scheduler's shares)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc_per_node=2", "-m", "benchmarks.doctor_scenarios", "train", str(recipe),
+           "--set", f"train.steps={steps}", "--set", f"train.out_dir={out}",
+           "--set", "train.checkpoint_every=0", "--set", "train.eval_every=0",
+           "--set", "train.sample_tokens=0", "--set", "train.progress=false",
+           "--overwrite"]  # fmt: skip
+    env = {**os.environ, SLOW_RANK: f"1:{factor}"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode:
+        raise RuntimeError(f"straggler run failed: {done.stderr[-2000:]}")
 
 
-def _pinned_train(argv: list[str]) -> int:
-    """`slipstream train` on the core of this rank's number (torchrun's LOCAL_RANK)."""
+def _repeat_linears(factor: int) -> None:
+    """Every nn.Linear's forward in this process computes its product `factor - 1` more
+    times (thrown away): the same rows, more work."""
+    import torch
+    from torch import nn
+
+    def again(module, args, out):
+        if isinstance(module, nn.Linear):
+            with torch.no_grad():
+                for _ in range(factor - 1):
+                    nn.functional.linear(args[0], module.weight, module.bias)
+
+    nn.modules.module.register_module_forward_hook(again)
+
+
+def _train(argv: list[str]) -> int:
+    """`slipstream train`, slowed on the rank $DOCTOR_SCENARIO_SLOW_RANK names (torchrun's
+    RANK)."""
     from slipstream.cli import main
 
-    cpus = pinned_cpus()
-    os.sched_setaffinity(0, {cpus[int(os.environ.get("LOCAL_RANK", "0")) % len(cpus)]})
+    rank, _, factor = os.environ.get(SLOW_RANK, "-1:1").partition(":")
+    if rank == os.environ.get("RANK", "0"):
+        _repeat_linears(int(factor))
     return main(["train", *argv])
 
 
 USAGE = """usage: python -m benchmarks.doctor_scenarios write NAME DIR   (a scenario's recipe)
-       python -m benchmarks.doctor_scenarios train RECIPE [ARGS]  (one rank, pinned)"""
+       python -m benchmarks.doctor_scenarios train RECIPE [ARGS]  (one rank; see _train)"""
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["train"]:
-        raise SystemExit(_pinned_train(sys.argv[2:]))
+        raise SystemExit(_train(sys.argv[2:]))
     if sys.argv[1:2] == ["write"] and len(sys.argv) == 4:
         recipe, how = write(Path(sys.argv[3]), sys.argv[2])
         extra = (f" --nproc {how['nproc']}" if how["nproc"] > 1 else "") + (

@@ -36,7 +36,8 @@ class Models:
     """{"capacity_bytes", "source", "rows": [{strategy, device_bytes, host_bytes, step_s,
     fits}], "current", "best"}: the memory planner for this run's model and capacity."""
     offload_plain_s: float | None = None
-    """The optimizer step without offload: torch's AdamW on the device, measured."""
+    """The trainer's optimizer step without offload (clipping, then torch's AdamW over the
+    model's parameters on the device), measured for the run's model."""
     host_scaling: float | None = None
     """The host's AdamW-pattern bandwidth on every core over that on the run's offload
     threads (the host AdamW probe, measured here)."""
@@ -248,9 +249,10 @@ def _offload(m: dict, models: Models) -> Finding | None:
         row["strategy"] == "plain" and row["fits"] for row in mem["rows"])  # fmt: skip
     rejected = []
     if plain_fits and models.offload_plain_s is not None:
+        why["plain_step_s"] = models.offload_plain_s
         gain = whatif.replace_phase(
             m["step_s"], host, models.offload_plain_s,
-            f"the planner says the model fits without offload: torch's AdamW on the device "
+            f"the planner says the model fits without offload: the step on the device "
             f"({models.offload_plain_s * 1e3:.1f} ms, measured for this size) instead of "
             f"{host * 1e3:.1f} ms on the host")  # fmt: skip
         if gain.fraction > 0:
@@ -260,7 +262,8 @@ def _offload(m: dict, models: Models) -> Finding | None:
     if m["device"]["type"] == "cuda" and not s["delayed_update"]:
         gain = whatif.replace_phase(m["step_s"], r0["phases_s"]["optimizer"], 0.0,
                                     "the host step behind the next step's compute", "low")  # fmt: skip
-        return Finding("offload", level, verdict, why, ["--set optim.delayed_update=true"], gain)
+        return Finding("offload", level, verdict, why, ["--set optim.delayed_update=true"], gain,
+                       "; ".join(rejected))  # fmt: skip
     cpus = m["device"].get("cpus", 1)
     threads = s["offload_threads"] or cpus
     scaling = models.host_scaling
@@ -272,7 +275,7 @@ def _offload(m: dict, models: Models) -> Finding | None:
             f"threads, {scaling:.2f}x its bandwidth on {threads}")  # fmt: skip
         if gain.fraction > 0:
             return Finding("offload", level, verdict, why,
-                           [f"--set optim.offload_threads={cpus}"], gain)  # fmt: skip
+                           [f"--set optim.offload_threads={cpus}"], gain, "; ".join(rejected))  # fmt: skip
         rejected.append(f"more host threads gain nothing ({gain.model})")
     return Finding("offload", level, verdict, why, ["slipstream memory RECIPE"],
                    note="; ".join(rejected) or "the host step already uses every core")  # fmt: skip

@@ -187,7 +187,7 @@ def compute_models(cfg, records: list[dict], m: dict, device_gib: float | None) 
     models.memory = memory_model(cfg, m, device_gib)
     s = m["settings"]
     if models.memory and s["offload"]:
-        models.offload_plain_s = adamw_seconds(models.memory["num_params"], m["device"])
+        models.offload_plain_s = plain_step_seconds(cfg, m)
     cpus = m["device"].get("cpus", 1)
     if s["offload"] and 0 < s["offload_threads"] < cpus:
         from slipstream.offload.host_adam import measure_host_bandwidth
@@ -197,32 +197,65 @@ def compute_models(cfg, records: list[dict], m: dict, device_gib: float | None) 
     return models
 
 
-def adamw_seconds(num_params: float, device: dict, repeats: int = 5) -> float:
-    """torch's fused AdamW step (the trainer's without offload) for `num_params` fp32
-    parameters on the run's kind of device and threads, measured here (on at most 2**24 of
-    them, scaled: the step is bandwidth-bound, linear in the count)."""
+def plain_step(cfg, m: dict, cap: int = 2**26):
+    """The trainer's optimizer without offload for the run's model (`build_optimizer`: the
+    global norm clipped, then torch's fused AdamW, matrices decayed) on the run's kind of
+    device, with random gradients; and the factor its step's time scales by to the model's.
+    A model over `cap` elements gets its first parameters up to `cap` (the embedding and the
+    first blocks: the same tensor sizes), scaled by count, since the step is bandwidth-bound;
+    under tensor parallelism a rank steps about 1/tp of the model."""
+    import dataclasses
+
+    import torch
+    from torch import nn
+
+    from slipstream.models import GPT
+    from slipstream.tools.memory import gpt_config
+    from slipstream.train.optim import build_optimizer
+
+    dev = torch.device("cuda" if m["device"]["type"] == "cuda" else "cpu")
+    with torch.device("meta"):
+        shapes = [p.shape for p in GPT(gpt_config(cfg)).parameters()]
+    taken, n = [], 0
+    for shape in shapes:
+        if taken and n + shape.numel() > cap:
+            break
+        taken.append(shape)
+        n += shape.numel()
+    scale = sum(s.numel() for s in shapes) / n / m["topology"].get("tp_size", 1)
+    params = nn.ParameterList(nn.Parameter(torch.zeros(s, device=dev)) for s in taken)
+    generator = torch.Generator(dev).manual_seed(0)
+    for p in params:
+        p.grad = torch.randn(p.shape, device=dev, generator=generator)
+    optim = dataclasses.replace(cfg.optim, offload=False, zero_stage=0, delayed_update=False)
+    return build_optimizer(params, optim, dev), scale
+
+
+def plain_step_seconds(cfg, m: dict, repeats: int = 5) -> float:
+    """`plain_step`'s step timed here on the run's threads (median of `repeats`, after one
+    that builds the moments), scaled to the run's model. Each starts from cold caches, as in
+    training, where the forward and backward passes have evicted the weights and moments."""
     import torch
 
-    dev = torch.device("cuda" if device["type"] == "cuda" else "cpu")
-    n = int(min(num_params, 2**24))
+    opt, scale = plain_step(cfg, m)
+    cuda = m["device"]["type"] == "cuda"
+    evict = torch.empty(2**25, device="cuda" if cuda else "cpu")  # 128 MiB: past any cache
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, device.get("threads", threads)))
+    torch.set_num_threads(max(1, m["device"].get("threads", threads)))
     try:
-        p = torch.zeros(n, device=dev, requires_grad=True)
-        p.grad = torch.randn(n, device=dev)
-        opt = torch.optim.AdamW([p], lr=1e-4, fused=True)  # as the trainer builds it
         times = []
         for _ in range(repeats + 1):
-            if dev.type == "cuda":
+            evict.fill_(1.0)
+            if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             opt.step()
-            if dev.type == "cuda":
+            if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
     finally:
         torch.set_num_threads(threads)
-    return float(np.median(times[1:])) * num_params / n
+    return float(np.median(times[1:])) * scale
 
 
 def diagnose_run(run_dir: Path, device_gib: float | None = None) -> dict:

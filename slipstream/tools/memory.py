@@ -142,14 +142,12 @@ def workload_from_recipe(args: argparse.Namespace) -> Workload:
     return workload_from_config(cfg, args.ranks, getattr(args, "trace_device", "meta"))
 
 
-def workload_from_config(cfg, ranks: int, trace: str = "meta") -> Workload:
-    """`workload_from_recipe` for a loaded config (a run's own, for the doctor)."""
+def gpt_config(cfg):
+    """A loaded config's GPTConfig, its vocab_size resolved from the tokenizer."""
     import dataclasses
 
-    import torch
-
     from slipstream.data import build_tokenizer
-    from slipstream.models import GPT, GPTConfig
+    from slipstream.models import GPTConfig
 
     if not isinstance(cfg.model, GPTConfig):
         raise ValueError(
@@ -159,6 +157,18 @@ def workload_from_config(cfg, ranks: int, trace: str = "meta") -> Workload:
     if m.vocab_size == 0:
         vocab = build_tokenizer(cfg.data.tokenizer, cfg.data.base_dir).vocab_size
         m = dataclasses.replace(m, vocab_size=vocab)
+    return m
+
+
+def workload_from_config(cfg, ranks: int, trace: str = "meta") -> Workload:
+    """`workload_from_recipe` for a loaded config (a run's own, for the doctor)."""
+    import dataclasses
+
+    import torch
+
+    from slipstream.models import GPT
+
+    m = gpt_config(cfg)
     with torch.device("meta"):
         num = GPT(m).num_params()
     fp32 = cfg.train.precision == "fp32"  # auto = bf16 on a GPU

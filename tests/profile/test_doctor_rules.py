@@ -46,7 +46,8 @@ def config(**settings) -> dict:
         "data": {"backend": backend, "balance": {"method": settings.get("balance", "greedy")},
                  "micro_batch_size": 4, "num_micro_batches": 1, "seq_len": 64,
                  "sources": [{"name": "a"}, {"name": "slow", "transform": settings.get("t")}]},
-        "optim": {"offload": settings.get("offload", False), "delayed_update": False},
+        "optim": {"offload": settings.get("offload", False), "delayed_update": False,
+                  "offload_threads": settings.get("offload_threads", 0)},
         "parallel": {"tp": 1, "overlap": "auto"},
         "train": {"precision": "auto"},
     }  # fmt: skip
@@ -186,7 +187,7 @@ def test_a_run_without_records_is_one_line(tmp_path):
 
 
 def test_a_lever_that_would_not_gain_is_not_proposed():
-    # The device's AdamW (80 ms) slower than the whole host side (70 ms): offload stays.
+    # The plain step (80 ms) slower than the whole host side (70 ms): offload stays.
     rec = record(0, {"forward": 10, "backward": 20, "grad_offload": 30, "optimizer": 40})
     memory = {"capacity_bytes": 8e9, "source": "host", "best": None,
               "current": {"strategy": "offload", "device_bytes": 1e8, "step_s": 0.1},
@@ -194,6 +195,21 @@ def test_a_lever_that_would_not_gain_is_not_proposed():
     f = top([rec], config(offload=True), Models(memory=memory, offload_plain_s=0.080))
     assert f.kind == "offload" and f.gain is None
     assert "--set optim.offload=false" not in f.lever and "gains nothing" in f.note
+
+
+def test_a_host_step_faster_than_the_plain_one_keeps_offload_and_gets_more_threads():
+    # The plain step (80 ms) slower than the host side (70 ms); the host step (40 ms) on 1 of
+    # 2 cores at 1.6x the bandwidth on both: 40 / 1.6 = 25 ms, 15 ms off a 100 ms step.
+    rec = record(0, {"forward": 10, "backward": 20, "grad_offload": 30, "optimizer": 40},
+                 optimizer={"offload/host_step_s": 0.040})  # fmt: skip
+    memory = {"capacity_bytes": 8e9, "source": "host", "best": None,
+              "current": {"strategy": "offload", "device_bytes": 1e8, "step_s": 0.1},
+              "rows": [{"strategy": "plain", "fits": True, "device_bytes": 2e8}]}  # fmt: skip
+    models = Models(memory=memory, offload_plain_s=0.080, host_scaling=1.6)
+    f = top([rec], config(offload=True, offload_threads=1), models)
+    assert f.kind == "offload" and f.lever == ["--set optim.offload_threads=2"]
+    assert f.gain.predicted_step_s == pytest.approx(0.100 - 0.040 + 0.025)
+    assert f.why["plain_step_s"] == 0.080 and "optim.offload=false gains nothing" in f.note
 
 
 def test_blocking_tensor_parallel_communication_gets_the_overlap():
