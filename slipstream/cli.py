@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 
@@ -75,7 +76,14 @@ def _train(args: argparse.Namespace) -> int:
     finally:
         trainer.optimizer.close()  # its threads end before the process group does
         shutdown(trainer.d)
-    if trainer.finished or trainer.d.enabled:
+    finished, launched = trainer.finished, trainer.d.enabled
+    # Free the trainer here, in this thread, while the interpreter is whole: DDP, its comm
+    # hook's Python callbacks and the works they ran in go with it. Left to interpreter exit,
+    # a gloo worker thread still releasing a Python object aborts the process ("terminate
+    # called without an active exception"), more often the busier the machine.
+    del trainer
+    gc.collect()
+    if finished or launched:
         # Under a launcher a worker's non-zero exit reads as a failure (torchrun restarts
         # or reports it): a stopped job exits 0 there, and says so in its last line.
         return EXIT_FINISHED

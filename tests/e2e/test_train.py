@@ -69,7 +69,9 @@ def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in rows]
 
 
-def torchrun(recipe: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+def torchrun(
+    recipe: Path, *args: str, nproc: int = 2, module: tuple[str, ...] = ("slipstream", "train")
+) -> subprocess.CompletedProcess:
     """`slipstream train RECIPE ARGS` on `nproc` ranks (gloo) under torchrun."""
     cmd = [
         sys.executable,
@@ -78,8 +80,7 @@ def torchrun(recipe: Path, *args: str, nproc: int = 2) -> subprocess.CompletedPr
         "--standalone",
         f"--nproc_per_node={nproc}",
         "-m",
-        "slipstream",
-        "train",
+        *module,
         str(recipe),
         *args,
     ]
@@ -381,8 +382,12 @@ def test_two_by_two_mesh_matches_one_process(tmp_path, reference_losses):
     recipe = write_recipe(tmp_path, num_micro_batches=1)  # 2 replicas: the same rows per step
     run = tmp_path / "mesh"
     args = ("--set", f"train.out_dir='{run}'", "--set", "parallel.tp=2", "--set", "parallel.dp=2")
-    out = torchrun(recipe, *args, "--set", "parallel.overlap='collective'", nproc=4)
+    overlap = ("--set", "parallel.overlap='collective'")
+    out = torchrun(recipe, *args, *overlap, nproc=4, module=("tests.e2e.released",))
     assert out.returncode == 0, out.stderr
+    # Every rank freed its trainer (DDP and its comm hook) before interpreter exit.
+    alive = re.findall(r"trainers alive after train: (\d+) of (\d+)", out.stdout)
+    assert alive == [("0", "1")] * 4, out.stdout
     resolved = json.loads((run / "resolved.json").read_text())
     assert (resolved["tp"], resolved["data"]["dp_world_size"]) == (2, 2)
     assert losses(run) == pytest.approx(reference_losses, rel=1e-5)  # tolerance: see above
